@@ -1,0 +1,11 @@
+"""edge-genarm: GenARM guided decoding on llama.cpp (see README.md).
+
+Layers, each depending only on those below it:
+  cli, generate              commands
+  options, generation        shared options; step -> stream -> result generators
+  engine                     base and ARM contexts, sequences, the guided step
+  llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
+  guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
+"""
+
+__version__ = "0.1.0"

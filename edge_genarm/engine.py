@@ -1,0 +1,226 @@
+"""The guided decoding engine: a base context, its ARM contexts and the live sequences.
+
+Contract:
+- `Engine.load(EngineConfig)` loads each distinct GGUF model once, gives the base and every ARM a
+  context of its own (a LoRA ARM gets a context of the already loaded base model with the adapter
+  attached), and refuses pairs whose vocabularies differ.
+- A `Sequence` holds one conversation's token ids and, per context, how many of them that
+  context's KV cache holds. Several sequences (one sequence id each) can live in one engine.
+- `Engine.advance(seqs, new_tokens)` appends tokens to sequences, brings the base and every ARM
+  whose alpha is not 0 up to date (an ARM switched back on catches up on what it missed) and
+  returns guided log-probs, one row per sequence. Every model step happens in that function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import numpy as np
+
+from . import guidance
+from .errors import ContextFullError, IncompatibleModelsError, ModelFileError
+from .gguf_file import GGUFInfo, inspect_gguf
+from .llama import Context, ContextSettings, LoraAdapter, Model
+
+
+@dataclass
+class ArmSpec:
+    path: Path
+    alpha: float = 1.0
+    name: str = ""
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self.name = self.name or self.path.stem
+
+
+@dataclass
+class EngineConfig:
+    base: Path
+    arms: list[ArmSpec] = field(default_factory=list)
+    context: ContextSettings = field(default_factory=ContextSettings)
+    n_gpu_layers: int = 0
+
+
+@dataclass
+class Arm:
+    name: str
+    alpha: float
+    context: Context
+    kind: str  # "model" or "lora"
+
+
+@dataclass
+class Sequence:
+    """One token stream (prompt and generation) and how far each context has read it."""
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    n_past: dict[int, int] = field(default_factory=dict)  # id(context) -> tokens in its cache
+
+    def behind(self, ctx: Context) -> int:
+        return self.n_past.get(id(ctx), 0)
+
+
+class Engine:
+    def __init__(self, base: Context, arms: list[Arm], models: list[Model]):
+        self.base = base
+        self.arms = arms
+        self._models = models
+        self.n_vocab = guidance.common_vocab_size(
+            [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
+        self.n_ctx = base.n_ctx
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: EngineConfig) -> "Engine":
+        base_info = inspect_gguf(config.base)
+        if base_info.is_adapter:
+            raise ModelFileError(
+                f"{config.base} is a LoRA adapter, not a model: pass a full GGUF model as --base "
+                f"and the adapter as --arm {config.base}")
+        models: dict[Path, Model] = {}
+        contexts: list[Context] = []
+        try:
+            base_model = _load_model(models, config.base, config.n_gpu_layers)
+            base = Context(base_model, config.context)
+            contexts.append(base)
+            arms = []
+            for spec in config.arms:
+                arm = _load_arm(spec, base_model, base_info, models, config)
+                contexts.append(arm.context)
+                arms.append(arm)
+        except BaseException:
+            for ctx in contexts:
+                ctx.close()
+            for model in models.values():
+                model.close()
+            raise
+        return cls(base, arms, list(models.values()))
+
+    def close(self) -> None:
+        for ctx in [self.base] + [a.context for a in self.arms]:
+            ctx.close()
+        for model in self._models:
+            model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sequences ------------------------------------------------------------------------------
+    @property
+    def model(self) -> Model:
+        return self.base.model
+
+    @contextlib.contextmanager
+    def alphas_zeroed(self) -> Iterator[None]:
+        """Run the base alone for a while (ARMs are not stepped), then restore every alpha."""
+        saved = [a.alpha for a in self.arms]
+        for arm in self.arms:
+            arm.alpha = 0.0
+        try:
+            yield
+        finally:
+            for arm, alpha in zip(self.arms, saved):
+                arm.alpha = alpha
+
+    def active_arms(self) -> list[Arm]:
+        return [a for a in self.arms if a.alpha != 0.0]
+
+    def new_sequence(self, seq_id: int = 0) -> Sequence:
+        for ctx in self._contexts():
+            ctx.seq_remove(seq_id)
+        return Sequence(seq_id)
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Keep the first n tokens of a sequence, in its list and in every KV cache."""
+        del seq.tokens[n:]
+        for ctx in self._contexts():
+            if seq.behind(ctx) > n:
+                ctx.seq_remove(seq.seq_id, n, -1)
+                seq.n_past[id(ctx)] = n
+
+    def reuse_prefix(self, seq: Sequence, tokens: Seq[int]) -> list[int]:
+        """Keep the longest common prefix of seq and tokens; return the tokens still to feed.
+
+        At least one token is always left to feed, since its logits are needed next.
+        """
+        n = 0
+        limit = min(len(seq.tokens), len(tokens) - 1)
+        while n < limit and seq.tokens[n] == tokens[n]:
+            n += 1
+        self.truncate(seq, n)
+        return list(tokens[n:])
+
+    # -- the step -------------------------------------------------------------------------------
+    def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
+        """Append tokens and return guided log-probs for each sequence's next token."""
+        for seq, toks in zip(seqs, new_tokens):
+            if len(seq.tokens) + len(toks) > self.n_ctx:
+                raise ContextFullError(
+                    f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
+                    f"{self.n_ctx}; raise --ctx-size or shorten the input")
+            seq.tokens.extend(toks)
+        base_logits = self._catch_up(self.base, seqs)
+        active = self.active_arms()
+        arm_logits = [self._catch_up(arm.context, seqs) for arm in active]
+        return guidance.combine(base_logits, arm_logits, [a.alpha for a in active],
+                                self.n_vocab)
+
+    def _catch_up(self, ctx: Context, seqs: Seq[Sequence]) -> np.ndarray:
+        entries = []
+        for seq in seqs:
+            start = seq.behind(ctx)
+            if start >= len(seq.tokens):  # nothing new: re-read the last token's logits
+                ctx.seq_remove(seq.seq_id, start - 1, -1)
+                start -= 1
+            entries.append((seq.seq_id, seq.tokens[start:], start))
+        logits = ctx.decode(entries)
+        for seq in seqs:
+            seq.n_past[id(ctx)] = len(seq.tokens)
+        return logits if len(seqs) > 1 else logits[0]
+
+    def _contexts(self) -> list[Context]:
+        return [self.base] + [a.context for a in self.arms]
+
+
+def _load_model(models: dict[Path, Model], path: Path, n_gpu_layers: int) -> Model:
+    """Each distinct file is loaded once; an ARM that is the base file shares its weights."""
+    key = Path(path).resolve()
+    if key not in models:
+        models[key] = Model(path, n_gpu_layers=n_gpu_layers)
+    return models[key]
+
+
+def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
+              models: dict[Path, Model], config: EngineConfig) -> Arm:
+    info = inspect_gguf(spec.path)
+    if info.is_adapter:
+        info.check_adapter_fits(base_info)
+        adapter = LoraAdapter(base_model, spec.path)
+        return Arm(spec.name, spec.alpha, Context(base_model, config.context, adapter), "lora")
+    model = _load_model(models, spec.path, config.n_gpu_layers)
+    check_vocab(base_model, model)
+    return Arm(spec.name, spec.alpha, Context(model, config.context), "model")
+
+
+def check_vocab(base: Model, arm: Model) -> None:
+    """Refuse an ARM whose tokens differ from the base's over their common range."""
+    if base is arm:
+        return
+    if base.vocab_type != arm.vocab_type:
+        raise IncompatibleModelsError(
+            f"{arm.path} uses another tokenizer type than the base {base.path} "
+            f"({arm.vocab_type} vs {base.vocab_type}); an ARM must share the base's tokenizer")
+    mismatch = guidance.first_token_mismatch(base.token_texts, arm.token_texts)
+    if mismatch is not None:
+        raise IncompatibleModelsError(
+            f"{arm.path} has another vocabulary than the base {base.path}: token {mismatch} is "
+            f"{base.token_texts[mismatch]!r} in the base and {arm.token_texts[mismatch]!r} "
+            "in the ARM; an ARM must share the base's tokenizer")

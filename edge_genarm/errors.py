@@ -1,0 +1,21 @@
+"""Errors a user can act on.
+
+Contract: every message is one line that says what is wrong and what to do. The CLI prints it as
+`Error: <message>` and exits non-zero with no traceback; library callers catch `UserError`.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a file, an option or a prompt that cannot be used as given."""
+
+
+class ModelFileError(UserError):
+    """A model or adapter file that is missing, not GGUF, truncated or of the wrong kind."""
+
+
+class IncompatibleModelsError(UserError):
+    """A base and an ARM that cannot be combined (tokenizer or architecture differs)."""
+
+
+class ContextFullError(UserError):
+    """The sequence no longer fits the context window."""

@@ -1,0 +1,190 @@
+"""Generation as layered generators over an `Engine` (as in mlx-lm):
+
+    generate_step  yields (token, guided log-probs), one engine step per token
+    stream_generate  adds text (UTF-8 safe), stop rules and timing; yields `Chunk`s
+    generate  joins a stream into a `Result`
+
+Contract: the same request (prompt ids, sampling settings, seed) on the same engine gives the
+same tokens. Stops: an end-of-generation token of the base (kept in `tokens`, not in `text`), a
+stop string (cut from `text`), `max_tokens`, or a full context (finish_reason "context_full").
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .engine import Engine, Sequence
+from .errors import ContextFullError, UserError
+from .sampling import Sampler, SamplingSettings, make_sampler
+from .templates import build_messages, render_chat
+
+
+@dataclass(frozen=True)
+class Request:
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Chunk:
+    text: str                  # text that is now final ("" while a stop string may be starting)
+    token: int | None          # the token just generated (None on a closing chunk)
+    finish_reason: str | None  # None, "stop", "stop_string", "length" or "context_full"
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    prompt_ids: list[int]
+    finish_reason: str
+    prefill_seconds: float
+    decode_seconds: float
+    seed: int
+    alphas: dict[str, float]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens after the first over the time since the first (prefill excluded)."""
+        steps = len(self.tokens) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(n_tokens=len(self.tokens), prompt_tokens=len(self.prompt_ids),
+                    tokens_per_second=round(self.tokens_per_second, 3),
+                    prefill_seconds=round(self.prefill_seconds, 6),
+                    decode_seconds=round(self.decode_seconds, 6))
+        return data
+
+
+def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
+                  raw: bool = False) -> list[int]:
+    """The token ids the base (and every ARM) is fed for a user prompt."""
+    model = engine.model
+    if raw:
+        if system:
+            raise UserError("--system needs the chat template; drop --raw or drop --system")
+        return model.tokenize(prompt, add_special=True)
+    template = model.meta("tokenizer.chat_template")
+    if template is None:
+        raise UserError(f"{model.path} has no chat template (tokenizer.chat_template); "
+                        "pass --raw to send the prompt as is")
+    text = render_chat(template, build_messages(prompt, system),
+                       bos_token=_special_text(engine, "bos"),
+                       eos_token=_special_text(engine, "eos"))
+    # As transformers does after apply_chat_template: the template already placed any BOS.
+    return model.tokenize(text, add_special=False)
+
+
+def _special_text(engine: Engine, name: str) -> str:
+    token = engine.model.special_token(name)
+    return engine.model.token_text(token) if token >= 0 else ""
+
+
+def generate_step(engine: Engine, seq: Sequence, prompt_ids: list[int], sampler: Sampler,
+                  rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+    """Prefill, then sample and step forever; the caller decides when to stop."""
+    logprobs = engine.advance([seq], [engine.reuse_prefix(seq, prompt_ids)])
+    while True:
+        token = sampler(logprobs, rng)
+        yield token, logprobs
+        logprobs = engine.advance([seq], [[token]])
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; reports where one completes."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to show, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0
+        for k in range(min(len(self.pending), max((len(s) for s in self.stops), default=1) - 1),
+                       0, -1):
+            if any(s.startswith(self.pending[-k:]) for s in self.stops):
+                hold = k
+                break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(engine: Engine, prompt_ids: list[int], request: Request,
+                    seq: Sequence | None = None) -> Iterator[Chunk]:
+    """Yield text as it becomes final; the last chunk carries the finish reason.
+
+    After the stream ends, `stream.timings` is not available; use `generate` for a `Result`.
+    """
+    if len(prompt_ids) >= engine.n_ctx:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens but the context holds "
+                        f"{engine.n_ctx}; shorten the prompt or raise --ctx-size")
+    if request.max_tokens <= 0:
+        return
+    seq = seq if seq is not None else engine.new_sequence()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = StopMatcher(request.stop)
+    rng = np.random.default_rng(request.seed)
+    steps = generate_step(engine, seq, prompt_ids, make_sampler(request.sampling), rng)
+    n = 0
+    try:
+        for token, _ in steps:
+            n += 1
+            if engine.model.is_eog(token):
+                yield Chunk(stops.flush() + decoder.decode(b"", final=True), token, "stop")
+                return
+            text, stopped = stops.feed(decoder.decode(engine.model.token_bytes(token)))
+            if stopped:
+                yield Chunk(text, token, "stop_string")
+                return
+            if n >= request.max_tokens:
+                yield Chunk(text + stops.feed(decoder.decode(b"", final=True))[0] + stops.flush(),
+                            token, "length")
+                return
+            yield Chunk(text, token, None)
+    except ContextFullError:
+        yield Chunk(stops.flush() + decoder.decode(b"", final=True), None, "context_full")
+
+
+def generate(engine: Engine, prompt_ids: list[int], request: Request,
+             on_text=None) -> Result:
+    """Run a stream to its end; `on_text(str)` sees each piece of text as it becomes final."""
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    texts: list[str] = []
+    tokens: list[int] = []
+    finish = "length"
+    for chunk in stream_generate(engine, prompt_ids, request):
+        t_last = time.perf_counter()
+        if chunk.token is not None:
+            if not tokens:
+                t_first = t_last
+            tokens.append(chunk.token)
+        if chunk.text:
+            texts.append(chunk.text)
+            if on_text is not None:
+                on_text(chunk.text)
+        if chunk.finish_reason:
+            finish = chunk.finish_reason
+    return Result(text="".join(texts), tokens=tokens, prompt_ids=list(prompt_ids),
+                  finish_reason=finish, prefill_seconds=(t_first - t0) if tokens else 0.0,
+                  decode_seconds=t_last - t_first, seed=request.seed,
+                  alphas={a.name: a.alpha for a in engine.arms})

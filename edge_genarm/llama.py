@@ -1,0 +1,354 @@
+"""The one module that calls llama.cpp (through llama-cpp-python's ctypes bindings).
+
+Contract: everything above this module sees plain Python and NumPy. Here:
+- `Model`: a GGUF model loaded once (weights, vocabulary, metadata); it may serve many contexts.
+- `LoraAdapter`: a GGUF LoRA adapter loaded onto a model, attached to one context only.
+- `Context`: a KV cache with its own sequences; `decode` feeds (sequence, tokens, start position)
+  entries as one batch and returns the last-position logits of each entry as a NumPy view that
+  stays valid until the next decode on that context.
+A llama-cpp-python upgrade that moves the C API should only ever touch this file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as C
+import numpy as np
+
+from .errors import ContextFullError, ModelFileError, UserError
+
+# ---------------------------------------------------------------------------------------------
+# logging: llama.cpp logs to stderr by default; keep it quiet unless asked, but remember the last
+# error lines so that a failed load can say why.
+
+_log_state = {"verbose": False, "recent": []}
+
+
+@C.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    if _log_state["verbose"]:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+    if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+        _log_state["recent"] = (_log_state["recent"] + [message.strip()])[-5:]
+
+
+C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+C.llama_backend_init()
+
+
+def set_verbose(verbose: bool) -> None:
+    """Let llama.cpp's own log lines through to stderr (off by default)."""
+    _log_state["verbose"] = bool(verbose)
+
+
+def last_log_error() -> str:
+    recent = [line for line in _log_state["recent"] if line]
+    return recent[-1] if recent else "no reason given"
+
+
+def default_threads() -> int:
+    """Threads per context: every core, since contexts are stepped one after another."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF headers, read with ggml's own parser (the one llama.cpp loads with) without the tensor data.
+
+_GGUF_TYPE_STRING = 8
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml_base() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(Path(C.__file__).parent / "lib" / "libggml-base.so"))
+    sigs = {
+        "gguf_init_from_file": ([ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
+        "gguf_free": ([ctypes.c_void_p], None),
+        "gguf_get_n_kv": ([ctypes.c_void_p], ctypes.c_int64),
+        "gguf_get_key": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_kv_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+        "gguf_get_val_str": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_data_offset": ([ctypes.c_void_p], ctypes.c_size_t),
+        "gguf_get_n_tensors": ([ctypes.c_void_p], ctypes.c_int64),
+        "gguf_get_tensor_name": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_tensor_offset": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+        "gguf_get_tensor_size": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+        "gguf_get_tensor_ne": ([ctypes.c_void_p, ctypes.c_int64], ctypes.POINTER(ctypes.c_int64)),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    strings: dict[str, str]                        # the string-valued metadata
+    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (ne, file offset, bytes)
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader | None:
+    """Metadata strings and tensor layout of a GGUF file; None when ggml cannot parse it."""
+    lib = _ggml_base()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        return None
+    try:
+        strings = {}
+        for i in range(lib.gguf_get_n_kv(ctx)):
+            if lib.gguf_get_kv_type(ctx, i) == _GGUF_TYPE_STRING:
+                strings[lib.gguf_get_key(ctx, i).decode()] = lib.gguf_get_val_str(ctx, i).decode(
+                    "utf-8", errors="replace")
+        base = lib.gguf_get_data_offset(ctx)
+        tensors = {}
+        for i in range(lib.gguf_get_n_tensors(ctx)):
+            ne = lib.gguf_get_tensor_ne(ctx, i)
+            dims = [ne[d] for d in range(4)]
+            while len(dims) > 1 and dims[-1] == 1:
+                dims.pop()
+            tensors[lib.gguf_get_tensor_name(ctx, i).decode()] = (
+                tuple(dims), base + lib.gguf_get_tensor_offset(ctx, i),
+                lib.gguf_get_tensor_size(ctx, i))
+        return GGUFHeader(strings, tensors)
+    finally:
+        lib.gguf_free(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Model:
+    """A GGUF model loaded once; `close` frees it (contexts made from it must be closed first)."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+        self.path = Path(path)
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise ModelFileError(f"llama.cpp could not load {self.path}: {last_log_error()}")
+        self.ptr = ptr
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self.vocab_type = int(C.llama_vocab_type(self.vocab))
+        self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the key is absent."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def token_text(self, token: int) -> str:
+        return C.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Every token's text, by id (read once; vocabulary checks compare these)."""
+        get = C.llama_vocab_get_text
+        return [get(self.vocab, i).decode("utf-8", errors="replace") for i in range(self.n_vocab)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def special_token(self, name: str) -> int:
+        """bos, eos or eot id (-1 when the vocabulary has none)."""
+        return int(getattr(C, f"llama_vocab_{name}")(self.vocab))
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token renders to; control tokens (end of turn, ...) render to nothing."""
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LoraAdapter:
+    """A LoRA adapter GGUF loaded onto `model`; freed with the model."""
+
+    def __init__(self, model: Model, path: str | Path):
+        self.path = Path(path)
+        self.model = model
+        ptr = C.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        if not ptr:
+            raise ModelFileError(
+                f"llama.cpp could not attach the LoRA adapter {self.path} to {model.path}: "
+                f"{last_log_error()}")
+        self.ptr = ptr
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    n_ctx: int = 2048
+    n_threads: int = 0          # 0: default_threads()
+    n_seq_max: int = 1
+    n_batch: int = 512
+    exact: bool = False         # F32 KV cache and flash attention off, for PyTorch comparisons
+
+
+class Context:
+    """A llama.cpp context (KV cache + compute buffers) of one model, optionally with a LoRA."""
+
+    def __init__(self, model: Model, settings: ContextSettings,
+                 adapter: LoraAdapter | None = None, adapter_scale: float = 1.0):
+        self.model = model
+        self.settings = settings
+        params = C.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = min(settings.n_batch, settings.n_ctx)
+        params.n_ubatch = params.n_batch
+        params.n_seq_max = settings.n_seq_max
+        threads = settings.n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        params.kv_unified = True  # every sequence may use the whole window
+        if settings.exact:
+            params.type_k = C.GGML_TYPE_F32
+            params.type_v = C.GGML_TYPE_F32
+            params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ptr = C.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise UserError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for "
+                            f"{model.path}: {last_log_error()}; try a smaller --ctx-size")
+        self.ptr = ptr
+        self.memory = C.llama_get_memory(ptr)
+        self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.n_batch = int(C.llama_n_batch(ptr))
+        self.adapter = adapter
+        if adapter is not None:
+            adapters = (C.llama_adapter_lora_p_ctypes * 1)(adapter.ptr)
+            scales = (ctypes.c_float * 1)(adapter_scale)
+            if C.llama_set_adapters_lora(ptr, adapters, 1, scales) != 0:
+                raise ModelFileError(f"llama.cpp could not set the LoRA adapter {adapter.path}")
+        self._batch = _Batch(self.n_batch)
+
+    # -- KV cache -------------------------------------------------------------------------------
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        """Forget positions [start, end) of a sequence (end -1: to its end)."""
+        C.llama_memory_seq_rm(self.memory, seq_id, start, end)
+
+    def seq_copy(self, src: int, dst: int, start: int = 0, end: int = -1) -> None:
+        C.llama_memory_seq_cp(self.memory, src, dst, start, end)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def decode(self, entries: Sequence[tuple[int, Sequence[int], int]]) -> np.ndarray:
+        """Feed each (seq_id, tokens, first position) entry; return one logits row per entry.
+
+        Entries are packed into batches of at most n_batch tokens. The result is a view of
+        llama.cpp's buffer when all entries end in the last batch (the usual case), else a copy.
+        """
+        flat = [(seq, tok, pos + j, j == len(toks) - 1)
+                for seq, toks, pos in entries for j, tok in enumerate(toks)]
+        if not flat:
+            raise ValueError("decode needs at least one token")
+        rows: list[np.ndarray] = []
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start:start + self.n_batch]
+            n_out = self._batch.fill(chunk)
+            code = C.llama_decode(self.ptr, self._batch.struct)
+            if code == 1:
+                raise ContextFullError(
+                    f"the context of {self.n_ctx} tokens is full; raise --ctx-size")
+            if code != 0:
+                raise UserError(f"llama.cpp failed to decode a batch (code {code}): "
+                                f"{last_log_error()}")
+            if n_out:
+                view = self._output_rows(self._batch.output_index(n_out))
+                last_chunk = start + self.n_batch >= len(flat)
+                rows.append(view if last_chunk else view.copy())  # the next decode overwrites it
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def _output_rows(self, batch_indices: np.ndarray) -> np.ndarray:
+        n_vocab = self.model.n_vocab
+        first = C.llama_get_logits_ith(self.ptr, int(batch_indices[0]))
+        view = np.ctypeslib.as_array(first, shape=(len(batch_indices), n_vocab))
+        if len(batch_indices) > 1:
+            last = C.llama_get_logits_ith(self.ptr, int(batch_indices[-1]))
+            step = ctypes.addressof(last.contents) - ctypes.addressof(first.contents)
+            if step != 4 * n_vocab * (len(batch_indices) - 1):  # rows not contiguous: copy
+                rows = [np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, int(i)),
+                                              shape=(n_vocab,)).copy() for i in batch_indices]
+                return np.stack(rows)
+        return view
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_free(self.ptr)
+            self.ptr = None
+
+
+class _Batch:
+    """A llama_batch whose arrays are NumPy buffers, filled without a per-field ctypes loop."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each to that token's single sequence id
+        self.seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64))
+        self.struct = C.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = self.seq_ptrs.ctypes.data_as(
+            ctypes.POINTER(ctypes.POINTER(C.llama_seq_id)))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def fill(self, chunk: Sequence[tuple[int, int, int, bool]]) -> int:
+        """Load (seq, token, pos, wants_logits) rows; return how many want logits."""
+        n = len(chunk)
+        seqs, toks, poss, outs = zip(*chunk)
+        self.seq[:n] = seqs
+        self.token[:n] = toks
+        self.pos[:n] = poss
+        self.logits[:n] = outs
+        self.struct.n_tokens = n
+        return int(self.logits[:n].sum())
+
+    def output_index(self, n_out: int) -> np.ndarray:
+        return np.flatnonzero(self.logits[:self.struct.n_tokens])[:n_out]

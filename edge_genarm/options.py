@@ -1,0 +1,151 @@
+"""The options that generate, chat, batch and serve share, declared once.
+
+Contract: `@generation_options` adds the shared click options to a command;
+`GenerationOptions.from_kwargs(kwargs)` pops them from the command's keyword arguments, checks
+them (raising `UserError` with one line) and builds the engine config and generation request.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .engine import ArmSpec, EngineConfig
+from .errors import UserError
+from .generation import Request
+from .llama import ContextSettings
+from .registry import DEFAULT_BASE, resolve_model
+from .sampling import SamplingSettings
+
+_OPTIONS = [
+    click.option("--base", default=DEFAULT_BASE, show_default=True, envvar="EDGE_GENARM_BASE",
+                 metavar="PATH", help="Base model GGUF, or @NAME for an embedded model "
+                 "[env EDGE_GENARM_BASE]."),
+    click.option("--arm", "arms", multiple=True, envvar="EDGE_GENARM_ARMS", metavar="PATH[:ALPHA]",
+                 help="An ARM: a full GGUF model or a GGUF LoRA adapter of the base, with its "
+                 "weight ALPHA (default 1.0; negative steers away). Repeatable "
+                 "[env EDGE_GENARM_ARMS, space-separated]."),
+    click.option("--temperature", "-t", type=float, default=0.8, show_default=True,
+                 help="Sampling temperature; 0 takes the argmax."),
+    click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k most "
+                 "likely tokens (0: off)."),
+    click.option("--top-p", type=float, default=0.95, show_default=True,
+                 help="Keep the most likely tokens up to this probability (1: off)."),
+    click.option("--min-p", type=float, default=0.05, show_default=True,
+                 help="Keep tokens at least this fraction as likely as the best (0: off)."),
+    click.option("--greedy", is_flag=True, help="Always take the most likely token."),
+    click.option("--seed", type=int, default=None, help="Random seed (default: a fresh one, "
+                 "reported with --json)."),
+    click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
+                 help="Most tokens to generate."),
+    click.option("--stop", multiple=True, metavar="STRING", help="Stop when the text contains "
+                 "STRING (not included). Repeatable."),
+    click.option("--system", default=None, metavar="TEXT", help="System message for the chat "
+                 "template."),
+    click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
+    click.option("--ctx-size", "-c", type=int, default=2048, show_default=True,
+                 envvar="EDGE_GENARM_CTX_SIZE", help="Context window of every model, in tokens "
+                 "[env EDGE_GENARM_CTX_SIZE]."),
+    click.option("--threads", type=int, default=None, envvar="EDGE_GENARM_THREADS",
+                 help="CPU threads of each context (default: all cores; contexts run one after "
+                 "another) [env EDGE_GENARM_THREADS]."),
+    click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True,
+                 envvar="EDGE_GENARM_N_GPU_LAYERS", help="Layers to offload to the GPU "
+                 "(-1: all) [env EDGE_GENARM_N_GPU_LAYERS]."),
+    click.option("--exact", is_flag=True, help="F32 KV cache and no flash attention, to match a "
+                 "PyTorch reference to about 1e-4."),
+    click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's own log lines."),
+]
+
+
+def generation_options(command):
+    """Decorator: add every shared option to a click command."""
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
+def parse_arm(text: str) -> ArmSpec:
+    """PATH[:ALPHA] -> ArmSpec; a path that itself contains ':' is taken whole if it exists."""
+    if Path(text).expanduser().is_file() or ":" not in text:
+        return ArmSpec(resolve_model(text), 1.0)
+    ref, _, alpha_text = text.rpartition(":")
+    try:
+        alpha = float(alpha_text)
+    except ValueError:
+        raise UserError(f"--arm {text}: the weight {alpha_text!r} is not a number; "
+                        "write PATH:ALPHA, for example model.gguf:0.5") from None
+    if not math.isfinite(alpha):
+        raise UserError(f"--arm {text}: the weight must be a finite number, not {alpha_text}")
+    return ArmSpec(resolve_model(ref), alpha)
+
+
+@dataclass
+class GenerationOptions:
+    base: Path
+    arms: list[ArmSpec]
+    sampling: SamplingSettings
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    system: str | None = None
+    raw: bool = False
+    context: ContextSettings = field(default_factory=ContextSettings)
+    n_gpu_layers: int = 0
+    verbose: bool = False
+
+    @classmethod
+    def from_kwargs(cls, kw: dict) -> "GenerationOptions":
+        """Pop the shared options from a command's kwargs and check them."""
+        sampling = SamplingSettings(temperature=kw.pop("temperature"), top_k=kw.pop("top_k"),
+                                    top_p=kw.pop("top_p"), min_p=kw.pop("min_p"),
+                                    greedy=kw.pop("greedy"))
+        try:
+            sampling.validate()
+        except ValueError as exc:
+            raise UserError(f"{exc}") from None
+        opts = cls(
+            base=resolve_model(kw.pop("base")),
+            arms=[parse_arm(a) for a in kw.pop("arms")],
+            sampling=sampling,
+            max_tokens=kw.pop("max_tokens"),
+            stop=tuple(kw.pop("stop")),
+            seed=kw.pop("seed"),
+            system=kw.pop("system"),
+            raw=kw.pop("raw"),
+            context=ContextSettings(n_ctx=kw.pop("ctx_size"), n_threads=kw.pop("threads") or 0,
+                                    exact=kw.pop("exact")),
+            n_gpu_layers=kw.pop("n_gpu_layers"),
+            verbose=kw.pop("verbose"),
+        )
+        if opts.seed is None:
+            opts.seed = secrets.randbelow(2**31)
+        if opts.max_tokens < 0:
+            raise UserError(f"--max-tokens must be >= 0, got {opts.max_tokens}")
+        if opts.context.n_ctx < 16:
+            raise UserError(f"--ctx-size must be at least 16 tokens, got {opts.context.n_ctx}")
+        if opts.context.n_threads < 0:
+            raise UserError(f"--threads must be >= 1, got {opts.context.n_threads}")
+        _dedupe_arm_names(opts.arms)
+        return opts
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(base=self.base, arms=self.arms, context=self.context,
+                            n_gpu_layers=self.n_gpu_layers)
+
+    def request(self) -> Request:
+        return Request(sampling=self.sampling, max_tokens=self.max_tokens, stop=self.stop,
+                       seed=self.seed)
+
+
+def _dedupe_arm_names(arms: list[ArmSpec]) -> None:
+    """Two ARMs from files of the same name get #2, #3... so that names stay unique."""
+    seen: dict[str, int] = {}
+    for arm in arms:
+        seen[arm.name] = seen.get(arm.name, 0) + 1
+        if seen[arm.name] > 1:
+            arm.name = f"{arm.name}#{seen[arm.name]}"

@@ -1,0 +1,128 @@
+"""Samplers in pure NumPy, built into one function by `make_sampler`.
+
+Contract: a sampler takes one row of guided log-probabilities (any additive constant) and a
+`numpy.random.Generator` and returns a token id. The filters work on a candidate set, a pair
+(ids, values), so that each step after top-k touches only the survivors:
+
+    top-k -> top-p -> min-p   (each on the distribution left by the one before, at T = 1)
+    then sample from softmax(values / T); T = 0 or greedy takes the argmax.
+
+Filtering before temperature follows mlx-lm and the GenARM paper's formula: with T = 1 and no
+filter the sample is drawn from exactly softmax(guided).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+Candidates = tuple[np.ndarray, np.ndarray]  # (token ids, their log-probs or logits)
+Sampler = Callable[[np.ndarray, np.random.Generator], int]
+
+
+def greedy(logprobs: np.ndarray) -> int:
+    """The most likely token; ties go to the lowest id, as numpy.argmax does."""
+    return int(np.argmax(logprobs))
+
+
+def all_candidates(logprobs: np.ndarray) -> Candidates:
+    return np.arange(logprobs.shape[-1]), np.asarray(logprobs, dtype=np.float32)
+
+
+def _probs(values: np.ndarray) -> np.ndarray:
+    e = np.exp(values - np.max(values))
+    return e / e.sum()
+
+
+def top_k(cands: Candidates, k: int) -> Candidates:
+    """Keep the k most likely candidates (k = 0 keeps all)."""
+    ids, vals = cands
+    if k <= 0 or k >= vals.size:
+        return cands
+    keep = np.argpartition(-vals, k - 1)[:k]
+    return ids[keep], vals[keep]
+
+
+def top_p(cands: Candidates, p: float) -> Candidates:
+    """Keep the smallest most-likely set whose probability reaches p (at least one token).
+
+    Sorting the whole vocabulary costs milliseconds; the nucleus is usually small, so look at the
+    best m candidates first and widen m only when they do not reach p. The result is exact.
+    """
+    ids, vals = cands
+    if p >= 1.0 or vals.size <= 1:
+        return cands
+    probs = _probs(vals)
+    m = 64
+    while True:
+        if m >= vals.size:
+            part = np.arange(vals.size)
+        else:
+            part = np.argpartition(-probs, m - 1)[:m]
+        order = part[np.argsort(-probs[part], kind="stable")]
+        cum = np.cumsum(probs[order])
+        if cum[-1] >= p or m >= vals.size:
+            n = int(np.searchsorted(cum, p)) + 1
+            keep = order[:min(n, order.size)]
+            return ids[keep], vals[keep]
+        m *= 8
+
+
+def min_p(cands: Candidates, p: float) -> Candidates:
+    """Keep candidates whose probability is at least p times the most likely one's."""
+    ids, vals = cands
+    if p <= 0.0:
+        return cands
+    keep = vals >= np.max(vals) + np.log(np.float32(p))
+    return ids[keep], vals[keep]
+
+
+def categorical(cands: Candidates, temperature: float, rng: np.random.Generator) -> int:
+    """Draw one id from softmax(values / temperature) with one uniform number from rng."""
+    ids, vals = cands
+    probs = np.exp((vals - np.max(vals)) / np.float32(temperature)).astype(np.float64)
+    cum = np.cumsum(probs)
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(ids[min(i, ids.size - 1)])
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    greedy: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+def make_sampler(settings: SamplingSettings) -> Sampler:
+    """One function from logprobs and rng to a token id, with only the steps that are on."""
+    settings.validate()
+    if settings.is_greedy:
+        return lambda logprobs, rng: greedy(logprobs)
+
+    def sample(logprobs: np.ndarray, rng: np.random.Generator) -> int:
+        cands = all_candidates(logprobs)
+        cands = top_k(cands, settings.top_k)
+        cands = top_p(cands, settings.top_p)
+        cands = min_p(cands, settings.min_p)
+        return categorical(cands, settings.temperature, rng)
+
+    return sample

@@ -1,0 +1,60 @@
+"""Chat templates from GGUF metadata, rendered with Jinja2 the way Hugging Face renders them.
+
+Contract: `render_chat(template, messages, ...)` returns the prompt text that
+transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` returns
+for the same template and messages: a sandboxed environment with trim_blocks and lstrip_blocks,
+the loop-controls extension, `raise_exception`, `strftime_now` and a `tojson` filter that keeps
+non-ASCII text as is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import UserError
+
+Message = dict[str, str]
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_chat(template: str, messages: list[Message], bos_token: str = "",
+                eos_token: str = "", add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages`, ending with the assistant's turn opened."""
+    try:
+        return _compile(template).render(messages=messages, bos_token=bos_token,
+                                         eos_token=eos_token,
+                                         add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.TemplateError as exc:
+        raise UserError(f"the model's chat template failed: {exc}; pass --raw to send the "
+                        "prompt as is") from None
+
+
+def build_messages(prompt: str, system: str | None) -> list[Message]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return messages

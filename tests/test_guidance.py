@@ -1,0 +1,72 @@
+"""Pure NumPy tests of log-softmax, the guided combination and vocabulary alignment."""
+
+import numpy as np
+import pytest
+
+from edge_genarm import guidance
+
+
+def test_log_softmax_normalises_and_matches_the_definition():
+    x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    expected = x - np.log(np.exp(x).sum())
+    np.testing.assert_allclose(guidance.log_softmax(x), expected, rtol=1e-6)
+    assert np.exp(guidance.log_softmax(x)).sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_log_softmax_is_stable_for_huge_logits_and_keeps_minus_infinity():
+    x = np.array([1000.0, 1000.0, -np.inf], dtype=np.float32)
+    out = guidance.log_softmax(x)
+    np.testing.assert_allclose(out[:2], [np.log(0.5)] * 2, rtol=1e-6)
+    assert out[2] == -np.inf
+
+
+def test_log_softmax_works_row_by_row():
+    x = np.array([[0.0, 0.0], [0.0, np.log(3.0)]], dtype=np.float32)
+    np.testing.assert_allclose(np.exp(guidance.log_softmax(x)), [[0.5, 0.5], [0.25, 0.75]],
+                               rtol=1e-6)
+
+
+def test_combine_is_the_product_of_experts():
+    base = np.log(np.array([0.5, 0.25, 0.25], dtype=np.float32))
+    arm = np.log(np.array([0.1, 0.1, 0.8], dtype=np.float32))
+    guided = guidance.combine(base, [arm], [2.0])
+    p = np.array([0.5 * 0.01, 0.25 * 0.01, 0.25 * 0.64])
+    np.testing.assert_allclose(np.exp(guidance.log_softmax(guided)), p / p.sum(), rtol=1e-5)
+
+
+def test_combine_normalises_each_model_over_its_own_vocabulary_then_slices():
+    base = np.array([0.0, 0.0, 0.0], dtype=np.float32)
+    arm = np.array([0.0, 0.0, 0.0, 5.0], dtype=np.float32)  # a padded ARM: one extra token
+    guided = guidance.combine(base, [arm], [1.0])
+    assert guided.shape == (3,)
+    arm_lp = arm - np.log(np.exp(arm).sum())
+    np.testing.assert_allclose(guided, np.log(1 / 3) + arm_lp[:3], rtol=1e-6)
+
+
+def test_alpha_zero_contributes_nothing_and_negative_alpha_steers_away():
+    base = np.log(np.array([0.5, 0.5], dtype=np.float32))
+    arm = np.log(np.array([0.9, 0.1], dtype=np.float32))
+    np.testing.assert_allclose(guidance.combine(base, [arm], [0.0]), base, rtol=1e-6)
+    away = guidance.combine(base, [arm], [-1.0])
+    assert away[1] > away[0]
+
+
+def test_several_arms_add_with_their_weights():
+    base = np.zeros(4, dtype=np.float32)
+    a1 = np.array([0, 1, 2, 3], dtype=np.float32)
+    a2 = np.array([3, 2, 1, 0], dtype=np.float32)
+    g = guidance.combine(base, [a1, a2], [0.5, 1.5])
+    expected = (guidance.log_softmax(base) + 0.5 * guidance.log_softmax(a1)
+                + 1.5 * guidance.log_softmax(a2))
+    np.testing.assert_allclose(g, expected, rtol=1e-6)
+
+
+def test_combine_refuses_mismatched_alphas():
+    with pytest.raises(ValueError):
+        guidance.combine(np.zeros(3), [np.zeros(3)], [1.0, 2.0])
+
+
+def test_common_vocab_size_and_first_mismatch():
+    assert guidance.common_vocab_size([49152, 49216]) == 49152
+    assert guidance.first_token_mismatch(["a", "b", "c"], ["a", "b", "c", "<pad>"]) is None
+    assert guidance.first_token_mismatch(["a", "b", "c"], ["a", "x", "c"]) == 1
