@@ -250,7 +250,8 @@ class Context:
                             f"{model.path}: {last_log_error()}; try a smaller --ctx-size")
         self.ptr = ptr
         self.memory = C.llama_get_memory(ptr)
-        self.n_ctx = int(C.llama_n_ctx(ptr))
+        # llama.cpp may round the window up; the user's size is the limit we keep to
+        self.n_ctx = min(settings.n_ctx, int(C.llama_n_ctx(ptr)))
         self.n_batch = int(C.llama_n_batch(ptr))
         self.adapter = adapter
         if adapter is not None:

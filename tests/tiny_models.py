@@ -7,13 +7,14 @@ units: greedy choices then have clear margins and do not hinge on float rounding
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from convert.gguf_out import write_gguf, write_lora_adapter
+from convert.synthetic import DEFAULT_TARGETS, random_lora_pairs
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class TinySpec:
     n_head_kv: int = 2
     n_ff: int = 128
     n_ctx: int = 512
-    tied: bool = True
+    tied: bool = False  # untied output: random tied models repeat their input token
     seed: int = 0
     extra_tokens: int = 0                       # padding tokens appended to the vocabulary
     rename_token: tuple[int, str] | None = None  # (id, new text): a vocabulary that differs
@@ -111,18 +112,9 @@ def write_tiny_model(path: str | Path, spec: TinySpec, tokenizer,
 
 
 def random_lora(weights: dict[str, np.ndarray], rank: int = 4, seed: int = 1,
-                targets=("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                         "ffn_down")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                targets=DEFAULT_TARGETS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A LoRA with non-zero B on the given projections, big enough to change the outputs."""
-    rng = np.random.default_rng(seed)
-    pairs = {}
-    for name, w in weights.items():
-        if any(f".{t}.weight" in name for t in targets):
-            out, inp = w.shape
-            a = (rng.normal(size=(rank, inp)) / np.sqrt(inp)).astype(np.float32)
-            b = (rng.normal(size=(out, rank)) * 0.5 / np.sqrt(rank)).astype(np.float32)
-            pairs[name] = (a, b)
-    return pairs
+    return random_lora_pairs({k: v.shape for k, v in weights.items()}, rank, seed, targets)
 
 
 def merge_lora(weights, pairs, alpha: float) -> dict[str, np.ndarray]:
@@ -136,6 +128,3 @@ def merge_lora(weights, pairs, alpha: float) -> dict[str, np.ndarray]:
 def write_lora(path, pairs, alpha: float, architecture: str = "llama") -> Path:
     return write_lora_adapter(path, architecture, alpha, pairs)
 
-
-__all__ = ["TinySpec", "read_tokenizer", "write_tiny_model", "random_lora", "merge_lora",
-           "write_lora", "replace"]

@@ -1,0 +1,194 @@
+"""Engine tests on tiny GGUF models written by the tests (random weights, SmolLM2's vocabulary)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from conftest import make_engine, reference_log_softmax
+from edge_genarm.errors import IncompatibleModelsError, ModelFileError
+from edge_genarm.generation import Request, generate
+from edge_genarm.sampling import SamplingSettings
+
+GREEDY = Request(SamplingSettings(greedy=True), max_tokens=16)
+
+
+def prompt(engine, text="Hello world, this is a test"):
+    return engine.model.tokenize(text, add_special=True)
+
+
+def run(engine, req=GREEDY, text="Hello world, this is a test"):
+    return generate(engine, prompt(engine, text), req)
+
+
+def guided_trace(engine, ids, n):
+    """Greedy tokens and the guided log-probs of every step."""
+    seq = engine.new_sequence()
+    logprobs = engine.advance([seq], [ids])
+    tokens, rows = [], []
+    for _ in range(n):
+        rows.append(np.array(logprobs))
+        tokens.append(int(np.argmax(logprobs)))
+        logprobs = engine.advance([seq], [[tokens[-1]]])
+    return tokens, np.stack(rows)
+
+
+def test_lora_arm_equals_the_same_arm_merged_into_a_full_model(tiny):
+    with make_engine(tiny.base, [(tiny.lora, 1.0)]) as e:
+        assert e.arms[0].kind == "lora"
+        assert e.arms[0].context.model is e.base.model  # the base weights are held once
+        lora_tokens, lora_rows = guided_trace(e, prompt(e), 16)
+    with make_engine(tiny.base, [(tiny.merged, 1.0)]) as e:
+        assert e.arms[0].kind == "model"
+        merged_tokens, merged_rows = guided_trace(e, prompt(e), 16)
+    with make_engine(tiny.base) as e:
+        plain_tokens, _ = guided_trace(e, prompt(e), 16)
+    assert lora_tokens == merged_tokens
+    assert lora_tokens != plain_tokens  # the adapter really steers
+    top = np.argsort(-merged_rows, axis=1)[:, :50]  # compare where the probability is
+    diff = np.abs(np.take_along_axis(lora_rows, top, 1) - np.take_along_axis(merged_rows, top, 1))
+    assert diff.max() < 1e-4
+
+
+def _reference_guided_greedy(base, arms, ids, n):
+    """Independent computation: separately driven llama-cpp-python contexts, maths in float64."""
+    def open_ctx(path, lora=None):
+        return llama_cpp.Llama(str(path), n_ctx=256, type_k=0, type_v=0, flash_attn=False,
+                               lora_path=str(lora) if lora else None, verbose=False)
+
+    def last_logits(llm):
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+    base_llm = open_ctx(base)
+    arm_llms = [(open_ctx(base, lora=p) if lora else open_ctx(p), a) for p, a, lora in arms]
+    for llm in [base_llm] + [x for x, _ in arm_llms]:
+        llm.eval(ids)
+    tokens = []
+    for _ in range(n):
+        guided = reference_log_softmax(last_logits(base_llm))
+        for llm, alpha in arm_llms:
+            guided = guided + alpha * reference_log_softmax(last_logits(llm))
+        tokens.append(int(np.argmax(guided)))
+        for llm in [base_llm] + [x for x, _ in arm_llms]:
+            llm.eval([tokens[-1]])
+    for llm in [base_llm] + [x for x, _ in arm_llms]:
+        llm.close()
+    return tokens
+
+
+def test_guided_greedy_equals_an_independent_computation_with_two_arms(tiny):
+    arms = [(tiny.arm, 0.7, False), (tiny.lora, -0.4, True)]
+    with make_engine(tiny.base, [(p, a) for p, a, _ in arms]) as e:
+        ids = prompt(e)
+        ours = run(e).tokens
+    assert ours == _reference_guided_greedy(tiny.base, arms, ids, len(ours))
+
+
+def test_padded_arm_vocabulary_is_aligned_by_slicing(tiny):
+    with make_engine(tiny.base, [(tiny.padded, 1.0)]) as e:
+        assert e.arms[0].context.model.n_vocab == e.model.n_vocab + 64
+        assert e.n_vocab == e.model.n_vocab
+        seq = e.new_sequence()
+        assert e.advance([seq], [prompt(e)]).shape == (e.model.n_vocab,)
+
+
+def test_arm_with_other_tokens_is_refused_naming_the_token(tiny):
+    with pytest.raises(IncompatibleModelsError) as info:
+        make_engine(tiny.base, [(tiny.renamed, 1.0)])
+    msg = str(info.value)
+    assert "token 1000" in msg and "'<<renamed>>'" in msg
+    assert repr(tiny_token_text(tiny, 1000)) in msg
+
+
+def tiny_token_text(tiny, i):
+    with make_engine(tiny.base) as e:
+        return e.model.token_text(i)
+
+
+def test_adapter_checks(tiny):
+    with pytest.raises(ModelFileError, match="is a LoRA adapter, not a model"):
+        make_engine(tiny.lora)
+    with pytest.raises(IncompatibleModelsError, match="architecture 'qwen2'.*'llama'"):
+        make_engine(tiny.base, [(tiny.lora_qwen, 1.0)])
+    with pytest.raises(IncompatibleModelsError, match="does not fit blk.0"):
+        make_engine(tiny.base, [(tiny.lora_small, 1.0)])
+
+
+def test_arm_with_alpha_zero_is_not_stepped_and_catches_up_when_switched_on(tiny):
+    with make_engine(tiny.base, [(tiny.arm, 0.0)]) as e:
+        arm_ctx = e.arms[0].context
+        seq = e.new_sequence()
+        ids = prompt(e)
+        e.advance([seq], [ids])
+        e.advance([seq], [[500]])
+        assert seq.behind(arm_ctx) == 0  # never decoded
+        e.arms[0].alpha = 0.8
+        caught_up = np.array(e.advance([seq], [[501]]))
+        assert seq.behind(arm_ctx) == len(ids) + 2
+    with make_engine(tiny.base, [(tiny.arm, 0.8)]) as e:
+        seq = e.new_sequence()
+        e.advance([seq], [prompt(e)])
+        e.advance([seq], [[500]])
+        always_on = np.array(e.advance([seq], [[501]]))
+    np.testing.assert_allclose(caught_up, always_on, atol=1e-4)
+
+
+def test_several_sequences_in_one_batch_match_one_at_a_time(tiny):
+    texts = ["Hello world", "The weather today is"]
+    with make_engine(tiny.base, [(tiny.lora, 1.0)], n_seq_max=2) as e:
+        seqs = [e.new_sequence(0), e.new_sequence(1)]
+        together = e.advance(seqs, [prompt(e, t) for t in texts]).copy()
+        nxt = e.advance(seqs, [[int(np.argmax(r))] for r in together]).copy()
+    for i, text in enumerate(texts):
+        with make_engine(tiny.base, [(tiny.lora, 1.0)]) as e:
+            seq = e.new_sequence()
+            alone = e.advance([seq], [prompt(e, text)]).copy()
+            alone_next = e.advance([seq], [[int(np.argmax(alone))]])
+            np.testing.assert_allclose(together[i], alone, atol=1e-4)
+            np.testing.assert_allclose(nxt[i], alone_next, atol=1e-4)
+
+
+def test_a_second_prompt_reuses_the_cached_prefix(tiny):
+    with make_engine(tiny.base, [(tiny.arm, 0.5)]) as e:
+        seq = e.new_sequence()
+        first = prompt(e, "Hello world, this is a test")
+        e.advance([seq], [e.reuse_prefix(seq, first)])
+        second = first + prompt(e, " and more")[1:]
+        todo = e.reuse_prefix(seq, second)
+        assert todo == second[len(first):]
+        reused = np.array(e.advance([seq], [todo]))
+        fresh_seq = e.new_sequence(0)
+        fresh = e.advance([fresh_seq], [second])
+        np.testing.assert_allclose(reused, fresh, atol=1e-4)
+
+
+def test_same_seed_same_text_and_other_seed_other_text(tiny):
+    sampled = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    with make_engine(tiny.base, [(tiny.arm, 0.5)]) as e:
+        a = run(e, Request(sampled, max_tokens=12, seed=11))
+        b = run(e, Request(sampled, max_tokens=12, seed=11))
+        c = run(e, Request(sampled, max_tokens=12, seed=12))
+    assert a.tokens == b.tokens and a.text == b.text
+    assert a.tokens != c.tokens
+
+
+def test_full_context_ends_the_answer_with_a_reason(tiny):
+    with make_engine(tiny.base, n_ctx=32) as e:
+        ids = prompt(e)
+        result = generate(e, ids, Request(SamplingSettings(greedy=True), max_tokens=100))
+    assert result.finish_reason == "context_full"
+    assert len(ids) + len(result.tokens) == 33  # the window is full, and one token sampled last
+
+
+def test_logits_come_back_as_views_of_llama_cpp_memory(tiny):
+    with make_engine(tiny.base) as e:
+        seq = e.new_sequence()
+        e.advance([seq], [prompt(e)])
+        view = e.base.decode([(seq.seq_id, [42], len(seq.tokens))])
+        assert not view.flags.owndata
+        ptr = llama_cpp.llama_get_logits_ith(e.base.ptr, -1)
+        assert view.ctypes.data == ctypes.addressof(ptr.contents)
