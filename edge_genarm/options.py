@@ -106,8 +106,8 @@ class GenerationOptions:
                                     greedy=kw.pop("greedy"))
         try:
             sampling.validate()
-        except ValueError as exc:
-            raise UserError(f"{exc}") from None
+        except ValueError as exc:  # messages start with the setting's name: make it the flag
+            raise UserError(f"--{exc}") from None
         opts = cls(
             base=resolve_model(kw.pop("base")),
             arms=[parse_arm(a) for a in kw.pop("arms")],

@@ -1,0 +1,166 @@
+"""The real `edge-genarm` CLI through click's runner, on the real SmolLM2 model and tiny files."""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm.cli import main
+
+PROMPT = "Give me three tips for a good morning."
+
+
+def cli(*args, input=None):
+    return CliRunner().invoke(main, ["generate", *map(str, args)], input=input)
+
+
+def cli_json(*args, input=None):
+    res = cli("--json", *args, input=input)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.count("\n") == 1  # one line, nothing else
+    return json.loads(res.stdout)
+
+
+def test_json_has_every_field_and_alpha_zero_equals_llama_cpp_greedy(smollm2):
+    out = cli_json("--arm", f"{smollm2}:0", "--greedy", "--exact", "-n", 24, PROMPT)
+    assert set(out) >= {"text", "tokens", "n_tokens", "prompt_ids", "prompt_tokens",
+                        "tokens_per_second", "prefill_seconds", "seed", "finish_reason"}
+    assert out["n_tokens"] == len(out["tokens"]) == 24
+    assert out["prompt_tokens"] == len(out["prompt_ids"])
+    assert out["tokens_per_second"] > 0 and out["prefill_seconds"] > 0
+    llm = llama_cpp.Llama(str(smollm2), n_ctx=2048, type_k=0, type_v=0, flash_attn=False,
+                          verbose=False)
+    own = []
+    for token in llm.generate(out["prompt_ids"], temp=0.0, reset=True):
+        own.append(token)
+        if len(own) == 24:
+            break
+    llm.close()
+    assert out["tokens"] == own
+
+
+def test_chat_template_is_applied_and_raw_sends_the_prompt_as_is(smollm2):
+    templated = cli_json("--greedy", "-n", 1, PROMPT)
+    raw = cli_json("--greedy", "-n", 1, "--raw", PROMPT)
+    system = cli_json("--greedy", "-n", 1, "--system", "You are terse.", PROMPT)
+    llm = llama_cpp.Llama(str(smollm2), vocab_only=True, verbose=False)
+    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                f"Hugging Face<|im_end|>\n<|im_start|>user\n{PROMPT}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert templated["prompt_ids"] == llm.tokenize(expected.encode(), add_bos=False, special=True)
+    assert raw["prompt_ids"] == llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    assert "You are terse." in llm.detokenize(system["prompt_ids"]).decode()
+
+
+def test_streamed_text_equals_the_json_text_for_the_same_seed():
+    args = ["--seed", 5, "-n", 30, "--temperature", 0.9, PROMPT]
+    streamed = cli(*args)
+    assert streamed.exit_code == 0
+    assert streamed.stderr == ""  # llama.cpp's log lines stay off stderr
+    assert streamed.stdout == cli_json(*args)["text"] + "\n"
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    a = cli_json("--seed", 1, "-n", 40, "--temperature", 1.2, PROMPT)
+    b = cli_json("--seed", 1, "-n", 40, "--temperature", 1.2, PROMPT)
+    c = cli_json("--seed", 2, "-n", 40, "--temperature", 1.2, PROMPT)
+    assert a["text"] == b["text"] and a["seed"] == 1
+    assert a["text"] != c["text"]
+
+
+def test_end_of_generation_token_stops_and_is_kept_in_tokens():
+    out = cli_json("--greedy", "-n", 200, "Say hello.")
+    assert out["finish_reason"] == "stop"
+    assert out["tokens"][-1] == 2  # <|im_end|>
+    assert "<|im_end|>" not in out["text"]
+
+
+def test_stop_string_cuts_the_text():
+    full = cli_json("--greedy", "-n", 60, PROMPT)["text"]
+    assert "day" in full
+    cut = cli_json("--greedy", "-n", 60, "--stop", "day", PROMPT)
+    assert cut["finish_reason"] == "stop_string"
+    assert cut["text"] == full[: full.index("day")]
+
+
+def test_prompt_from_stdin():
+    assert cli_json("--greedy", "-n", 5, "-", input=PROMPT)["prompt_ids"] == \
+        cli_json("--greedy", "-n", 5, PROMPT)["prompt_ids"]
+
+
+def test_compare_prints_base_then_guided_with_the_same_seed(smollm2_lora, smollm2):
+    args = ["--arm", f"{smollm2_lora}:1.5", "--greedy", "-n", 20, PROMPT]
+    res = cli("--compare", *args)
+    assert res.exit_code == 0, res.stderr
+    both = cli_json("--compare", *args)
+    base = cli_json("--greedy", "-n", 20, PROMPT)
+    guided = cli_json(*args)
+    assert both["base"]["tokens"] == base["tokens"]
+    assert both["guided"]["tokens"] == guided["tokens"]
+    assert guided["tokens"] != base["tokens"]  # the ARM changes the answer
+    assert res.stdout == (f"--- base (unguided) ---\n{base['text']}\n"
+                          f"--- guided (smollm2-random-lora x 1.5) ---\n{guided['text']}\n")
+
+
+def test_full_context_is_a_warning_not_a_crash():
+    res = cli("--greedy", "-n", 500, "--ctx-size", 48, PROMPT)
+    assert res.exit_code == 0
+    assert res.stderr == ("warning: the context of 48 tokens is full, the answer stops here; "
+                          "raise --ctx-size for longer answers\n")
+    assert res.stdout.strip()
+
+
+def test_verbose_lets_llama_cpp_log_lines_through():
+    res = cli("--verbose", "--greedy", "-n", 2, PROMPT)
+    assert res.exit_code == 0
+    assert "llama_" in res.stderr
+
+
+BAD = [
+    (["--base", "{d}/missing.gguf"], "{d}/missing.gguf does not exist; check the path"),
+    (["--base", "{not_gguf}"], "{not_gguf} is not a GGUF file (it starts with b'thes', not "
+     "b'GGUF'); convert it with `edge-genarm convert` or pass a .gguf file"),
+    (["--base", "{truncated}"], "{truncated} is truncated: tensor"),
+    (["--base", "{header_cut}"], "{header_cut} is a damaged or truncated GGUF file"),
+    (["--base", "{lora}"], "{lora} is a LoRA adapter, not a model: pass a full GGUF model as "
+     "--base and the adapter as --arm {lora}"),
+    (["--base", "{base}", "--arm", "{lora_qwen}"], "the LoRA adapter {lora_qwen} is for "
+     "architecture 'qwen2' but the base {base} is 'llama'; pass the base it was trained on"),
+    (["--base", "{base}", "--arm", "{arm}:abc"], "--arm {arm}:abc: the weight 'abc' is not a "
+     "number; write PATH:ALPHA, for example model.gguf:0.5"),
+    (["--base", "{base}", "--arm", "{arm}:inf"], "--arm {arm}:inf: the weight must be a finite "
+     "number, not inf"),
+    (["--base", "{base}", "--arm", "{arm}:nan"], "--arm {arm}:nan: the weight must be a finite "
+     "number, not nan"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0, got -0.5"),
+    (["--top-p", "0"], "--top-p must be in (0, 1] (1 turns it off), got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1] (1 turns it off), got 1.5"),
+    (["--min-p", "1.5"], "--min-p must be in [0, 1] (0 turns it off), got 1.5"),
+    (["--min-p", "-0.1"], "--min-p must be in [0, 1] (0 turns it off), got -0.1"),
+    (["--top-k", "-1"], "--top-k must be >= 0 (0 turns it off), got -1"),
+    (["--base", "{base}", "--raw", "--ctx-size", "16"],
+     "the prompt is 17 tokens but the context holds 16; shorten the prompt or raise --ctx-size"),
+]
+LONG_PROMPT = " ".join(["word"] * 17)
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_input_is_one_clear_line_and_a_failing_exit(tiny, args, message):
+    paths = {k: v for k, v in vars(tiny).items()}
+    paths["d"] = tiny.dir
+    res = cli(*[a.format(**paths) for a in args], LONG_PROMPT)
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("Error: " + message.format(**paths))
+
+
+def test_unknown_option_is_one_line_with_exit_code_2():
+    res = cli("--bogus", "hi")
+    assert res.exit_code == 2
+    assert res.stderr == ("Error: No such option '--bogus'. (Did you mean one of: '--base', "
+                          "'--verbose'?) (see 'main generate --help')\n")
