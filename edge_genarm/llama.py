@@ -235,6 +235,10 @@ class Context:
         params.n_batch = min(settings.n_batch, settings.n_ctx)
         params.n_ubatch = params.n_batch
         params.n_seq_max = settings.n_seq_max
+        # Only the last position of each sequence is read: reserving room for n_batch rows of
+        # logits would cost n_batch * n_vocab floats of compute buffer (about 100 MiB here).
+        params.n_outputs_max = settings.n_seq_max
+        params.n_outputs_max_per_seq = 1
         threads = settings.n_threads or default_threads()
         params.n_threads = threads
         params.n_threads_batch = threads

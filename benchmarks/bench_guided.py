@@ -1,0 +1,157 @@
+"""Guided decoding speed and memory on SmolLM2-135M-Instruct, measured side by side in one run.
+
+For an ARM that is a full model and for a LoRA ARM it prints tokens/s of
+  base alone   a bare loop: decode one token in the base context, argmax of its logits view
+  ARM alone    the same bare loop on the ARM's context
+  guided       edge-genarm's engine and greedy sampler: both decodes, two log-softmaxes, the sum
+and the ratio  guided time per token / (base time per token + ARM time per token), so that the
+glue (Python, NumPy, combination, sampling) shows as the excess over 1. The three loops are
+interleaved over the repeats, so that drift in the machine's speed hits them alike. Peak memory
+is measured in fresh processes, one per configuration, with llama.cpp's own buffer sizes.
+
+    python benchmarks/bench_guided.py [--tokens 128] [--repeats 5] [--threads 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from convert.gguf_out import write_lora_adapter  # noqa: E402
+from convert.synthetic import random_lora_pairs  # noqa: E402
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
+from edge_genarm.generation import generate_step  # noqa: E402
+from edge_genarm.gguf_file import inspect_gguf  # noqa: E402
+from edge_genarm.llama import ContextSettings  # noqa: E402
+from edge_genarm.registry import resolve_model  # noqa: E402
+from edge_genarm.sampling import SamplingSettings, make_sampler  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def make_lora(base: Path, out: Path, rank: int = 8) -> Path:
+    """A rank-8 LoRA on q, k, v and o of every layer, as a GenARM LoRA ARM would be."""
+    shapes = {k: (v[1], v[0]) for k, v in inspect_gguf(base).shapes.items() if len(v) == 2}
+    pairs = random_lora_pairs(shapes, rank=rank, seed=0,
+                              targets=("attn_q", "attn_k", "attn_v", "attn_output"))
+    return write_lora_adapter(out, "llama", 2.0 * rank, pairs)
+
+
+def bare_loop(ctx, prompt_ids, n_tokens, seq_id=0) -> float:
+    """Seconds per token of decode + argmax on one context (the least any loop must do)."""
+    ctx.seq_remove(seq_id)
+    logits = ctx.decode([(seq_id, prompt_ids, 0)])[0]
+    pos = len(prompt_ids)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        token = int(np.argmax(logits))
+        logits = ctx.decode([(seq_id, [token], pos)])[0]
+        pos += 1
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def guided_loop(engine, prompt_ids, n_tokens) -> float:
+    """Seconds per token of edge-genarm's guided step (greedy), prefill excluded."""
+    sampler = make_sampler(SamplingSettings(greedy=True))
+    steps = generate_step(engine, engine.new_sequence(), prompt_ids, sampler,
+                          np.random.default_rng(0))
+    next(steps)  # prefill and the first token
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        next(steps)
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def speed(base: Path, arm: Path, threads: int, n_tokens: int, repeats: int, n_ctx: int):
+    settings = ContextSettings(n_ctx=n_ctx, n_threads=threads)
+    with Engine.load(EngineConfig(base, [ArmSpec(arm, 1.0)], settings)) as engine:
+        ids = engine.model.tokenize(PROMPT, add_special=True)
+        guided_loop(engine, ids, 8)  # warm-up: first-use allocations
+        runs = {"base": [], "arm": [], "guided": []}
+        for _ in range(repeats):
+            runs["base"].append(bare_loop(engine.base, ids, n_tokens))
+            runs["arm"].append(bare_loop(engine.arms[0].context, ids, n_tokens))
+            runs["guided"].append(guided_loop(engine, ids, n_tokens))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+MEMORY_SCRIPT = """
+import re, sys
+from pathlib import Path
+from edge_genarm import llama
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.generation import Request, generate
+from edge_genarm.sampling import SamplingSettings
+llama.set_verbose(True)
+base, n_ctx, arms = Path(sys.argv[1]), int(sys.argv[2]), [ArmSpec(Path(p), 1.0) for p in sys.argv[3:]]
+with Engine.load(EngineConfig(base, arms, llama.ContextSettings(n_ctx=n_ctx))) as e:
+    ids = e.model.tokenize("Hello " * (n_ctx // 2), add_special=True)
+    generate(e, ids, Request(SamplingSettings(greedy=True), max_tokens=32))
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would inherit ours
+    print("PEAK_KIB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def memory(base: Path, arms: list[Path], n_ctx: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(base), str(n_ctx),
+                           *map(str, arms)], capture_output=True, text=True, cwd=ROOT)
+    peak = int(re.search(r"PEAK_KIB (\d+)", proc.stdout).group(1)) / 1024
+    def total(pattern):
+        return sum(float(x) for x in re.findall(pattern, proc.stderr))
+    return {"peak": peak,
+            "kv": total(r"llama_kv_cache: +\S+ KV buffer size = +([\d.]+) MiB"),
+            "compute": total(r"sched_reserve: +\S+ compute buffer size = +([\d.]+) MiB"),
+            "adapter": total(r"llama_adapter_lora_init_impl: +\S+ LoRA buffer size = +([\d.]+) MiB")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--ctx-size", type=int, default=2048)
+    args = ap.parse_args()
+
+    base = resolve_model("@smollm2")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-genarm-"))
+    lora = make_lora(base, tmp / "lora-r8.gguf")
+    full = tmp / "full-arm.gguf"  # a second file, so it is loaded as a model of its own
+    shutil.copy(base, full)
+    print(f"machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
+          f"{platform.processor() or platform.platform()}")
+    print(f"base: {base.name}; {args.tokens} tokens greedy, median of {args.repeats}, "
+          f"context {args.ctx_size}\n")
+    print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for label, arm in (("full model", full), ("LoRA r8", lora)):
+            s = speed(base, arm, threads, args.tokens, args.repeats, args.ctx_size)
+            ratio = s["guided"] / (s["base"] + s["arm"])
+            print(f"| {label} | {threads} | {1 / s['base']:.1f} | {1 / s['arm']:.1f} | "
+                  f"{1 / s['guided']:.1f} | {ratio:.3f} |", flush=True)
+    print("\n| configuration | peak RSS MiB | extra MiB | KV cache MiB | compute MiB | adapter MiB |")
+    print("|---|---|---|---|---|---|")
+    alone = memory(base, [], args.ctx_size)
+    for label, arms in (("base alone", []), ("+ LoRA ARM", [lora]), ("+ full-model ARM", [full]),
+                        ("+ the base file as ARM (weights shared)", [base])):
+        m = alone if not arms else memory(base, arms, args.ctx_size)
+        print(f"| {label} | {m['peak']:.0f} | {m['peak'] - alone['peak']:+.0f} | {m['kv']:.0f} | "
+              f"{m['compute']:.0f} | {m['adapter']:.1f} |", flush=True)
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
