@@ -15,6 +15,7 @@ is measured in fresh processes, one per configuration, with llama.cpp's own buff
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import shutil
@@ -117,6 +118,14 @@ def memory(base: Path, arms: list[Path], n_ctx: int) -> dict:
             "adapter": total(r"llama_adapter_lora_init_impl: +\S+ LoRA buffer size = +([\d.]+) MiB")}
 
 
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=128)
@@ -130,8 +139,7 @@ def main() -> None:
     lora = make_lora(base, tmp / "lora-r8.gguf")
     full = tmp / "full-arm.gguf"  # a second file, so it is loaded as a model of its own
     shutil.copy(base, full)
-    print(f"machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
-          f"{platform.processor() or platform.platform()}")
+    print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()}")
     print(f"base: {base.name}; {args.tokens} tokens greedy, median of {args.repeats}, "
           f"context {args.ctx_size}\n")
     print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | ratio |")

@@ -41,7 +41,7 @@ def top_k(cands: Candidates, k: int) -> Candidates:
     ids, vals = cands
     if k <= 0 or k >= vals.size:
         return cands
-    keep = np.argpartition(-vals, k - 1)[:k]
+    keep = np.argpartition(vals, vals.size - k)[vals.size - k:]
     return ids[keep], vals[keep]
 
 
