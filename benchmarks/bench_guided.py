@@ -5,11 +5,13 @@ For an ARM that is a full model and for a LoRA ARM it prints tokens/s of
   ARM alone    the same bare loop on the ARM's context
   guided       edge-genarm's engine and greedy sampler: both decodes, two log-softmaxes, the sum
 and the ratio  guided time per token / (base time per token + ARM time per token), so that the
-glue (Python, NumPy, combination, sampling) shows as the excess over 1. The three loops are
-interleaved over the repeats, so that drift in the machine's speed hits them alike. Peak memory
-is measured in fresh processes, one per configuration, with llama.cpp's own buffer sizes.
+glue (Python, NumPy, combination, sampling) shows as the excess over 1. The three loops run back
+to back in every repeat and the ratio is the median of the per-repeat ratios, so that drift in
+the speed of a shared machine hits the three alike. `glue ms` is measured directly: the guided
+time per token less the time spent inside the contexts' decode calls. Peak memory is measured in
+fresh processes, one per configuration, with llama.cpp's own buffer sizes.
 
-    python benchmarks/bench_guided.py [--tokens 128] [--repeats 5] [--threads 1,2]
+    python benchmarks/bench_guided.py [--tokens 64] [--repeats 15] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -64,16 +66,29 @@ def bare_loop(ctx, prompt_ids, n_tokens, seq_id=0) -> float:
     return (time.perf_counter() - t0) / n_tokens
 
 
-def guided_loop(engine, prompt_ids, n_tokens) -> float:
-    """Seconds per token of edge-genarm's guided step (greedy), prefill excluded."""
+def guided_loop(engine, prompt_ids, n_tokens) -> tuple[float, float]:
+    """Seconds per token of edge-genarm's guided step (greedy), prefill excluded, and of that
+    the seconds spent outside llama.cpp's decode calls (the glue)."""
     sampler = make_sampler(SamplingSettings(greedy=True))
     steps = generate_step(engine, engine.new_sequence(), prompt_ids, sampler,
                           np.random.default_rng(0))
     next(steps)  # prefill and the first token
+    in_decode = [0.0]
+    contexts = [engine.base] + [a.context for a in engine.arms]
+    for ctx in contexts:  # time each decode call, on the instance only
+        def timed(entries, _decode=ctx.decode):
+            t = time.perf_counter()
+            out = _decode(entries)
+            in_decode[0] += time.perf_counter() - t
+            return out
+        ctx.decode = timed
     t0 = time.perf_counter()
     for _ in range(n_tokens):
         next(steps)
-    return (time.perf_counter() - t0) / n_tokens
+    total = time.perf_counter() - t0
+    for ctx in contexts:
+        del ctx.decode
+    return total / n_tokens, (total - in_decode[0]) / n_tokens
 
 
 def speed(base: Path, arm: Path, threads: int, n_tokens: int, repeats: int, n_ctx: int):
@@ -81,11 +96,14 @@ def speed(base: Path, arm: Path, threads: int, n_tokens: int, repeats: int, n_ct
     with Engine.load(EngineConfig(base, [ArmSpec(arm, 1.0)], settings)) as engine:
         ids = engine.model.tokenize(PROMPT, add_special=True)
         guided_loop(engine, ids, 8)  # warm-up: first-use allocations
-        runs = {"base": [], "arm": [], "guided": []}
+        runs = {"base": [], "arm": [], "guided": [], "glue": [], "ratio": []}
         for _ in range(repeats):
             runs["base"].append(bare_loop(engine.base, ids, n_tokens))
             runs["arm"].append(bare_loop(engine.arms[0].context, ids, n_tokens))
-            runs["guided"].append(guided_loop(engine, ids, n_tokens))
+            guided, glue = guided_loop(engine, ids, n_tokens)
+            runs["guided"].append(guided)
+            runs["glue"].append(glue)
+            runs["ratio"].append(guided / (runs["base"][-1] + runs["arm"][-1]))
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
@@ -128,8 +146,8 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--ctx-size", type=int, default=2048)
     args = ap.parse_args()
@@ -142,14 +160,14 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()}")
     print(f"base: {base.name}; {args.tokens} tokens greedy, median of {args.repeats}, "
           f"context {args.ctx_size}\n")
-    print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | glue ms/token | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:
         for label, arm in (("full model", full), ("LoRA r8", lora)):
             s = speed(base, arm, threads, args.tokens, args.repeats, args.ctx_size)
-            ratio = s["guided"] / (s["base"] + s["arm"])
             print(f"| {label} | {threads} | {1 / s['base']:.1f} | {1 / s['arm']:.1f} | "
-                  f"{1 / s['guided']:.1f} | {ratio:.3f} |", flush=True)
+                  f"{1 / s['guided']:.1f} | {1000 * s['glue']:.2f} | {s['ratio']:.3f} |",
+                  flush=True)
     print("\n| configuration | peak RSS MiB | extra MiB | KV cache MiB | compute MiB | adapter MiB |")
     print("|---|---|---|---|---|---|")
     alone = memory(base, [], args.ctx_size)

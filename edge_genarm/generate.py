@@ -29,6 +29,7 @@ def generate(prompt: str, compare: bool, as_json: bool, **kwargs) -> None:
     opts = GenerationOptions.from_kwargs(kwargs)
     if prompt == "-":
         prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
     llama.set_verbose(opts.verbose)
     with Engine.load(opts.engine_config()) as engine:
         prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw)

@@ -1,13 +1,17 @@
 """GenARM guidance in pure NumPy.
 
 Contract: every function takes and returns plain float32 arrays and knows nothing of llama.cpp.
-The guided next-token log-probabilities are
+The guided next-token scores are
 
-    guided = log_softmax(base) + sum_i alpha_i * log_softmax(arm_i)
+    guided = log_softmax(base) + sum_i alpha_i * log_softmax(arm_i)      (+ a constant per row)
 
 over the vocabulary range that base and ARMs share, so that softmax(guided) is exactly
-p_base * prod_i p_arm_i ** alpha_i (renormalised). Each model is normalised over its own full
-vocabulary first (that is its distribution) and then sliced to the common range.
+p_base * prod_i p_arm_i ** alpha_i (renormalised). Each log_softmax is its model's logits less
+one number per row (its log-sum-exp over its own full vocabulary), so the sum differs from
+base + sum_i alpha_i * arm_i by a constant per row only; `combine` returns that plain sum.
+softmax, argmax, top-k, top-p and min-p are all blind to the constant, and skipping the two
+log-sum-exps saves most of the per-token NumPy time. `log_softmax(guided)` gives the normalised
+guided log-probabilities when they are wanted.
 """
 
 from __future__ import annotations
@@ -17,16 +21,10 @@ from typing import Sequence
 import numpy as np
 
 
-def _shift_and_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x - max, log(sum(exp(x - max)))) over the last axis; shifting first keeps precision."""
-    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=-1, keepdims=True)
-    return shifted, np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities over the last axis, stable for large or -inf logits."""
-    shifted, lse = _shift_and_lse(logits)
-    shifted -= lse
+    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=-1, keepdims=True)
+    shifted -= np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
     return shifted
 
 
@@ -48,21 +46,19 @@ def first_token_mismatch(base_tokens: Sequence[str], arm_tokens: Sequence[str]) 
 
 def combine(base_logits: np.ndarray, arm_logits: Sequence[np.ndarray],
             alphas: Sequence[float], n_vocab: int | None = None) -> np.ndarray:
-    """Guided log-probs (unnormalised) over the common vocabulary.
+    """Guided scores over the common vocabulary: base + sum alpha_i * arm_i on raw logits.
 
-    `base_logits` and each of `arm_logits` are raw logits, 1-D (one position) or 2-D (one row per
-    sequence); ARMs with alpha 0 may be left out by the caller, and contribute nothing here either.
+    Equal to log_softmax(base) + sum alpha_i * log_softmax(arm_i) up to a constant per row (see
+    the module docstring). `base_logits` and each of `arm_logits` are 1-D (one position) or 2-D
+    (one row per sequence); ARMs with alpha 0 may be left out, and contribute nothing anyway.
     """
     if len(arm_logits) != len(alphas):
         raise ValueError(f"{len(arm_logits)} ARM logit arrays but {len(alphas)} alphas")
     sizes = [base_logits.shape[-1]] + [a.shape[-1] for a in arm_logits]
     n = common_vocab_size(sizes) if n_vocab is None else n_vocab
-    # One output array updated in place: this runs once per token on ~50k-entry rows.
-    guided = log_softmax(base_logits)[..., :n]
+    # One new array, updated in place: this runs once per token on ~50k-entry rows.
+    guided = np.array(base_logits[..., :n], dtype=np.float32)
     for logits, alpha in zip(arm_logits, alphas):
         if alpha != 0.0:
-            shifted, lse = _shift_and_lse(logits)
-            weight = np.float32(alpha)
-            guided += weight * shifted[..., :n]
-            guided -= weight * lse
+            guided += np.float32(alpha) * logits[..., :n]
     return guided

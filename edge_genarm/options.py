@@ -21,6 +21,8 @@ from .llama import ContextSettings
 from .registry import DEFAULT_BASE, resolve_model
 from .sampling import SamplingSettings
 
+_SAMPLING = SamplingSettings()  # the defaults live in one place
+
 _OPTIONS = [
     click.option("--base", default=DEFAULT_BASE, show_default=True, envvar="EDGE_GENARM_BASE",
                  metavar="PATH", help="Base model GGUF, or @NAME for an embedded model "
@@ -29,13 +31,13 @@ _OPTIONS = [
                  help="An ARM: a full GGUF model or a GGUF LoRA adapter of the base, with its "
                  "weight ALPHA (default 1.0; negative steers away). Repeatable "
                  "[env EDGE_GENARM_ARMS, space-separated]."),
-    click.option("--temperature", "-t", type=float, default=0.8, show_default=True,
-                 help="Sampling temperature; 0 takes the argmax."),
-    click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k most "
-                 "likely tokens (0: off)."),
-    click.option("--top-p", type=float, default=0.95, show_default=True,
+    click.option("--temperature", "-t", type=float, default=_SAMPLING.temperature,
+                 show_default=True, help="Sampling temperature; 0 takes the argmax."),
+    click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True,
+                 help="Keep the k most likely tokens (0: off)."),
+    click.option("--top-p", type=float, default=_SAMPLING.top_p, show_default=True,
                  help="Keep the most likely tokens up to this probability (1: off)."),
-    click.option("--min-p", type=float, default=0.05, show_default=True,
+    click.option("--min-p", type=float, default=_SAMPLING.min_p, show_default=True,
                  help="Keep tokens at least this fraction as likely as the best (0: off)."),
     click.option("--greedy", is_flag=True, help="Always take the most likely token."),
     click.option("--seed", type=int, default=None, help="Random seed (default: a fresh one, "

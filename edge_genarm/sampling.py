@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-Candidates = tuple[np.ndarray, np.ndarray]  # (token ids, their log-probs or logits)
+# (token ids, their scores); ids None means "every id, in order", which saves building and
+# indexing a vocabulary-sized arange on every token before the first filter narrows the set.
+Candidates = tuple["np.ndarray | None", np.ndarray]
 Sampler = Callable[[np.ndarray, np.random.Generator], int]
 
 
@@ -28,7 +30,17 @@ def greedy(logprobs: np.ndarray) -> int:
 
 
 def all_candidates(logprobs: np.ndarray) -> Candidates:
-    return np.arange(logprobs.shape[-1]), np.asarray(logprobs, dtype=np.float32)
+    return None, np.asarray(logprobs, dtype=np.float32)
+
+
+def candidate_ids(cands: Candidates) -> np.ndarray:
+    ids, vals = cands
+    return np.arange(vals.size) if ids is None else ids  # for callers that want them spelled out
+
+
+def _keep(cands: Candidates, keep: np.ndarray) -> Candidates:
+    ids, vals = cands
+    return (keep if ids is None else ids[keep]), vals[keep]
 
 
 def _probs(values: np.ndarray) -> np.ndarray:
@@ -38,11 +50,10 @@ def _probs(values: np.ndarray) -> np.ndarray:
 
 def top_k(cands: Candidates, k: int) -> Candidates:
     """Keep the k most likely candidates (k = 0 keeps all)."""
-    ids, vals = cands
+    vals = cands[1]
     if k <= 0 or k >= vals.size:
         return cands
-    keep = np.argpartition(vals, vals.size - k)[vals.size - k:]
-    return ids[keep], vals[keep]
+    return _keep(cands, np.argpartition(vals, vals.size - k)[vals.size - k:])
 
 
 def top_p(cands: Candidates, p: float) -> Candidates:
@@ -51,7 +62,7 @@ def top_p(cands: Candidates, p: float) -> Candidates:
     Sorting the whole vocabulary costs milliseconds; the nucleus is usually small, so look at the
     best m candidates first and widen m only when they do not reach p. The result is exact.
     """
-    ids, vals = cands
+    vals = cands[1]
     if p >= 1.0 or vals.size <= 1:
         return cands
     probs = _probs(vals)
@@ -65,35 +76,34 @@ def top_p(cands: Candidates, p: float) -> Candidates:
         cum = np.cumsum(probs[order])
         if cum[-1] >= p or m >= vals.size:
             n = int(np.searchsorted(cum, p)) + 1
-            keep = order[:min(n, order.size)]
-            return ids[keep], vals[keep]
+            return _keep(cands, order[:min(n, order.size)])
         m *= 8
 
 
 def min_p(cands: Candidates, p: float) -> Candidates:
     """Keep candidates whose probability is at least p times the most likely one's."""
-    ids, vals = cands
+    vals = cands[1]
     if p <= 0.0:
         return cands
-    keep = vals >= np.max(vals) + np.log(np.float32(p))
-    return ids[keep], vals[keep]
+    return _keep(cands, np.flatnonzero(vals >= np.max(vals) + np.log(np.float32(p))))
 
 
 def categorical(cands: Candidates, temperature: float, rng: np.random.Generator) -> int:
     """Draw one id from softmax(values / temperature) with one uniform number from rng."""
     ids, vals = cands
-    probs = np.exp((vals - np.max(vals)) / np.float32(temperature)).astype(np.float64)
-    cum = np.cumsum(probs)
-    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-    return int(ids[min(i, ids.size - 1)])
+    probs = np.exp((vals - np.max(vals)) / np.float32(temperature))
+    cum = np.cumsum(probs, dtype=np.float64)  # float64 sums keep the tail of a big vocabulary
+    i = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), vals.size - 1)
+    return i if ids is None else int(ids[i])
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """Defaults are llama.cpp's; T = 1 with every filter off samples softmax(guided) exactly."""
     temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
     greedy: bool = False
 
     def validate(self) -> None:

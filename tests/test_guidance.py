@@ -34,13 +34,20 @@ def test_combine_is_the_product_of_experts():
     np.testing.assert_allclose(np.exp(guidance.log_softmax(guided)), p / p.sum(), rtol=1e-5)
 
 
+def differs_by_a_constant(a, b, atol=1e-5):
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return np.allclose(d, d.flat[0], atol=atol)
+
+
 def test_combine_normalises_each_model_over_its_own_vocabulary_then_slices():
-    base = np.array([0.0, 0.0, 0.0], dtype=np.float32)
-    arm = np.array([0.0, 0.0, 0.0, 5.0], dtype=np.float32)  # a padded ARM: one extra token
+    base = np.array([0.0, 1.0, 2.0], dtype=np.float32)
+    arm = np.array([0.0, 3.0, 0.0, 5.0], dtype=np.float32)  # a padded ARM: one extra token
     guided = guidance.combine(base, [arm], [1.0])
     assert guided.shape == (3,)
-    arm_lp = arm - np.log(np.exp(arm).sum())
-    np.testing.assert_allclose(guided, np.log(1 / 3) + arm_lp[:3], rtol=1e-6)
+    expected = guidance.log_softmax(base) + guidance.log_softmax(arm)[:3]
+    assert differs_by_a_constant(guided, expected)
+    np.testing.assert_allclose(guidance.log_softmax(guided), guidance.log_softmax(expected),
+                               atol=1e-6)
 
 
 def test_alpha_zero_contributes_nothing_and_negative_alpha_steers_away():
@@ -52,13 +59,25 @@ def test_alpha_zero_contributes_nothing_and_negative_alpha_steers_away():
 
 
 def test_several_arms_add_with_their_weights():
-    base = np.zeros(4, dtype=np.float32)
+    base = np.array([0.5, 0, 0, 2], dtype=np.float32)
     a1 = np.array([0, 1, 2, 3], dtype=np.float32)
     a2 = np.array([3, 2, 1, 0], dtype=np.float32)
     g = guidance.combine(base, [a1, a2], [0.5, 1.5])
     expected = (guidance.log_softmax(base) + 0.5 * guidance.log_softmax(a1)
                 + 1.5 * guidance.log_softmax(a2))
-    np.testing.assert_allclose(g, expected, rtol=1e-6)
+    assert differs_by_a_constant(g, expected)
+    assert not differs_by_a_constant(g, guidance.log_softmax(base) + guidance.log_softmax(a1))
+
+
+def test_combine_works_row_by_row_and_leaves_its_inputs_alone():
+    base = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.float32)
+    arm = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
+    kept = base.copy()
+    g = guidance.combine(base, [arm], [2.0])
+    for row in range(2):
+        expected = guidance.log_softmax(base[row]) + 2 * guidance.log_softmax(arm[row])
+        assert differs_by_a_constant(g[row], expected)
+    np.testing.assert_array_equal(base, kept)
 
 
 def test_combine_refuses_mismatched_alphas():

@@ -12,7 +12,7 @@ def lp(*probs):
 
 
 def ids(cands):
-    return sorted(int(i) for i in cands[0])
+    return sorted(int(i) for i in sampling.candidate_ids(cands))
 
 
 def test_greedy_takes_the_argmax():
