@@ -1,32 +1,90 @@
-"""Writing GGUF files safely: complete or not at all.
+"""Writing GGUF files safely: complete or not at all, one tensor in memory at a time.
 
-Contract: `write_gguf(path, fill)` hands a fresh `gguf.GGUFWriter` to `fill` (which adds metadata
-and tensors), writes header, metadata and tensors in that order to a temporary file beside
-`path`, and renames it to `path` only when all of it is on disk. `write_lora_adapter` writes a
-LoRA adapter that llama.cpp attaches to a base model.
+Contract: `write_gguf(path, architecture, add_metadata, tensors)` writes, in gguf-py's enforced
+order, the header, the metadata that `add_metadata(writer)` adds, the tensor infos, then each
+tensor's data as its `load()` produces it (so a 7B model never sits in memory whole), to a
+temporary file beside `path`; only a complete file is renamed to `path`. A failure or Ctrl-C
+leaves nothing that looks finished. `progress(i, n, name)` is called after each tensor.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
 
+QTYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
 
-def write_gguf(path: str | Path, architecture: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to write: its GGUF name, NumPy shape, storage type, and how to produce it."""
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    load: Callable[[], np.ndarray]  # float32 data in `shape`; encoded here to `qtype`
+
+    def encoded(self) -> np.ndarray:
+        data = np.ascontiguousarray(self.load(), dtype=np.float32)
+        if data.shape != self.shape:
+            raise ValueError(f"{self.name}: expected shape {self.shape}, got {data.shape}")
+        return gguf.quants.quantize(data, self.qtype)
+
+    def byte_info(self) -> tuple[tuple[int, ...], np.dtype, int]:
+        """(shape as stored, dtype as stored, bytes) without producing the data."""
+        if self.qtype == gguf.GGMLQuantizationType.F32:
+            return self.shape, np.dtype(np.float32), 4 * int(np.prod(self.shape))
+        if self.qtype == gguf.GGMLQuantizationType.F16:
+            return self.shape, np.dtype(np.float16), 2 * int(np.prod(self.shape))
+        shape = gguf.quants.quant_shape_to_byte_shape(self.shape, self.qtype)
+        return shape, np.dtype(np.uint8), int(np.prod(shape))
+
+
+def storage_type(name: str, shape: Sequence[int], outtype: str) -> gguf.GGMLQuantizationType:
+    """Norms, biases and other 1-D tensors stay F32 (as llama.cpp's converter keeps them); a
+    tensor whose rows do not split into blocks falls back to F16."""
+    qtype = QTYPES[outtype]
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block != 0:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def write_gguf(path: str | Path, architecture: str,
+               add_metadata: Callable[[gguf.GGUFWriter], None],
+               tensors: Sequence[PlannedTensor],
+               progress: Callable[[int, int, str], None] | None = None) -> Path:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
-        fill(writer)
+        add_metadata(writer)
+        for t in tensors:
+            shape, dtype, nbytes = t.byte_info()
+            raw = None if t.qtype in (gguf.GGMLQuantizationType.F32,
+                                      gguf.GGMLQuantizationType.F16) else t.qtype
+            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(tensors):
+            writer.write_tensor_data(t.encoded())
+            if progress is not None:
+                progress(i + 1, len(tensors), t.name)
         writer.close()
         os.replace(tmp, path)
     except BaseException:
@@ -36,19 +94,26 @@ def write_gguf(path: str | Path, architecture: str, fill: Callable[[gguf.GGUFWri
 
 
 def write_lora_adapter(path: str | Path, architecture: str, alpha: float,
-                       pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """pairs: base GGUF tensor name -> (A of shape (r, in), B of shape (out, r)).
+                       pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                       extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+                       progress=None) -> Path:
+    """pairs: base GGUF tensor name -> (A of shape (r, in), B of shape (out, r)), in F32.
 
-    llama.cpp adds (alpha / r) * B @ A to the weight of shape (out, in).
+    llama.cpp adds (alpha / r) * B @ A to the base weight of shape (out, in).
     """
-    def fill(w: gguf.GGUFWriter) -> None:
+    tensors = []
+    for name, (a, b) in pairs.items():
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"{name}: the ranks of A {a.shape} and B {b.shape} differ")
+        f32 = gguf.GGMLQuantizationType.F32
+        tensors.append(PlannedTensor(f"{name}.lora_a", tuple(a.shape), f32, lambda a=a: a))
+        tensors.append(PlannedTensor(f"{name}.lora_b", tuple(b.shape), f32, lambda b=b: b))
+
+    def metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        for name, (a, b) in pairs.items():
-            if a.shape[0] != b.shape[1]:
-                raise ValueError(f"{name}: rank of A {a.shape} and B {b.shape} differ")
-            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
-            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        if extra_metadata is not None:
+            extra_metadata(w)
 
-    return write_gguf(path, architecture, fill)
+    return write_gguf(path, architecture, metadata, tensors, progress)

@@ -19,3 +19,7 @@ class IncompatibleModelsError(UserError):
 
 class ContextFullError(UserError):
     """The sequence no longer fits the context window."""
+
+
+class ConversionError(UserError):
+    """A checkpoint or adapter that cannot be converted as asked."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.gguf_out import write_gguf, write_lora_adapter
+from convert.gguf_out import PlannedTensor, write_gguf, write_lora_adapter
 from convert.synthetic import DEFAULT_TARGETS, random_lora_pairs
 
 
@@ -87,7 +87,7 @@ def write_tiny_model(path: str | Path, spec: TinySpec, tokenizer,
         weights = tiny_weights(spec, n_vocab)
     arch = spec.architecture
 
-    def fill(w: gguf.GGUFWriter) -> None:
+    def metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name("tiny-test-llama")
         w.add_context_length(spec.n_ctx)
@@ -104,10 +104,10 @@ def write_tiny_model(path: str | Path, spec: TinySpec, tokenizer,
         for key, value, types in fields:
             sub = types[1] if types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, value, types[0], sub_type=sub)
-        for name, tensor in weights.items():
-            w.add_tensor(name, tensor)
 
-    write_gguf(path, arch, fill)
+    f32 = gguf.GGMLQuantizationType.F32
+    tensors = [PlannedTensor(name, tuple(t.shape), f32, lambda t=t: t) for name, t in weights.items()]
+    write_gguf(path, arch, metadata, tensors)
     return weights
 
 
