@@ -94,6 +94,12 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handle(self._where[name])
+        if hasattr(handle, "get_slice"):
+            return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape)
+
     def get(self, name: str) -> np.ndarray:
         handle = self._handle(self._where[name])
         tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]

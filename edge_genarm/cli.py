@@ -6,6 +6,7 @@ status (2 for command-line syntax, 1 for everything else, 130 for Ctrl-C), never
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -13,25 +14,45 @@ import click
 from .errors import UserError
 
 
+def run_command(command: click.Command, args=None, prog_name=None, complete_var=None,
+                standalone_mode=True, **extra):
+    """Run a click command with edge-genarm's error handling (one line, exit status)."""
+    try:
+        code = click.Command.main(command, args, prog_name, complete_var, standalone_mode=False,
+                                  **extra)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        code = _fail(f"{exc.format_message()}{hint}", 2)
+    except click.ClickException as exc:
+        code = _fail(exc.format_message(), exc.exit_code)
+    except UserError as exc:
+        code = _fail(str(exc), 1)
+    except (KeyboardInterrupt, click.Abort):
+        code = _fail("interrupted", 130)
+    except BrokenPipeError:  # `edge-genarm generate ... | head`: the reader left, fine
+        sys.stderr.close()
+        code = 0
+    if not standalone_mode:
+        return code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 class _Group(click.Group):
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            code = _fail(f"{exc.format_message()}{hint}", 2)
-        except click.ClickException as exc:
-            code = _fail(exc.format_message(), exc.exit_code)
-        except UserError as exc:
-            code = _fail(str(exc), 1)
-        except (KeyboardInterrupt, click.Abort):
-            code = _fail("interrupted", 130)
-        except BrokenPipeError:  # `edge-genarm generate ... | head`: the reader left, fine
-            sys.stderr.close()
-            code = 0
-        if not standalone_mode:
-            return code
-        sys.exit(code if isinstance(code, int) else 0)
+    """Commands are imported when used, so that `convert` (torch) costs nothing to chat."""
+
+    lazy = {"generate": "edge_genarm.generate:generate", "convert": "convert.cli:convert"}
+
+    def list_commands(self, ctx):
+        return sorted(self.lazy)
+
+    def get_command(self, ctx, name):
+        if name not in self.lazy:
+            return None
+        module, attr = self.lazy[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def main(self, *args, **kwargs):
+        return run_command(self, *args, **kwargs)
 
 
 def _fail(message: str, code: int) -> int:
@@ -45,11 +66,3 @@ def main() -> None:
     """Test-time alignment on local hardware: guide a llama.cpp model with autoregressive reward
     models (GenARM)."""
 
-
-def _register() -> None:
-    from .generate import generate
-
-    main.add_command(generate)
-
-
-_register()

@@ -357,3 +357,23 @@ class _Batch:
 
     def output_index(self, n_out: int) -> np.ndarray:
         return np.flatnonzero(self.logits[:self.struct.n_tokens])[:n_out]
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization with llama.cpp's own quantizer
+
+QUANT_TYPES = {name[len("LLAMA_FTYPE_MOSTLY_"):]: value for name, value in vars(C).items()
+               if name.startswith("LLAMA_FTYPE_MOSTLY_")}
+
+
+def quantize_model(src: str | Path, dst: str | Path, type_name: str, n_threads: int = 0) -> None:
+    """Write `dst`, the GGUF model `src` quantized to `type_name` (Q4_K_M, Q8_0, ...)."""
+    ftype = QUANT_TYPES.get(type_name.upper())
+    if ftype is None:
+        raise UserError(f"unknown quantization type {type_name}; choose one of "
+                        f"{', '.join(sorted(QUANT_TYPES))}")
+    params = C.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or default_threads()
+    if C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {type_name}: {last_log_error()}")
