@@ -64,7 +64,9 @@ def convert(source, out, outtype, quant, base, merge, base_model, tokenizer_from
         staging.unlink(missing_ok=True)
     if report is not None:
         click.echo(report.line(), err=True)
-    click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", err=True)
+    size = out.stat().st_size
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    click.echo(f"wrote {out} ({shown})", err=True)
 
 
 def _model(source, staging, outtype, quant, base_model, tokenizer_from, verify, merge):

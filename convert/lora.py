@@ -80,9 +80,9 @@ class Adapter:
     def _modules(self) -> list[str]:
         modules = []
         for name in self.ckpt.names():
-            if any(f".{bad}." in name or name.startswith(f"{_PREFIX}{bad}") for bad in _UNMAPPABLE) \
-                    or "lora_embedding" in name:
-                module = name.split(".lora_")[0].removeprefix(_PREFIX)
+            hit = re.match(rf"{re.escape(_PREFIX)}(.*?\b(?:{'|'.join(_UNMAPPABLE)}))\b", name)
+            if hit or "lora_embedding" in name:
+                module = hit.group(1) if hit else name.split(".lora_")[0].removeprefix(_PREFIX)
                 raise ConversionError(
                     f"{self.dir} adapts {module}, which llama.cpp LoRA adapters cannot hold "
                     "(embeddings and output head); use --merge --base-model DIR instead")
@@ -118,7 +118,7 @@ class Adapter:
         pairs = {}
         for module in self.modules:
             hf_name = module.removeprefix(_PREFIX)
-            gguf_name = names.get_name(hf_name + ".weight")
+            gguf_name = names.get_name(hf_name + ".weight", try_suffixes=(".weight",))
             if gguf_name is None:
                 raise ConversionError(f"{self.dir} adapts {hf_name}, which has no GGUF name in "
                                       f"{base.arch.name}; pass the base it was trained on")

@@ -24,7 +24,9 @@ PROBES = (
 )
 
 # Largest log-prob difference accepted, by storage type (see the README for measured figures).
-TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 2.5e-1, "q8_0": 2.5e-1}
+# About ten times what the tests measure on tiny random models; llama.cpp's K-quants are
+# reported, never failed: how much they may move a model is the user's call.
+TOLERANCE = {"f32": 1e-3, "f16": 2e-2, "bf16": 1e-1, "q8_0": 2e-1}
 
 
 @dataclass
@@ -52,7 +54,11 @@ def gguf_logprobs(model_path: Path, ids: list[int], adapter_path: Path | None = 
 
 def torch_logprobs(model_dir: Path, ids: list[int], adapter=None) -> np.ndarray:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
