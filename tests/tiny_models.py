@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from convert.gguf_out import PlannedTensor, write_gguf, write_lora_adapter
+from convert.model import HParams, add_hparams
 from convert.synthetic import DEFAULT_TARGETS, random_lora_pairs
 
 
@@ -87,20 +88,12 @@ def write_tiny_model(path: str | Path, spec: TinySpec, tokenizer,
         weights = tiny_weights(spec, n_vocab)
     arch = spec.architecture
 
+    hp = HParams(n_layer=spec.n_layer, n_embd=spec.n_embd, n_ff=spec.n_ff, n_head=spec.n_head,
+                 n_head_kv=spec.n_head_kv, head_dim=spec.n_embd // spec.n_head, n_ctx=spec.n_ctx,
+                 rope_theta=10000.0, rms_eps=1e-5, vocab_size=n_vocab, tied=spec.tied)
+
     def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name("tiny-test-llama")
-        w.add_context_length(spec.n_ctx)
-        w.add_embedding_length(spec.n_embd)
-        w.add_block_count(spec.n_layer)
-        w.add_feed_forward_length(spec.n_ff)
-        w.add_head_count(spec.n_head)
-        w.add_head_count_kv(spec.n_head_kv)
-        w.add_rope_dimension_count(spec.n_embd // spec.n_head)
-        w.add_rope_freq_base(10000.0)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_vocab_size(n_vocab)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        add_hparams(w, hp, "tiny-test-llama", "f32")
         for key, value, types in fields:
             sub = types[1] if types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, value, types[0], sub_type=sub)
