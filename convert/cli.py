@@ -88,7 +88,7 @@ def _model(source, staging, outtype, quant, base_model, tokenizer_from, verify, 
             raise ConversionError(f"{model_dir} lacks weights the adapter changes: {missing[0]}")
         hook = adapter.merge_hook()
     plan = plan_model(ckpt, tokenizer, outtype, source.name, hook)
-    write_gguf(staging, plan.arch.name, plan.add_metadata, plan.tensors, _progress())
+    write_gguf(staging, plan.arch.name, plan.add_metadata, plan.tensors, _progress(), staged=True)
     if quant:
         from edge_genarm.llama import quantize_model
 
@@ -130,7 +130,7 @@ def _adapter(source, staging, outtype, base, base_model, verify):
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.gguf_alpha())
         w.add_name(source.name)
 
-    write_gguf(staging, info.arch.name, metadata, tensors, _progress())
+    write_gguf(staging, info.arch.name, metadata, tensors, _progress(), staged=True)
     if not verify:
         return None
     torch_dir = base_model or (base if base.is_dir() else None)

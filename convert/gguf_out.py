@@ -65,11 +65,16 @@ def storage_type(name: str, shape: Sequence[int], outtype: str) -> gguf.GGMLQuan
 def write_gguf(path: str | Path, architecture: str,
                add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: Sequence[PlannedTensor],
-               progress: Callable[[int, int, str], None] | None = None) -> Path:
+               progress: Callable[[int, int, str], None] | None = None,
+               staged: bool = False) -> Path:
+    """staged=True: `path` is already the caller's hidden temporary file; write it in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    if staged:
+        tmp = str(path)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
         add_metadata(writer)
@@ -86,7 +91,8 @@ def write_gguf(path: str | Path, architecture: str,
             if progress is not None:
                 progress(i + 1, len(tensors), t.name)
         writer.close()
-        os.replace(tmp, path)
+        if not staged:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

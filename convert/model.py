@@ -45,7 +45,7 @@ class HParams:
                    n_head_kv=config.get("num_key_value_heads") or n_head,
                    head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
                    n_ctx=config.get("max_position_embeddings", 4096),
-                   rope_theta=float(config.get("rope_theta", 10000.0)),
+                   rope_theta=float(rope_parameters(config).get("rope_theta", 10000.0)),
                    rms_eps=float(config.get("rms_norm_eps", 1e-6)),
                    vocab_size=config["vocab_size"],
                    tied=bool(config.get("tie_word_embeddings", False)))
@@ -57,10 +57,41 @@ def arch_of(config: dict, where: str) -> Arch:
     if name not in ARCHS:
         raise ConversionError(f"{where}: architecture {name!r} is not supported; supported: "
                               f"{', '.join(sorted(ARCHS))}")
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ConversionError(f"{where}: rope scaling {scaling} is not supported yet")
+    kind = rope_scaling_kind(config)
+    if kind not in (None, "default", "linear") and not (kind == "llama3" and ARCHS[name].permute_qk):
+        raise ConversionError(f"{where}: rope scaling {kind!r} is not supported; supported: "
+                              "linear, llama3 (Llama 3.1 and later)")
     return ARCHS[name]
+
+
+def rope_parameters(config: dict) -> dict:
+    """Rope settings from either config layout: transformers 5 keeps them all in
+    `rope_parameters`; earlier releases wrote `rope_theta` and `rope_scaling` at the top."""
+    params = dict(config.get("rope_parameters") or {})
+    params.update(config.get("rope_scaling") or {})
+    if "rope_theta" in config:
+        params.setdefault("rope_theta", config["rope_theta"])
+    return params
+
+
+def rope_scaling_kind(config: dict) -> str | None:
+    params = rope_parameters(config)
+    return params.get("rope_type", params.get("type"))
+
+
+def llama3_rope_factors(config: dict, hp: "HParams") -> np.ndarray:
+    """Llama 3.1's per-frequency rope divisors, as llama.cpp reads them from rope_freqs.weight:
+    1 for high frequencies, `factor` for low ones, and a smooth blend between."""
+    s = rope_parameters(config)
+    factor, low, high = s.get("factor", 8.0), s.get("low_freq_factor", 1.0), s.get(
+        "high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+    return out.astype(np.float32)
 
 
 @dataclass
@@ -90,12 +121,19 @@ def plan_model(ckpt: Checkpoint, tokenizer: Tokenizer, outtype: str, name: str,
         shape = ckpt.shape(hf_name)
         tensors.append(PlannedTensor(gguf_name, shape, storage_type(gguf_name, shape, outtype),
                                      _loader(ckpt, hf_name, arch, hp, weight_hook)))
+    if rope_scaling_kind(config) == "llama3":
+        factors = llama3_rope_factors(config, hp)
+        tensors.append(PlannedTensor("rope_freqs.weight", factors.shape,
+                                     gguf.GGMLQuantizationType.F32, lambda: factors))
     if tokenizer is not None and len(tokenizer.tokens) > hp.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer.tokens)} tokens but the model "
                               f"only {hp.vocab_size} embeddings")
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
         add_hparams(w, hp, name, outtype)
+        if rope_scaling_kind(config) == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
         _add_tokenizer(w, tokenizer, hp.vocab_size)
 
     return ModelPlan(arch, hp, tensors, add_metadata)

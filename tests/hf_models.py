@@ -44,13 +44,15 @@ def write_smollm2_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def write_tiny_hf_model(out_dir: Path, arch: str, tokenizer_dir: Path, tied: bool = False,
-                        seed: int = 0, **save_kwargs) -> Path:
+                        seed: int = 0, rope_scaling: dict | None = None, **save_kwargs) -> Path:
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=tied, initializer_range=0.05,
                   bos_token_id=1, eos_token_id=2)
+    if rope_scaling:
+        common["rope_scaling"] = rope_scaling
     config = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
               "gpt2": tf.GPT2Config}[arch]
     cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,

@@ -33,6 +33,12 @@ def hf(tmp_path_factory, smollm2):
         "pt_bin": write_tiny_hf_model(d / "pt_bin", "llama", tok, seed=5,
                                       safe_serialization=False),
         "gpt2": write_tiny_hf_model(d / "gpt2", "gpt2", tok),
+        # Llama 3.1 rope scaling, with a short original context so that all three bands show
+        "llama31": write_tiny_hf_model(d / "llama31", "llama", tok, seed=6, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "linear": write_tiny_hf_model(d / "linear", "llama", tok, seed=8, rope_scaling={
+            "rope_type": "linear", "factor": 4.0}),
     }
     models["lora"] = write_peft_adapter(models["llama"], d / "lora", ALL_TARGETS)
     models["rslora"] = write_peft_adapter(models["llama"], d / "rslora", ("q_proj", "k_proj",
@@ -55,7 +61,8 @@ def converted(src, out, *args):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral", "qwen2", "sharded", "pt_bin"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral", "qwen2", "sharded", "pt_bin",
+                                  "llama31", "linear"])
 def test_f32_conversion_matches_transformers(hf, tmp_path, name):
     out = converted(hf[name], tmp_path / f"{name}.gguf", "--outtype", "f32")
     report = verify(out, hf[name])
@@ -63,6 +70,7 @@ def test_f32_conversion_matches_transformers(hf, tmp_path, name):
     assert report.top1_agreement == 1.0
     shapes = inspect_gguf(out).shapes
     assert ("output.weight" in shapes) == (name not in ("llama_tied", "qwen2"))
+    assert ("rope_freqs.weight" in shapes) == (name == "llama31")
 
 
 def test_greedy_tokens_match_transformers(hf, tmp_path):
@@ -208,3 +216,46 @@ def test_sentencepiece_llama2_style_checkpoint(tmp_path):
     model.close()
     report = verify(out, src)
     assert report.max_abs_diff < 1e-3 and report.top1_agreement == 1.0
+
+
+def test_adapter_without_a_local_base_asks_for_one(hf, tmp_path):
+    import json
+    import shutil
+
+    lora = shutil.copytree(hf["lora"], tmp_path / "lora")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a Hub name
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    res = run(lora, "--out", tmp_path / "x.gguf")
+    assert res.exit_code == 1
+    assert res.stderr == (f"Error: {lora}: name the base it belongs to with --base BASE.gguf or "
+                          "--base DIR (its base_model_name_or_path is not a local directory)\n")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_killed_conversion_leaves_no_file_that_looks_finished(tmp_path, smollm2):
+    """SIGKILL in the middle of writing 500 MB: --out never appears, only a hidden .part."""
+    import signal
+    import subprocess
+    import time
+
+    from convert.from_gguf import gguf_to_hf
+
+    hf_dir = gguf_to_hf(smollm2, tmp_path / "hf")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "convert", str(hf_dir), "--out",
+                             str(out_dir / "arm.gguf"), "--outtype", "f32", "--tokenizer-from",
+                             str(smollm2)], cwd=Path(__file__).parent.parent,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until tensor data is being written
+        parts = list(out_dir.glob(".arm.gguf.*.part"))
+        if any(p.stat().st_size > 50 * 2**20 for p in parts):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    names = [p.name for p in out_dir.iterdir()]
+    assert "arm.gguf" not in names
+    assert names and all(n.startswith(".arm.gguf.") and n.endswith(".part") for n in names)
