@@ -6,6 +6,9 @@ Layers, each depending only on those below it:
   engine                     base and ARM contexts, sequences, the guided step
   llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
   guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
+
+The top-level package `convert` (checkpoints to GGUF, torch as an optional extra) depends on
+edge_genarm; nothing here imports it except the CLI, lazily, when `convert` is invoked.
 """
 
 __version__ = "0.1.0"

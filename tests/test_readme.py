@@ -1,6 +1,8 @@
 """The README's two opening commands stay true to what CI runs and to what the CLI offers."""
 
 import re
+
+import pytest
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -21,9 +23,23 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == test_command
 
 
-def test_every_generate_option_is_in_the_readme():
-    help_text = CliRunner().invoke(main, ["generate", "--help"]).stdout
+@pytest.mark.parametrize("command, at_least", [("generate", 15), ("convert", 8)])
+def test_every_option_is_in_the_readme(command, at_least):
+    help_text = CliRunner().invoke(main, [command, "--help"]).stdout
     options = set(re.findall(r"^\s+(?:-\w+, )?(--[a-z-]+)", help_text, re.M)) - {"--help"}
-    assert len(options) > 15
+    assert len(options) >= at_least
     missing = sorted(o for o in options if f"`{o}" not in README and f", {o}`" not in README)
     assert missing == []
+
+
+def test_torch_stays_out_of_generation():
+    """A user who only generates or chats needs no torch: the commands import it lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from edge_genarm.cli import main; "
+            "CliRunner().invoke(main, ['generate', '--greedy', '-n', '1', 'hi']); "
+            "CliRunner().invoke(main, ['convert', '--help']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
