@@ -218,6 +218,12 @@ def check_vocab(base: Model, arm: Model) -> None:
         raise IncompatibleModelsError(
             f"{arm.path} uses another tokenizer type than the base {base.path} "
             f"({arm.vocab_type} vs {base.vocab_type}); an ARM must share the base's tokenizer")
+    for kind in ("bos", "eos", "eot"):
+        if base.special_token(kind) != arm.special_token(kind):
+            raise IncompatibleModelsError(
+                f"{arm.path} has another {kind} token than the base {base.path} "
+                f"({arm.special_token(kind)} vs {base.special_token(kind)}); an ARM must share "
+                "the base's tokenizer")
     mismatch = guidance.first_token_mismatch(base.token_texts, arm.token_texts)
     if mismatch is not None:
         raise IncompatibleModelsError(

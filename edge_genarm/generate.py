@@ -32,7 +32,7 @@ def generate(prompt: str, compare: bool, as_json: bool, **kwargs) -> None:
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
     llama.set_verbose(opts.verbose)
     with Engine.load(opts.engine_config()) as engine:
-        prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw)
+        prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw, opts.chat_template)
         if compare:
             with engine.alphas_zeroed():
                 base = _run(engine, prompt_ids, opts, as_json, "base (unguided)")

@@ -66,14 +66,14 @@ class Result:
 
 
 def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
-                  raw: bool = False) -> list[int]:
+                  raw: bool = False, fallback_template: str | None = None) -> list[int]:
     """The token ids the base (and every ARM) is fed for a user prompt."""
     model = engine.model
     if raw:
         if system:
             raise UserError("--system needs the chat template; drop --raw or drop --system")
         return model.tokenize(prompt, add_special=True)
-    template = model.meta("tokenizer.chat_template")
+    template = model.meta("tokenizer.chat_template") or fallback_template
     if template is None:
         raise UserError(f"{model.path} has no chat template (tokenizer.chat_template); "
                         "pass --raw to send the prompt as is")

@@ -18,19 +18,27 @@ from .engine import ArmSpec, EngineConfig
 from .errors import UserError
 from .generation import Request
 from .llama import ContextSettings
-from .registry import DEFAULT_BASE, resolve_model
+from .registry import DEFAULT_BASE, Registry
 from .sampling import SamplingSettings
 
 _SAMPLING = SamplingSettings()  # the defaults live in one place
 
 _OPTIONS = [
+    click.option("--preset", "-p", default=None, envvar="EDGE_GENARM_PRESET", metavar="NAME",
+                 help="A preset from models.toml: base, ARMs, alphas, sampling; explicit options "
+                 "override it [env EDGE_GENARM_PRESET]."),
+    click.option("--models-file", default=None, envvar="EDGE_GENARM_MODELS_FILE",
+                 metavar="PATH", help="A models.toml merged over the shipped and user ones "
+                 "[env EDGE_GENARM_MODELS_FILE]."),
     click.option("--base", default=DEFAULT_BASE, show_default=True, envvar="EDGE_GENARM_BASE",
-                 metavar="PATH", help="Base model GGUF, or @NAME for an embedded model "
+                 metavar="PATH", help="Base model GGUF, or @NAME of a models.toml entry "
                  "[env EDGE_GENARM_BASE]."),
     click.option("--arm", "arms", multiple=True, envvar="EDGE_GENARM_ARMS", metavar="PATH[:ALPHA]",
                  help="An ARM: a full GGUF model or a GGUF LoRA adapter of the base, with its "
                  "weight ALPHA (default 1.0; negative steers away). Repeatable "
                  "[env EDGE_GENARM_ARMS, space-separated]."),
+    click.option("--alpha", "alpha_overrides", multiple=True, metavar="NAME=VALUE",
+                 help="Set one ARM's weight by name (0 switches it off). Repeatable."),
     click.option("--temperature", "-t", type=float, default=_SAMPLING.temperature,
                  show_default=True, help="Sampling temperature; 0 takes the argmax."),
     click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True,
@@ -71,19 +79,40 @@ def generation_options(command):
     return command
 
 
-def parse_arm(text: str) -> ArmSpec:
+def _number(text: str, where: str, example: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: the weight {text!r} is not a number; write {example}") \
+            from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: the weight must be a finite number, not {text}")
+    return value
+
+
+def parse_arm(text: str, registry: Registry) -> ArmSpec:
     """PATH[:ALPHA] -> ArmSpec; a path that itself contains ':' is taken whole if it exists."""
     if Path(text).expanduser().is_file() or ":" not in text:
-        return ArmSpec(resolve_model(text), 1.0)
-    ref, _, alpha_text = text.rpartition(":")
-    try:
-        alpha = float(alpha_text)
-    except ValueError:
-        raise UserError(f"--arm {text}: the weight {alpha_text!r} is not a number; "
-                        "write PATH:ALPHA, for example model.gguf:0.5") from None
-    if not math.isfinite(alpha):
-        raise UserError(f"--arm {text}: the weight must be a finite number, not {alpha_text}")
-    return ArmSpec(resolve_model(ref), alpha)
+        ref, alpha = text, 1.0
+    else:
+        ref, _, alpha_text = text.rpartition(":")
+        alpha = _number(alpha_text, f"--arm {text}", "PATH:ALPHA, for example model.gguf:0.5")
+    name = ref[1:] if ref.startswith("@") else ""
+    return ArmSpec(registry.resolve(ref), alpha, name)
+
+
+def apply_alphas(arms: list[ArmSpec], overrides) -> None:
+    """--alpha NAME=VALUE on the ARMs by name."""
+    for text in overrides:
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise UserError(f"--alpha {text}: write NAME=VALUE, for example positive=0.5")
+        matches = [a for a in arms if a.name == name]
+        if not matches:
+            known = ", ".join(a.name for a in arms) or "none"
+            raise UserError(f"--alpha {text}: no ARM named {name!r}; the ARMs are {known}")
+        matches[0].alpha = _number(value, f"--alpha {text}", "NAME=VALUE, for example "
+                                   "positive=0.5")
 
 
 @dataclass
@@ -99,10 +128,16 @@ class GenerationOptions:
     context: ContextSettings = field(default_factory=ContextSettings)
     n_gpu_layers: int = 0
     verbose: bool = False
+    chat_template: str | None = None  # the preset's, for a base GGUF that has none
 
     @classmethod
     def from_kwargs(cls, kw: dict) -> "GenerationOptions":
-        """Pop the shared options from a command's kwargs and check them."""
+        """Pop the shared options from a command's kwargs, apply the preset, check them."""
+        registry = Registry.load(kw.pop("models_file"))
+        preset = registry.preset(kw.pop("preset")) if kw.get("preset") else None
+        kw.pop("preset", None)
+        if preset is not None:
+            _apply_preset(kw, preset, _explicit(kw))
         sampling = SamplingSettings(temperature=kw.pop("temperature"), top_k=kw.pop("top_k"),
                                     top_p=kw.pop("top_p"), min_p=kw.pop("min_p"),
                                     greedy=kw.pop("greedy"))
@@ -110,9 +145,16 @@ class GenerationOptions:
             sampling.validate()
         except ValueError as exc:  # messages start with the setting's name: make it the flag
             raise UserError(f"--{exc}") from None
+        preset_arms = kw.pop("preset_arms", None)
+        if preset_arms is not None:
+            arms = [ArmSpec(registry.resolve(a.model), a.alpha, a.name) for a in preset_arms]
+        else:
+            arms = [parse_arm(a, registry) for a in kw["arms"]]
+        kw.pop("arms")
+        apply_alphas(arms, kw.pop("alpha_overrides"))
         opts = cls(
-            base=resolve_model(kw.pop("base")),
-            arms=[parse_arm(a) for a in kw.pop("arms")],
+            base=registry.resolve(kw.pop("base")),
+            arms=arms,
             sampling=sampling,
             max_tokens=kw.pop("max_tokens"),
             stop=tuple(kw.pop("stop")),
@@ -123,6 +165,7 @@ class GenerationOptions:
                                     exact=kw.pop("exact")),
             n_gpu_layers=kw.pop("n_gpu_layers"),
             verbose=kw.pop("verbose"),
+            chat_template=preset.chat_template if preset else None,
         )
         if opts.seed is None:
             opts.seed = secrets.randbelow(2**31)
@@ -142,6 +185,28 @@ class GenerationOptions:
     def request(self) -> Request:
         return Request(sampling=self.sampling, max_tokens=self.max_tokens, stop=self.stop,
                        seed=self.seed)
+
+
+def _explicit(kw: dict) -> set[str]:
+    """The options the user gave (command line or environment), not defaults."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set(kw)
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {name for name in kw if ctx.get_parameter_source(name) in given}
+
+
+def _apply_preset(kw: dict, preset, explicit: set[str]) -> None:
+    """Fill what the user did not give from the preset (ARMs resolved later, by name)."""
+    if "base" not in explicit:
+        kw["base"] = preset.base
+    if "arms" not in explicit:
+        kw["preset_arms"] = preset.arms
+    if "ctx_size" not in explicit and preset.ctx_size:
+        kw["ctx_size"] = preset.ctx_size
+    for key, value in preset.sampling.items():
+        if key not in explicit:
+            kw[key] = value
 
 
 def _dedupe_arm_names(arms: list[ArmSpec]) -> None:

