@@ -203,7 +203,7 @@ def test_hub_download_cache_and_offline(hub_env, tiny):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()
     res = run_cli(["models", "list"], offline)
-    assert f"@hubtiny: hub tester/tiny-GGUF/tiny.gguf@main [present" in res.stdout
+    assert "@hubtiny: hub tester/tiny-GGUF/tiny.gguf@main [present" in res.stdout
 
 
 def test_corrupted_download_is_caught_by_sha256(hub_env, tiny):
