@@ -41,7 +41,7 @@ class _Group(click.Group):
     """Commands are imported when used, so that `convert` (torch) costs nothing to chat."""
 
     lazy = {"generate": "edge_genarm.generate:generate", "convert": "convert.cli:convert",
-            "models": "edge_genarm.models:models"}
+            "models": "edge_genarm.models:models", "train": "edge_genarm.train.cli:train"}
 
     def list_commands(self, ctx):
         return sorted(self.lazy)

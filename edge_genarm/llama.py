@@ -132,10 +132,11 @@ def read_gguf_header(path: str | Path) -> GGUFHeader | None:
 class Model:
     """A GGUF model loaded once; `close` frees it (contexts made from it must be closed first)."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
         self.path = Path(path)
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only  # tokenizer and metadata only, no weights
         ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise ModelFileError(f"llama.cpp could not load {self.path}: {last_log_error()}")

@@ -23,7 +23,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == test_command
 
 
-@pytest.mark.parametrize("command, at_least", [("generate", 15), ("convert", 8)])
+@pytest.mark.parametrize("command, at_least", [("generate", 15), ("convert", 8), ("train", 20)])
 def test_every_option_is_in_the_readme(command, at_least):
     help_text = CliRunner().invoke(main, [command, "--help"]).stdout
     options = set(re.findall(r"^\s+(?:-\w+, )?(--[a-z-]+)", help_text, re.M)) - {"--help"}
