@@ -18,7 +18,7 @@ from edge_genarm.errors import ConversionError
 
 from . import tokenizer as tok
 from .checkpoint import Checkpoint
-from .gguf_out import QTYPES, PlannedTensor, storage_type, write_gguf
+from .gguf_out import QTYPES, PlannedTensor, publishable, storage_type, write_gguf
 from .lora import Adapter, BaseInfo, base_info_from_dir, base_info_from_gguf
 from .model import plan_model
 
@@ -60,6 +60,7 @@ def convert(source, out, outtype, quant, base, merge, base_model, tokenizer_from
         else:
             report = _model(source, staging, outtype or "f16", quant, base_model, tokenizer_from,
                             verify, merge)
+        publishable(staging)
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)

@@ -62,6 +62,13 @@ def storage_type(name: str, shape: Sequence[int], outtype: str) -> gguf.GGMLQuan
     return qtype
 
 
+def publishable(path: str | Path) -> None:
+    """mkstemp makes files private (0600); a finished GGUF gets the mode any new file would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_gguf(path: str | Path, architecture: str,
                add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: Sequence[PlannedTensor],
@@ -92,6 +99,7 @@ def write_gguf(path: str | Path, architecture: str,
                 progress(i + 1, len(tensors), t.name)
         writer.close()
         if not staged:
+            publishable(tmp)
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -181,8 +181,16 @@ def package_file(distribution: str, filename: str) -> Path:
         raise ModelFileError(f"the package {distribution} is not installed; "
                              f"pip install {distribution}") from None
     for entry in dist.files or []:
-        if entry.name == filename:
+        if entry.name == filename or str(entry).endswith("/" + filename):
             return Path(dist.locate_file(entry))
+    # an editable install lists no package files: look inside the importable package instead
+    module = distribution.replace("-", "_")
+    try:
+        path = Path(str(importlib.resources.files(module) / filename))
+        if path.is_file():
+            return path
+    except ModuleNotFoundError:
+        pass
     raise ModelFileError(f"the package {distribution} has no file {filename}; "
                          f"reinstall it with pip install --force-reinstall {distribution}")
 

@@ -58,6 +58,7 @@ def converted(src, out, *args):
     assert res.exit_code == 0, res.stderr
     assert res.stderr.splitlines()[-1].startswith(f"wrote {out} (")
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by others, as a new file would be
     return out
 
 

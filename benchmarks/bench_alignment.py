@@ -1,0 +1,112 @@
+"""Does the demo guidance do what it says? Measured on held-out prompts training never saw.
+
+For the demo preset (SmolLM2-135M-Instruct with the `positive` and `concise` LoRA ARMs) this
+generates an answer to each held-out prompt at each setting of the two alphas and prints, per
+setting: the mean AFINN sentiment score, the mean answer length in words, and the base model's
+mean log-prob per token of the answers (a coherence check: guidance that broke the language
+would send it down). Settings: positive in 0, 0.5, 1, 2 (concise 0), concise in 0, 0.5, 1, 2
+(positive 0), and the 3 x 3 grid {0, 1, 2} x {0, 1, 2}, drawn as docs/tradeoff.png.
+
+    python benchmarks/bench_alignment.py [--prompts 30] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_genarm import guidance  # noqa: E402
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
+from edge_genarm.generation import Request, encode_prompt, generate  # noqa: E402
+from edge_genarm.llama import ContextSettings  # noqa: E402
+from edge_genarm.registry import Registry  # noqa: E402
+from edge_genarm.sampling import SamplingSettings  # noqa: E402
+
+
+def settings() -> list[tuple[float, float]]:
+    grid = [(p, c) for p in (0.0, 1.0, 2.0) for c in (0.0, 1.0, 2.0)]
+    return sorted(set(grid + [(0.5, 0.0), (0.0, 0.5)]))
+
+
+def base_logprob(engine: Engine, prompt_ids: list[int], tokens: list[int]) -> float:
+    """Mean log-prob per token of `tokens` under the base model alone."""
+    if not tokens:
+        return float("nan")
+    with engine.alphas_zeroed():
+        seq = engine.new_sequence()
+        total = 0.0
+        scores = engine.advance([seq], [prompt_ids])
+        for tok in tokens:
+            total += float(guidance.log_softmax(scores)[tok])
+            scores = engine.advance([seq], [[tok]])
+    return total / len(tokens)
+
+
+def main() -> None:
+    from afinn import Afinn
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "tradeoff.png")
+    args = ap.parse_args()
+    reg = Registry.load()
+    preset = reg.preset("demo")
+    held = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")
+    held = [p for p in held if p][: args.prompts]
+    arms = [ArmSpec(reg.resolve(a.model), 0.0, a.name) for a in preset.arms]
+    afinn = Afinn()
+    request = Request(SamplingSettings(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05),
+                      max_tokens=args.max_tokens)
+    rows = {}
+    t0 = time.time()
+    with Engine.load(EngineConfig(reg.resolve(preset.base), arms,
+                                  ContextSettings(n_ctx=512))) as engine:
+        by_name = {a.name: a for a in engine.arms}
+        encoded = [encode_prompt(engine, p) for p in held]
+        for pos, con in settings():
+            by_name["positive"].alpha, by_name["concise"].alpha = pos, con
+            scores, lengths, coherence = [], [], []
+            for i, ids in enumerate(encoded):
+                r = generate(engine, ids, Request(request.sampling, request.max_tokens,
+                                                  seed=1000 + i))
+                scores.append(afinn.score(r.text))
+                lengths.append(len(r.text.split()))
+                content = [t for t in r.tokens if not engine.model.is_eog(t)]
+                coherence.append(base_logprob(engine, ids, content))
+            rows[(pos, con)] = (np.mean(scores), np.mean(lengths), np.nanmean(coherence))
+            print(f"| {pos:g} | {con:g} | {rows[(pos, con)][0]:.2f} | {rows[(pos, con)][1]:.1f} "
+                  f"| {rows[(pos, con)][2]:.2f} |", flush=True)
+    print(f"\n{len(held)} held-out prompts, {len(rows)} settings, {time.time() - t0:.0f} s")
+    plot(rows, args.plot)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for (pos, con), (score, length, _) in sorted(rows.items()):
+        if pos in (0, 1, 2) and con in (0, 1, 2):
+            ax.scatter(length, score, s=40 + 40 * con, c=[[pos / 2, 0.2, 1 - pos / 2]])
+            ax.annotate(f"({pos:g}, {con:g})", (length, score), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("mean answer length (words)  <- concise")
+    ax.set_ylabel("mean AFINN score  -> positive")
+    ax.set_title("Demo ARMs on held-out prompts: (alpha positive, alpha concise)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The demo preset's trained ARMs, and the pieces of the script that built them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edge_genarm.cli import main
+from edge_genarm.demo.build import on_topic, pairs_for, prompts
+from edge_genarm.registry import Registry
+
+PROMPT = "Tell me about a rainy afternoon."
+
+
+def run(*args):
+    res = CliRunner().invoke(main, ["generate", "--json", "--preset", "demo", "--greedy",
+                                    "-n", 40, *map(str, args), PROMPT])
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_demo_preset_has_both_arms_and_they_steer():
+    preset = Registry.load().preset("demo")
+    assert [(a.name, a.alpha) for a in preset.arms] == [("positive", 1.0), ("concise", 0.0)]
+    default = run()
+    assert default["alphas"] == {"positive": 1.0, "concise": 0.0}
+    base = run("--alpha", "positive=0")
+    concise = run("--alpha", "positive=0", "--alpha", "concise=2")
+    assert default["tokens"] != base["tokens"]
+    assert concise["tokens"] != base["tokens"]
+
+
+def test_held_out_prompts_are_never_trained_on():
+    train, held = prompts()
+    assert len(train) + len(held) == 300 and len(held) == 40
+    assert not set(train) & set(held)
+    demo = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo"
+    assert (demo / "prompts.txt").read_text().split("\n")[:-1] == train  # what the build wrote
+    assert (demo / "held_out_prompts.txt").read_text().split("\n")[:-1] == held
+
+
+class FakeAfinn:
+    def score(self, text):
+        return text.count("good") - text.count("bad")
+
+
+def test_pairs_pick_extremes_and_stay_on_topic():
+    prompt = "Tell me about baking bread."
+    responses = ["Baking bread is good and good fun, warm loaves.",
+                 "Baking bread is bad, a bad mess every time I try it at home.",
+                 "Bread needs flour.",
+                 "Unrelated words entirely, nothing shared."]
+    pairs = pairs_for(prompt, responses, FakeAfinn())
+    assert pairs["positive"] == {"prompt": prompt, "chosen": responses[0],
+                                 "rejected": responses[1]}
+    assert pairs["concise"] == {"prompt": prompt, "chosen": responses[2],
+                                "rejected": responses[1]}
+    assert not on_topic(prompt, responses[3])
