@@ -103,3 +103,14 @@ def hf_llama(tmp_path_factory, smollm2):
 
     d = tmp_path_factory.mktemp("train-hf")
     return write_tiny_hf_model(d / "llama", "llama", write_smollm2_tokenizer(smollm2, d / "tok"))
+
+
+def test_full_fine_tuning_writes_a_full_gguf_model(tmp_path, hf_llama):
+    res = CliRunner().invoke(main, ["train", "--base", hf_llama, "--data",
+                                    prefs(tmp_path / "p.jsonl"), "--out", tmp_path / "run",
+                                    "--full", "--lr", "1e-4", "--eval-fraction", "0"])
+    assert res.exit_code == 0, res.stderr
+    from edge_genarm.gguf_file import inspect_gguf
+
+    info = inspect_gguf(tmp_path / "run" / "arm.gguf")
+    assert not info.is_adapter and "token_embd.weight" in info.shapes
