@@ -18,7 +18,7 @@ from edge_genarm.errors import ConversionError
 
 from . import tokenizer as tok
 from .checkpoint import Checkpoint
-from .gguf_out import QTYPES, PlannedTensor, publishable, storage_type, write_gguf
+from .gguf_out import QTYPES, publishable, write_gguf, write_lora_adapter
 from .lora import Adapter, BaseInfo, base_info_from_dir, base_info_from_gguf
 from .model import plan_model
 
@@ -115,23 +115,8 @@ def _adapter(source, staging, outtype, base, base_model, verify):
         raise ConversionError(f"{source}: name the base it belongs to with --base BASE.gguf or "
                               "--base DIR (its base_model_name_or_path is not a local directory)")
     info: BaseInfo = base_info_from_dir(base) if base.is_dir() else base_info_from_gguf(base)
-    pairs = adapter.gguf_pairs(info)
-    tensors = []
-    for name, (a, b) in pairs.items():
-        tensors.append(PlannedTensor(f"{name}.lora_a", a.shape,
-                                     storage_type(name, a.shape, outtype), lambda a=a: a))
-        tensors.append(PlannedTensor(f"{name}.lora_b", b.shape,
-                                     storage_type(name, b.shape, outtype), lambda b=b: b))
-
-    def metadata(w):
-        import gguf
-
-        w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.gguf_alpha())
-        w.add_name(source.name)
-
-    write_gguf(staging, info.arch.name, metadata, tensors, _progress(), staged=True)
+    write_lora_adapter(staging, info.arch.name, adapter.gguf_alpha(), adapter.gguf_pairs(info),
+                       outtype, source.name, _progress(), staged=True)
     if not verify:
         return None
     torch_dir = base_model or (base if base.is_dir() else None)

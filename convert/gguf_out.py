@@ -109,25 +109,25 @@ def write_gguf(path: str | Path, architecture: str,
 
 def write_lora_adapter(path: str | Path, architecture: str, alpha: float,
                        pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                       extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
-                       progress=None) -> Path:
-    """pairs: base GGUF tensor name -> (A of shape (r, in), B of shape (out, r)), in F32.
+                       outtype: str = "f32", name: str | None = None, progress=None,
+                       staged: bool = False) -> Path:
+    """pairs: base GGUF tensor name -> (A of shape (r, in), B of shape (out, r)).
 
     llama.cpp adds (alpha / r) * B @ A to the base weight of shape (out, in).
     """
     tensors = []
-    for name, (a, b) in pairs.items():
+    for target, (a, b) in pairs.items():
         if a.shape[0] != b.shape[1]:
-            raise ValueError(f"{name}: the ranks of A {a.shape} and B {b.shape} differ")
-        f32 = gguf.GGMLQuantizationType.F32
-        tensors.append(PlannedTensor(f"{name}.lora_a", tuple(a.shape), f32, lambda a=a: a))
-        tensors.append(PlannedTensor(f"{name}.lora_b", tuple(b.shape), f32, lambda b=b: b))
+            raise ValueError(f"{target}: the ranks of A {a.shape} and B {b.shape} differ")
+        for suffix, t in (("lora_a", a), ("lora_b", b)):
+            tensors.append(PlannedTensor(f"{target}.{suffix}", tuple(t.shape),
+                                         storage_type(target, t.shape, outtype), lambda t=t: t))
 
     def metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        if extra_metadata is not None:
-            extra_metadata(w)
+        if name:
+            w.add_name(name)
 
-    return write_gguf(path, architecture, metadata, tensors, progress)
+    return write_gguf(path, architecture, metadata, tensors, progress, staged=staged)
