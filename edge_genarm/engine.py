@@ -52,6 +52,7 @@ class Arm:
     alpha: float
     context: Context
     kind: str  # "model" or "lora"
+    path: Path
 
 
 @dataclass
@@ -146,15 +147,21 @@ class Engine:
                 ctx.seq_remove(seq.seq_id, n, -1)
                 seq.n_past[id(ctx)] = n
 
+    @staticmethod
+    def cached_prefix(seq: Sequence, tokens: Seq[int]) -> int:
+        """How many leading tokens `reuse_prefix` keeps: always one short of all of them."""
+        n = 0
+        limit = min(len(seq.tokens), len(tokens) - 1)
+        while n < limit and seq.tokens[n] == tokens[n]:
+            n += 1
+        return n
+
     def reuse_prefix(self, seq: Sequence, tokens: Seq[int]) -> list[int]:
         """Keep the longest common prefix of seq and tokens; return the tokens still to feed.
 
         At least one token is always left to feed, since its logits are needed next.
         """
-        n = 0
-        limit = min(len(seq.tokens), len(tokens) - 1)
-        while n < limit and seq.tokens[n] == tokens[n]:
-            n += 1
+        n = self.cached_prefix(seq, tokens)
         self.truncate(seq, n)
         return list(tokens[n:])
 
@@ -204,10 +211,11 @@ def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
     if info.is_adapter:
         info.check_adapter_fits(base_info)
         adapter = LoraAdapter(base_model, spec.path)
-        return Arm(spec.name, spec.alpha, Context(base_model, config.context, adapter), "lora")
+        return Arm(spec.name, spec.alpha, Context(base_model, config.context, adapter), "lora",
+                   spec.path)
     model = _load_model(models, spec.path, config.n_gpu_layers)
     check_vocab(base_model, model)
-    return Arm(spec.name, spec.alpha, Context(model, config.context), "model")
+    return Arm(spec.name, spec.alpha, Context(model, config.context), "model", spec.path)
 
 
 def check_vocab(base: Model, arm: Model) -> None:

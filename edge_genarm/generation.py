@@ -49,6 +49,7 @@ class Result:
     decode_seconds: float
     seed: int
     alphas: dict[str, float]
+    prefilled_tokens: int = 0  # prompt tokens decoded; the rest were already in the KV caches
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,20 +69,23 @@ class Result:
 def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
                   raw: bool = False, fallback_template: str | None = None) -> list[int]:
     """The token ids the base (and every ARM) is fed for a user prompt."""
-    model = engine.model
     if raw:
         if system:
             raise UserError("--system needs the chat template; drop --raw or drop --system")
-        return model.tokenize(prompt, add_special=True)
-    template = model.meta("tokenizer.chat_template") or fallback_template
+        return engine.model.tokenize(prompt, add_special=True)
+    template = engine.model.meta("tokenizer.chat_template") or fallback_template
     if template is None:
-        raise UserError(f"{model.path} has no chat template (tokenizer.chat_template); "
+        raise UserError(f"{engine.model.path} has no chat template (tokenizer.chat_template); "
                         "pass --raw to send the prompt as is")
-    text = render_chat(template, build_messages(prompt, system),
-                       bos_token=_special_text(engine, "bos"),
+    return encode_messages(engine, build_messages(prompt, system), template)
+
+
+def encode_messages(engine: Engine, messages: list[dict], template: str) -> list[int]:
+    """A conversation through the chat template, the assistant's turn opened, as token ids."""
+    text = render_chat(template, messages, bos_token=_special_text(engine, "bos"),
                        eos_token=_special_text(engine, "eos"))
     # As transformers does after apply_chat_template: the template already placed any BOS.
-    return model.tokenize(text, add_special=False)
+    return engine.model.tokenize(text, add_special=False)
 
 
 def _special_text(engine: Engine, name: str) -> str:
@@ -164,15 +168,21 @@ def stream_generate(engine: Engine, prompt_ids: list[int], request: Request,
         yield Chunk(stops.flush() + decoder.decode(b"", final=True), None, "context_full")
 
 
-def generate(engine: Engine, prompt_ids: list[int], request: Request,
-             on_text=None) -> Result:
-    """Run a stream to its end; `on_text(str)` sees each piece of text as it becomes final."""
+def generate(engine: Engine, prompt_ids: list[int], request: Request, on_text=None,
+             seq: Sequence | None = None, should_stop=None) -> Result:
+    """Run a stream to its end; `on_text(str)` sees each piece of text as it becomes final.
+
+    With `seq`, the prompt's prefix already in that sequence's caches is reused. When
+    `should_stop()` turns true the stream ends after the current token ("interrupted").
+    """
+    seq = seq if seq is not None else engine.new_sequence()
+    prefilled = len(prompt_ids) - engine.cached_prefix(seq, prompt_ids)
     t0 = time.perf_counter()
     t_first = t_last = t0
     texts: list[str] = []
     tokens: list[int] = []
     finish = "length"
-    for chunk in stream_generate(engine, prompt_ids, request):
+    for chunk in stream_generate(engine, prompt_ids, request, seq):
         t_last = time.perf_counter()
         if chunk.token is not None:
             if not tokens:
@@ -184,7 +194,10 @@ def generate(engine: Engine, prompt_ids: list[int], request: Request,
                 on_text(chunk.text)
         if chunk.finish_reason:
             finish = chunk.finish_reason
+        elif should_stop is not None and should_stop():
+            finish = "interrupted"
+            break
     return Result(text="".join(texts), tokens=tokens, prompt_ids=list(prompt_ids),
                   finish_reason=finish, prefill_seconds=(t_first - t0) if tokens else 0.0,
                   decode_seconds=t_last - t_first, seed=request.seed,
-                  alphas={a.name: a.alpha for a in engine.arms})
+                  alphas={a.name: a.alpha for a in engine.arms}, prefilled_tokens=prefilled)

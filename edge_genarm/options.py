@@ -101,17 +101,17 @@ def parse_arm(text: str, registry: Registry) -> ArmSpec:
     return ArmSpec(registry.resolve(ref), alpha, name)
 
 
-def apply_alphas(arms: list[ArmSpec], overrides) -> None:
-    """--alpha NAME=VALUE on the ARMs by name."""
+def apply_alphas(arms, overrides, flag: str = "--alpha") -> None:
+    """NAME=VALUE settings on ARMs (anything with .name and .alpha) by name."""
     for text in overrides:
         name, sep, value = text.partition("=")
         if not sep:
-            raise UserError(f"--alpha {text}: write NAME=VALUE, for example positive=0.5")
-        matches = [a for a in arms if a.name == name]
+            raise UserError(f"{flag} {text}: write NAME=VALUE, for example positive=0.5")
+        matches = [a for a in arms if a.name == name.strip()]
         if not matches:
             known = ", ".join(a.name for a in arms) or "none"
-            raise UserError(f"--alpha {text}: no ARM named {name!r}; the ARMs are {known}")
-        matches[0].alpha = _number(value, f"--alpha {text}", "NAME=VALUE, for example "
+            raise UserError(f"{flag} {text}: no ARM named {name!r}; the ARMs are {known}")
+        matches[0].alpha = _number(value.strip(), f"{flag} {text}", "NAME=VALUE, for example "
                                    "positive=0.5")
 
 

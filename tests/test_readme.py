@@ -23,7 +23,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == test_command
 
 
-@pytest.mark.parametrize("command, at_least", [("generate", 15), ("convert", 8), ("train", 20)])
+@pytest.mark.parametrize("command, at_least", [("generate", 15), ("chat", 15), ("convert", 8),
+                                                ("train", 20)])
 def test_every_option_is_in_the_readme(command, at_least):
     help_text = CliRunner().invoke(main, [command, "--help"]).stdout
     options = set(re.findall(r"^\s+(?:-\w+, )?(--[a-z-]+)", help_text, re.M)) - {"--help"}
@@ -39,6 +40,7 @@ def test_torch_stays_out_of_generation():
 
     code = ("import sys; from click.testing import CliRunner; from edge_genarm.cli import main; "
             "CliRunner().invoke(main, ['generate', '--greedy', '-n', '1', 'hi']); "
+            "CliRunner().invoke(main, ['chat', '--greedy', '-n', '1'], input='hi\\n/alpha\\n'); "
             "CliRunner().invoke(main, ['convert', '--help']); "
             "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -1,0 +1,192 @@
+"""`edge-genarm chat`: the session on the real demo preset, the script mode through click's runner,
+and the real program in a pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm.chat import ChatSession, Resend
+from edge_genarm.cli import main
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.errors import UserError
+from edge_genarm.llama import ContextSettings
+from edge_genarm.options import GenerationOptions
+from edge_genarm.sampling import SamplingSettings
+from hf_models import write_smollm2_tokenizer
+
+DEMO = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo"
+
+
+def session(smollm2, n_ctx=1024, max_tokens=24, concise=0.0, system=None) -> ChatSession:
+    arms = [ArmSpec(DEMO / "positive.gguf", 1.0, "positive"),
+            ArmSpec(DEMO / "concise.gguf", concise, "concise")]
+    opts = GenerationOptions(base=smollm2, arms=arms, sampling=SamplingSettings(greedy=True),
+                             max_tokens=max_tokens, seed=7, system=system,
+                             context=ContextSettings(n_ctx=n_ctx))
+    engine = Engine.load(EngineConfig(smollm2, arms, opts.context))
+    return ChatSession(engine, opts)
+
+
+@pytest.fixture
+def chat(smollm2):
+    s = session(smollm2)
+    yield s
+    s.engine.close()
+
+
+def test_a_second_turn_decodes_only_its_new_tokens(chat):
+    first = chat.reply("Tell me about a rainy afternoon.")
+    r1 = chat.last
+    assert first.reply and r1.prefilled_tokens == len(r1.prompt_ids)
+    chat.reply("And a sunny one?")
+    r2 = chat.last
+    assert r2.prompt_ids[:len(r1.prompt_ids)] == r1.prompt_ids
+    # The first reply's tokens are in the caches; only the closing of that turn and the new
+    # message are decoded (a few tokens may re-tokenize differently at the seam).
+    assert r2.prefilled_tokens < len(r2.prompt_ids) - len(r1.prompt_ids) - len(r1.tokens) + 4
+    for ctx in [chat.engine.base] + [a.context for a in chat.engine.active_arms()]:
+        assert chat.seq.behind(ctx) == len(chat.seq.tokens)
+
+
+def test_rendered_conversation_matches_hugging_face(chat, smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    chat.system = "You are brief."
+    chat.reply("Tell me about a rainy afternoon.")
+    chat.reply("Now about snow, with \"quotes\" and é.")
+    hf = AutoTokenizer.from_pretrained(write_smollm2_tokenizer(smollm2, tmp_path / "tok"))
+    messages = chat.messages(chat.turns) + [{"role": "user", "content": "Third?"}]
+    assert messages[0] == {"role": "system", "content": "You are brief."}
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * 2 + ["user"]
+    from edge_genarm.generation import encode_messages
+    from edge_genarm.templates import render_chat
+    text = render_chat(chat.template, messages)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert encode_messages(chat.engine, messages, chat.template) == hf(text)["input_ids"]
+
+
+def test_alpha_switched_on_catches_up_and_changes_the_reply(chat):
+    chat.reply("Tell me about a rainy afternoon.")
+    concise = chat.engine.arms[1].context
+    assert chat.seq.behind(concise) == 0  # alpha 0: never stepped
+    plain = chat.command("/retry")
+    assert isinstance(plain, Resend)
+    before = chat.reply(plain.text).reply
+    assert chat.command("/alpha concise=3 positive=0") == "positive = 0  (off)\nconcise = 3"
+    after = chat.reply(chat.command("/retry").text)
+    assert chat.seq.behind(concise) == len(chat.seq.tokens)
+    assert after.reply != before
+    assert after.settings["alphas"] == {"positive": 0.0, "concise": 3.0}
+
+
+def test_old_turns_leave_the_prompt_when_the_context_is_full(smollm2):
+    s = session(smollm2, n_ctx=256, max_tokens=40, system="Answer kindly.")
+    notes = []
+    long = "Please tell me, in detail, everything about keeping houseplants alive in winter. "
+    try:
+        for _ in range(4):
+            s.reply(long * 2, notify=notes.append)
+        assert s.first > 0 and len(s.turns) == 4
+        assert any("left the prompt" in n for n in notes)
+        live = s.messages(s.turns[s.first:])
+        assert live[0] == {"role": "system", "content": "Answer kindly."}
+        assert len(s.transcript()["messages"]) == 1 + 2 * 4  # the transcript keeps every turn
+        with pytest.raises(UserError, match="context holds 256"):
+            s.reply(long * 20)
+        assert len(s.turns) == 4  # the refused message left nothing behind
+    finally:
+        s.engine.close()
+
+
+def test_commands_answer_bad_input_with_one_line(chat, tmp_path):
+    for line, message in [("/temp hot", "/temp hot: write a number"),
+                          ("/alpha nobody=1", "no ARM named 'nobody'"),
+                          ("/alpha positive", "write NAME=VALUE"),
+                          ("/retry", "nothing to retry yet"),
+                          ("/save", "needs a file name"),
+                          (f"/save {tmp_path}/missing/dir/t.json", "cannot write"),
+                          ("/frobnicate", "unknown command /frobnicate")]:
+        with pytest.raises(UserError, match=message):
+            chat.command(line)
+    assert list(tmp_path.iterdir()) == []
+    assert chat.command("/temp 0.5") == "temperature 0.5"
+    assert chat.command("/system Be kind.") == "system prompt: Be kind."
+    assert chat.command("/system -") == "no system prompt"
+    assert chat.command("/stats") == "no reply yet"
+    assert "/alpha [NAME=VALUE]" in chat.command("/help")
+
+
+def test_script_mode_replies_equal_generate(smollm2):
+    args = ["--preset", "demo", "--greedy", "-n", "20"]
+    gen = CliRunner().invoke(main, ["generate", *args, "Tell me about a rainy afternoon."])
+    assert gen.exit_code == 0, gen.stderr
+    res = CliRunner().invoke(main, ["chat", *args], input="Tell me about a rainy afternoon.\n"
+                             "/alpha positive=0\n\nWhat about a snowy one?\n")
+    assert res.exit_code == 0, res.stderr
+    first, second = res.stdout.split("\n")[:2]
+    assert first + "\n" == gen.stdout
+    assert second and res.stdout == f"{first}\n{second}\n"
+    assert res.stderr == "positive = 0  (off)\nconcise = 0  (off)\n"
+
+
+def test_script_mode_bad_line_is_reported_and_the_rest_runs(smollm2):
+    res = CliRunner().invoke(main, ["chat", "--preset", "demo", "--greedy", "-n", "8"],
+                             input="/temp x\nHello!\n")
+    assert res.exit_code == 1
+    assert res.stdout.count("\n") == 1 and res.stdout.strip()
+    assert res.stderr.splitlines() == ["Error: /temp x: write a number >= 0, for example /temp 0.7",
+                                       "Error: some lines of the input failed (see above)"]
+
+
+def spawn_chat(tmp_path, *args) -> pexpect.spawn:
+    env = dict(os.environ, HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
+    child = pexpect.spawn(sys.executable, ["-m", "edge_genarm", "chat", "--preset", "demo",
+                                           "--greedy", *args], env=env, encoding="utf-8",
+                          timeout=120, dimensions=(40, 200))
+    child.expect_exact("Ctrl-D leaves.")
+    child.expect_exact("> ")
+    return child
+
+
+def ask(child: pexpect.spawn, text: str) -> str:
+    child.sendline(text)
+    child.expect_exact("> ")
+    return child.before.split("\n", 1)[1].strip()  # drop the echoed input line
+
+
+def test_terminal_conversation_alpha_interrupt_save(tmp_path):
+    child = spawn_chat(tmp_path, "-n", "200")
+    try:
+        first = ask(child, "Tell me about a rainy afternoon.")
+        second = ask(child, "What should I wear?")
+        assert first and second and first != second
+        assert ask(child, "/alpha positive=0") == "positive = 0  (off)\r\nconcise = 0  (off)"
+        retried = ask(child, "/retry")
+        assert retried and retried != second
+        child.sendline("Write a very long story about a dragon and a knight.")
+        child.expect(r"\w+ \w+ \w+ \w+")  # the reply is streaming
+        child.sendintr()
+        child.expect_exact("[reply stopped; the conversation goes on]")
+        child.expect_exact("> ")
+        assert ask(child, "Thanks. One more word?")
+        path = tmp_path / "t.json"
+        assert ask(child, f"/save {path}") == f"saved 4 turns to {path}"
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    data = json.loads(path.read_text())
+    replies = [m for m in data["messages"] if m["role"] == "assistant"]
+    assert [r["settings"]["finish_reason"] for r in replies][2] == "interrupted"
+    assert replies[1]["settings"]["alphas"] == {"positive": 0.0, "concise": 0.0}
+    assert replies[0]["content"] == first.replace("\r\n", "\n")
+    history = (tmp_path / "state" / "edge-genarm" / "chat_history").read_text()
+    assert "What should I wear?" in history
