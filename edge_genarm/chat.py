@@ -29,7 +29,7 @@ import click
 
 from . import llama
 from .engine import Engine
-from .errors import UserError
+from .errors import UserError, plural
 from .generation import Result, encode_messages, generate
 from .options import GenerationOptions, apply_alphas, generation_options
 
@@ -94,7 +94,7 @@ class ChatSession:
             dropped += 1
         if dropped:
             notify(f"the conversation no longer fits the context of {n_ctx} tokens: the "
-                           f"oldest {_plural(dropped, 'turn')} left the prompt (the system "
+                           f"oldest {plural(dropped, 'turn')} left the prompt (the system "
                            "prompt stays; raise --ctx-size to keep more)")
         if len(ids) >= n_ctx:
             raise UserError(f"this message makes a prompt of {len(ids)} tokens but the context "
@@ -190,7 +190,7 @@ class ChatSession:
             raise UserError("/save needs a file name, for example /save chat.json")
         path = Path(arg).expanduser()
         write_atomic(path, json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n")
-        return f"saved {len(self.turns)} {_plural(len(self.turns), 'turn')[2:]} to {path}"
+        return f"saved {len(self.turns)} {plural(len(self.turns), 'turn')[2:]} to {path}"
 
     def cmd_stats(self, arg: str) -> str:
         r = self.last
@@ -251,10 +251,6 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 # -- the terminal ---------------------------------------------------------------------------------

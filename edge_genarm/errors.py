@@ -23,3 +23,8 @@ class ContextFullError(UserError):
 
 class ConversionError(UserError):
     """A checkpoint or adapter that cannot be converted as asked."""
+
+
+def plural(n: int, word: str) -> str:
+    """'1 turn', '2 turns': for the counts in messages."""
+    return f"{n} {word}" + ("" if n == 1 else "s")

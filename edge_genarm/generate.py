@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from . import llama
+from .batch import run_job
 from .engine import Engine
 from .generation import Result, encode_prompt, generate as run_generation
 from .options import GenerationOptions, generation_options
@@ -23,14 +25,38 @@ from .options import GenerationOptions, generation_options
               "one (same seed).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on one line and "
               "nothing else on stdout.")
-@click.argument("prompt")
-def generate(prompt: str, compare: bool, as_json: bool, **kwargs) -> None:
-    """Generate an answer to PROMPT (- reads it from stdin), guided by the --arm models."""
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+              metavar="PROMPTS", help="Batch mode: a JSONL file ({\"prompt\"} or "
+              "{\"messages\"}, optional \"id\") or a text file of one prompt per line.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, metavar="OUT.jsonl",
+              help="Batch mode: where each finished record is appended (never overwritten).")
+@click.option("--n-parallel", "-np", type=int, default=4, show_default=True,
+              envvar="EDGE_GENARM_N_PARALLEL", help="Batch mode: sequences decoded together "
+              "[env EDGE_GENARM_N_PARALLEL].")
+@click.option("--resume", is_flag=True, help="Batch mode: continue an --output, skipping the "
+              "ids it holds.")
+@click.argument("prompt", required=False)
+def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path | None,
+             output: Path | None, n_parallel: int, resume: bool, **kwargs) -> None:
+    """Generate an answer to PROMPT (- reads it from stdin), guided by the --arm models; or, with
+    --input and --output, answer a whole file of prompts."""
+    batch = input_path is not None or output is not None
+    if batch and (input_path is None or output is None):
+        raise click.UsageError("batch mode needs both --input and --output")
+    if batch and (prompt is not None or compare or as_json):
+        raise click.UsageError("--input takes the prompts from a file: drop PROMPT, --compare "
+                               "and --json")
+    if not batch and prompt is None:
+        raise click.UsageError("give a PROMPT (- reads stdin), or --input and --output")
+    if not batch and resume:
+        raise click.UsageError("--resume continues a batch run: add --input and --output")
     opts = GenerationOptions.from_kwargs(kwargs)
+    llama.set_verbose(opts.verbose)
+    if batch:
+        return run_job(opts, input_path, output, n_parallel, resume)
     if prompt == "-":
         prompt = sys.stdin.read()
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
-    llama.set_verbose(opts.verbose)
     with Engine.load(opts.engine_config()) as engine:
         prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw, opts.chat_template)
         if compare:

@@ -132,40 +132,54 @@ class StopMatcher:
         return out
 
 
+class TextStream:
+    """One sequence's tokens to final text: UTF-8 across tokens, stop strings held back and cut,
+    and the finish rules (end of generation, stop string, max tokens)."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.model, self.max_tokens = engine.model, request.max_tokens
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(request.stop)
+        self.n = 0
+
+    def push(self, token: int) -> tuple[str, str | None]:
+        """(text now final, finish reason or None) after one more token."""
+        self.n += 1
+        if self.model.is_eog(token):
+            return self.close(), "stop"
+        text, stopped = self.stops.feed(self.decoder.decode(self.model.token_bytes(token)))
+        if stopped:
+            return text, "stop_string"
+        if self.n >= self.max_tokens:
+            return text + self.stops.feed(self.decoder.decode(b"", final=True))[0] + \
+                self.stops.flush(), "length"
+        return text, None
+
+    def close(self) -> str:
+        """What is still held back, when the sequence ends early."""
+        return self.stops.flush() + self.decoder.decode(b"", final=True)
+
+
 def stream_generate(engine: Engine, prompt_ids: list[int], request: Request,
                     seq: Sequence | None = None) -> Iterator[Chunk]:
-    """Yield text as it becomes final; the last chunk carries the finish reason.
-
-    After the stream ends, `stream.timings` is not available; use `generate` for a `Result`.
-    """
+    """Yield text as it becomes final; the last chunk carries the finish reason."""
     if len(prompt_ids) >= engine.n_ctx:
         raise UserError(f"the prompt is {len(prompt_ids)} tokens but the context holds "
                         f"{engine.n_ctx}; shorten the prompt or raise --ctx-size")
     if request.max_tokens <= 0:
         return
     seq = seq if seq is not None else engine.new_sequence()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = StopMatcher(request.stop)
+    text = TextStream(engine, request)
     rng = np.random.default_rng(request.seed)
     steps = generate_step(engine, seq, prompt_ids, make_sampler(request.sampling), rng)
-    n = 0
     try:
         for token, _ in steps:
-            n += 1
-            if engine.model.is_eog(token):
-                yield Chunk(stops.flush() + decoder.decode(b"", final=True), token, "stop")
+            piece, finish = text.push(token)
+            yield Chunk(piece, token, finish)
+            if finish:
                 return
-            text, stopped = stops.feed(decoder.decode(engine.model.token_bytes(token)))
-            if stopped:
-                yield Chunk(text, token, "stop_string")
-                return
-            if n >= request.max_tokens:
-                yield Chunk(text + stops.feed(decoder.decode(b"", final=True))[0] + stops.flush(),
-                            token, "length")
-                return
-            yield Chunk(text, token, None)
     except ContextFullError:
-        yield Chunk(stops.flush() + decoder.decode(b"", final=True), None, "context_full")
+        yield Chunk(text.close(), None, "context_full")
 
 
 def generate(engine: Engine, prompt_ids: list[int], request: Request, on_text=None,

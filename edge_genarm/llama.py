@@ -217,7 +217,7 @@ class LoraAdapter:
 
 @dataclass(frozen=True)
 class ContextSettings:
-    n_ctx: int = 2048
+    n_ctx: int = 2048           # tokens per sequence
     n_threads: int = 0          # 0: default_threads()
     n_seq_max: int = 1
     n_batch: int = 512
@@ -232,7 +232,9 @@ class Context:
         self.model = model
         self.settings = settings
         params = C.llama_context_default_params()
-        params.n_ctx = settings.n_ctx
+        # n_ctx is per sequence: the unified KV cache holds n_seq_max full windows, so that
+        # sequences decoded together never run each other out of room
+        params.n_ctx = settings.n_ctx * settings.n_seq_max
         params.n_batch = min(settings.n_batch, settings.n_ctx)
         params.n_ubatch = params.n_batch
         params.n_seq_max = settings.n_seq_max
@@ -244,7 +246,7 @@ class Context:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        params.kv_unified = True  # every sequence may use the whole window
+        params.kv_unified = True
         if settings.exact:
             params.type_k = C.GGML_TYPE_F32
             params.type_v = C.GGML_TYPE_F32
@@ -364,11 +366,14 @@ class _Batch:
 # quantization with llama.cpp's own quantizer
 
 QUANT_TYPES = {name[len("LLAMA_FTYPE_MOSTLY_"):]: value for name, value in vars(C).items()
-               if name.startswith("LLAMA_FTYPE_MOSTLY_")}
+               if name.startswith("LLAMA_FTYPE_MOSTLY_")} | {"F32": C.LLAMA_FTYPE_ALL_F32}
 
 
-def quantize_model(src: str | Path, dst: str | Path, type_name: str, n_threads: int = 0) -> None:
-    """Write `dst`, the GGUF model `src` quantized to `type_name` (Q4_K_M, Q8_0, ...)."""
+def quantize_model(src: str | Path, dst: str | Path, type_name: str, n_threads: int = 0,
+                   requantize: bool = False) -> None:
+    """Write `dst`, the GGUF model `src` quantized to `type_name` (Q4_K_M, Q8_0, ...).
+
+    `requantize` lets an already quantized `src` through (dequantized first: lossy)."""
     ftype = QUANT_TYPES.get(type_name.upper())
     if ftype is None:
         raise UserError(f"unknown quantization type {type_name}; choose one of "
@@ -376,5 +381,6 @@ def quantize_model(src: str | Path, dst: str | Path, type_name: str, n_threads: 
     params = C.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads or default_threads()
+    params.allow_requantize = requantize
     if C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise UserError(f"llama.cpp could not quantize {src} to {type_name}: {last_log_error()}")

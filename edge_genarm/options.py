@@ -129,6 +129,7 @@ class GenerationOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     chat_template: str | None = None  # the preset's, for a base GGUF that has none
+    seed_given: bool = False          # --seed was passed (not a fresh random one)
 
     @classmethod
     def from_kwargs(cls, kw: dict) -> "GenerationOptions":
@@ -167,6 +168,7 @@ class GenerationOptions:
             verbose=kw.pop("verbose"),
             chat_template=preset.chat_template if preset else None,
         )
+        opts.seed_given = opts.seed is not None
         if opts.seed is None:
             opts.seed = secrets.randbelow(2**31)
         if opts.max_tokens < 0:
