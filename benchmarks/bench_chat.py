@@ -29,7 +29,8 @@ from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
-MESSAGES = ["Hi! I want to start a small garden on my balcony.", "Which vegetables grow well in pots?",
+MESSAGES = ["Hi! I want to start a small garden on my balcony.",
+            "Which vegetables grow well in pots?",
             "How often should I water tomatoes?", "What about herbs like basil?",
             "Is morning or evening watering better?", "How do I keep pests away without sprays?",
             "Can I grow strawberries too?", "What soil should I buy?",

@@ -32,7 +32,7 @@ import numpy as np
 
 from .engine import Engine, Sequence
 from .errors import UserError, plural
-from .generation import Request, TextStream, encode_messages, encode_prompt
+from .generation import Request, TextStream, chat_template, encode_messages, encode_prompt
 from .options import GenerationOptions
 from .sampling import make_sampler
 
@@ -104,7 +104,7 @@ def _parse_jsonl(text: str, number: int) -> Item | Malformed:
 def encode_item(engine: Engine, item: Item, opts: GenerationOptions) -> list[int]:
     if item.prompt is not None:
         return encode_prompt(engine, item.prompt, opts.system, opts.raw, opts.chat_template)
-    template = engine.model.meta("tokenizer.chat_template") or opts.chat_template
+    template = chat_template(engine, opts.chat_template)
     if opts.raw or template is None:
         raise UserError('"messages" need the chat template; give "prompt" instead')
     return encode_messages(engine, item.messages, template)

@@ -30,7 +30,7 @@ import click
 from . import llama
 from .engine import Engine
 from .errors import UserError, plural
-from .generation import Result, encode_messages, generate
+from .generation import Result, chat_template, encode_messages, generate
 from .options import GenerationOptions, apply_alphas, generation_options
 
 Message = dict[str, str]
@@ -57,7 +57,7 @@ class ChatSession:
     def __init__(self, engine: Engine, opts: GenerationOptions):
         if opts.raw:
             raise UserError("chat needs the model's chat template; --raw is for generate")
-        self.template = engine.model.meta("tokenizer.chat_template") or opts.chat_template
+        self.template = chat_template(engine, opts.chat_template)
         if self.template is None:
             raise UserError(f"{engine.model.path} has no chat template "
                             "(tokenizer.chat_template); chat needs one")
@@ -94,8 +94,8 @@ class ChatSession:
             dropped += 1
         if dropped:
             notify(f"the conversation no longer fits the context of {n_ctx} tokens: the "
-                           f"oldest {plural(dropped, 'turn')} left the prompt (the system "
-                           "prompt stays; raise --ctx-size to keep more)")
+                   f"oldest {plural(dropped, 'turn')} left the prompt (the system prompt stays; "
+                   "raise --ctx-size to keep more)")
         if len(ids) >= n_ctx:
             raise UserError(f"this message makes a prompt of {len(ids)} tokens but the context "
                             f"holds {n_ctx}; shorten it or raise --ctx-size")
@@ -120,7 +120,7 @@ class ChatSession:
                           should_stop=should_stop)
         if result.finish_reason == "context_full":
             notify(f"the context of {self.engine.n_ctx} tokens is full, the reply stops "
-                           "here; the next turn drops the oldest turns")
+                   "here; the next turn drops the oldest turns")
         turn = self.turns[-1]
         turn.reply, turn.settings, self.last = result.text, self._settings(result), result
         return turn

@@ -40,7 +40,8 @@ def run_command(command: click.Command, args=None, prog_name=None, complete_var=
 class _Group(click.Group):
     """Commands are imported when used, so that `convert` (torch) costs nothing to chat."""
 
-    lazy = {"generate": "edge_genarm.generate:generate", "chat": "edge_genarm.chat:chat", "convert": "convert.cli:convert",
+    lazy = {"generate": "edge_genarm.generate:generate", "chat": "edge_genarm.chat:chat",
+            "convert": "convert.cli:convert",
             "models": "edge_genarm.models:models", "train": "edge_genarm.train.cli:train"}
 
     def list_commands(self, ctx):

@@ -73,11 +73,16 @@ def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
         if system:
             raise UserError("--system needs the chat template; drop --raw or drop --system")
         return engine.model.tokenize(prompt, add_special=True)
-    template = engine.model.meta("tokenizer.chat_template") or fallback_template
+    template = chat_template(engine, fallback_template)
     if template is None:
         raise UserError(f"{engine.model.path} has no chat template (tokenizer.chat_template); "
                         "pass --raw to send the prompt as is")
     return encode_messages(engine, build_messages(prompt, system), template)
+
+
+def chat_template(engine: Engine, fallback: str | None = None) -> str | None:
+    """The base's own chat template, else the fallback (a preset's), else None."""
+    return engine.model.meta("tokenizer.chat_template") or fallback
 
 
 def encode_messages(engine: Engine, messages: list[dict], template: str) -> list[int]:

@@ -57,7 +57,9 @@ def last_log_error() -> str:
 
 def default_threads() -> int:
     """Threads per context: every core, since contexts are stepped one after another."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------

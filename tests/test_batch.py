@@ -78,7 +78,8 @@ def test_greedy_batch_of_four_equals_one_at_a_time_up_to_kernel_near_ties(tmp_pa
 
 
 def test_sigkill_then_resume_gives_every_prompt_once_and_the_same_texts(tmp_path):
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
+    inp = write_jsonl(tmp_path / "in.jsonl",
+                      [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
     # K = 1: each step decodes one row, so the texts cannot depend on which prompts share a batch
     args = ["--preset", "demo", "--seed", "3", "-n", "48", "--n-parallel", "1", "--input",
             str(inp)]
