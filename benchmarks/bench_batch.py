@@ -1,0 +1,114 @@
+"""Batch generation throughput: generated tokens/s against K, by weight type, and how often a
+batched greedy text differs from the one-at-a-time text.
+
+1. Curve: the demo preset (SmolLM2-135M-Instruct Q4_1 + the `positive` LoRA ARM; `concise` at
+   alpha 0 is not stepped), the 40 held-out prompts, sampling with a fixed seed, `--max-tokens`
+   each; generated tokens / wall time for K = 1, 2, 4, 8, 16 (runs in the order 1..16 then 16..1,
+   the median of the two, since this VM drifts).
+2. Weight types: the same base requantized (F16, Q8_0, Q4_0, Q4_1 as shipped, Q4_K_M) with the
+   same LoRA ARM; tokens/s at K = 1 and K = 8 and their ratio.
+3. Invariance: greedy texts of the 40 prompts at K = 4 against K = 1, with and without --exact.
+
+    python benchmarks/bench_batch.py [--max-tokens 64] [--skip-types]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_genarm.batch import Item, run_batch  # noqa: E402
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
+from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
+from edge_genarm.options import GenerationOptions  # noqa: E402
+from edge_genarm.registry import Registry  # noqa: E402
+from edge_genarm.sampling import SamplingSettings  # noqa: E402
+
+PROMPTS = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
+
+
+def run(base: Path, arm: ArmSpec, k: int, max_tokens: int, greedy: bool = False,
+        exact: bool = False) -> tuple[float, dict]:
+    """(generated tokens per second, id -> tokens) for the held-out prompts at K = k."""
+    context = ContextSettings(n_ctx=512, n_seq_max=k, exact=exact)
+    opts = GenerationOptions(base=base, arms=[arm], sampling=SamplingSettings(greedy=greedy),
+                             max_tokens=max_tokens, seed=0, context=context)
+    items = [Item(i, i, prompt=p) for i, p in enumerate(PROMPTS)]
+    out: dict = {}
+    with Engine.load(EngineConfig(base, [arm], context)) as engine:
+        t0 = time.perf_counter()
+        run_batch(engine, items, opts, 0, k, lambda r: out.__setitem__(r["id"], r["tokens"]))
+        seconds = time.perf_counter() - t0
+    return sum(map(len, out.values())) / seconds, out
+
+
+def curve(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+    ks = [1, 2, 4, 8, 16]
+    rates: dict[int, list[float]] = {k: [] for k in ks}
+    for k in ks + ks[::-1]:
+        rates[k].append(run(base, arm, k, max_tokens)[0])
+    one = statistics.median(rates[1])
+    print("| K | generated tokens/s | x K = 1 |")
+    print("|---|---|---|")
+    for k in ks:
+        r = statistics.median(rates[k])
+        print(f"| {k} | {r:.1f} | {r / one:.2f} |")
+
+
+def weight_types(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+    print("| base weights | file MiB | K = 1 tok/s | K = 8 tok/s | K = 8 / K = 1 |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ["F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]:
+            path = base if name == "Q4_1" else Path(tmp) / f"{name}.gguf"
+            if name != "Q4_1":
+                quantize_model(base, path, name, requantize=True)
+            one = run(path, arm, 1, max_tokens)[0]
+            eight = run(path, arm, 8, max_tokens)[0]
+            size = path.stat().st_size / 2**20
+            print(f"| {name} | {size:.0f} | {one:.1f} | {eight:.1f} | {eight / one:.2f} |",
+                  flush=True)
+            if path != base:
+                path.unlink()
+
+
+def invariance(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+    print("| mode | greedy texts equal at K = 4 and K = 1 | first difference at token (median) |")
+    print("|---|---|---|")
+    for exact in (False, True):
+        one = run(base, arm, 1, max_tokens, greedy=True, exact=exact)[1]
+        four = run(base, arm, 4, max_tokens, greedy=True, exact=exact)[1]
+        firsts = [next(i for i, (a, b) in enumerate(zip(one[k], four[k])) if a != b)
+                  for k in one if one[k] != four[k]]
+        where = f"{statistics.median(firsts):.0f}" if firsts else "-"
+        print(f"| {'--exact' if exact else 'default'} | {len(one) - len(firsts)} of {len(one)} "
+              f"| {where} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--skip-types", action="store_true")
+    args = ap.parse_args()
+    reg = Registry.load()
+    preset = reg.preset("demo")
+    base = reg.resolve(preset.base)
+    positive = next(a for a in preset.arms if a.name == "positive")
+    arm = ArmSpec(reg.resolve(positive.model), positive.alpha, positive.name)
+    print(f"demo preset: {base.name} + LoRA ARM {arm.name} (alpha {arm.alpha:g}); "
+          f"{len(PROMPTS)} held-out prompts, at most {args.max_tokens} tokens each")
+    curve(base, arm, args.max_tokens)
+    if not args.skip_types:
+        weight_types(base, arm, args.max_tokens)
+    invariance(base, arm, args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
