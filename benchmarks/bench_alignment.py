@@ -7,7 +7,9 @@ mean log-prob per token of the answers (a coherence check: guidance that broke t
 would send it down). Settings: positive in 0, 0.5, 1, 2 (concise 0), concise in 0, 0.5, 1, 2
 (positive 0), and the 3 x 3 grid {0, 1, 2} x {0, 1, 2}, drawn as docs/tradeoff.png.
 
-    python benchmarks/bench_alignment.py [--prompts 30] [--max-tokens 64]
+    python benchmarks/bench_alignment.py [--prompts 30] [--max-tokens 64] [--n-parallel 8]
+
+Answers are generated K = --n-parallel at a time (batch generation, a seed per prompt).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from edge_genarm import guidance  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import Request, encode_prompt, generate  # noqa: E402
+from edge_genarm.batch import Item, run_batch  # noqa: E402
+from edge_genarm.generation import encode_prompt  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
+from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
@@ -35,18 +39,28 @@ def settings() -> list[tuple[float, float]]:
     return sorted(set(grid + [(0.5, 0.0), (0.0, 0.5)]))
 
 
-def base_logprob(engine: Engine, prompt_ids: list[int], tokens: list[int]) -> float:
-    """Mean log-prob per token of `tokens` under the base model alone."""
-    if not tokens:
-        return float("nan")
+def base_logprobs(engine: Engine, prompts: list[list[int]], answers: list[list[int]],
+                  k: int) -> list[float]:
+    """Mean log-prob per token of each answer under the base model alone, k sequences at once."""
+    out = []
     with engine.alphas_zeroed():
-        seq = engine.new_sequence()
-        total = 0.0
-        scores = engine.advance([seq], [prompt_ids])
-        for tok in tokens:
-            total += float(guidance.log_softmax(scores)[tok])
-            scores = engine.advance([seq], [[tok]])
-    return total / len(tokens)
+        for first in range(0, len(prompts), k):
+            chunk = list(range(first, min(first + k, len(prompts))))
+            seqs = {i: engine.new_sequence(j) for j, i in enumerate(chunk)}
+            totals = {i: 0.0 for i in chunk}
+            rows = engine.advance([seqs[i] for i in chunk], [prompts[i] for i in chunk])
+            live, t = chunk, 0
+            while True:
+                rows = rows if rows.ndim == 2 else rows[None]
+                for i, row in zip(live, rows):
+                    totals[i] += float(guidance.log_softmax(row)[answers[i][t]])
+                t += 1
+                live = [i for i in live if t < len(answers[i])]
+                if not live:
+                    break
+                rows = engine.advance([seqs[i] for i in live], [[answers[i][t - 1]] for i in live])
+            out += [totals[i] / len(answers[i]) for i in chunk]
+    return out
 
 
 def main() -> None:
@@ -55,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--n-parallel", type=int, default=8)
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "tradeoff.png")
     args = ap.parse_args()
     reg = Registry.load()
@@ -62,26 +77,31 @@ def main() -> None:
     held = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")
     held = [p for p in held if p][: args.prompts]
     arms = [ArmSpec(reg.resolve(a.model), 0.0, a.name) for a in preset.arms]
+    base = reg.resolve(preset.base)
+    context = ContextSettings(n_ctx=args.max_tokens + 128, n_seq_max=args.n_parallel)
+    opts = GenerationOptions(base=base, arms=arms, max_tokens=args.max_tokens, seed=1000,
+                             sampling=SamplingSettings(temperature=0.7, top_k=40, top_p=0.95,
+                                                       min_p=0.05), context=context)
     afinn = Afinn()
-    request = Request(SamplingSettings(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05),
-                      max_tokens=args.max_tokens)
     rows = {}
     t0 = time.time()
-    with Engine.load(EngineConfig(reg.resolve(preset.base), arms,
-                                  ContextSettings(n_ctx=512))) as engine:
+    print("| alpha positive | alpha concise | AFINN | words | base log-prob |")
+    print("|---|---|---|---|---|")
+    with Engine.load(EngineConfig(base, arms, context)) as engine:
         by_name = {a.name: a for a in engine.arms}
+        items = [Item(i, i, prompt=p) for i, p in enumerate(held)]
         encoded = [encode_prompt(engine, p) for p in held]
         for pos, con in settings():
             by_name["positive"].alpha, by_name["concise"].alpha = pos, con
-            scores, lengths, coherence = [], [], []
-            for i, ids in enumerate(encoded):
-                r = generate(engine, ids, Request(request.sampling, request.max_tokens,
-                                                  seed=1000 + i))
-                scores.append(afinn.score(r.text))
-                lengths.append(len(r.text.split()))
-                content = [t for t in r.tokens if not engine.model.is_eog(t)]
-                coherence.append(base_logprob(engine, ids, content))
-            rows[(pos, con)] = (np.mean(scores), np.mean(lengths), np.nanmean(coherence))
+            done: dict[int, dict] = {}
+            run_batch(engine, items, opts, opts.seed, args.n_parallel,
+                      lambda r: done.__setitem__(r["id"], r))
+            texts = [done[i]["text"] for i in range(len(held))]
+            answers = [[t for t in done[i]["tokens"] if not engine.model.is_eog(t)] or
+                       done[i]["tokens"] for i in range(len(held))]
+            coherence = base_logprobs(engine, encoded, answers, args.n_parallel)
+            rows[(pos, con)] = (np.mean([afinn.score(t) for t in texts]),
+                                np.mean([len(t.split()) for t in texts]), np.mean(coherence))
             print(f"| {pos:g} | {con:g} | {rows[(pos, con)][0]:.2f} | {rows[(pos, con)][1]:.1f} "
                   f"| {rows[(pos, con)][2]:.2f} |", flush=True)
     print(f"\n{len(held)} held-out prompts, {len(rows)} settings, {time.time() - t0:.0f} s")
