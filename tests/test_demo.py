@@ -48,13 +48,21 @@ class FakeAfinn:
 
 def test_pairs_pick_extremes_and_stay_on_topic():
     prompt = "Tell me about baking bread."
-    responses = ["Baking bread is good and good fun, warm loaves.",
-                 "Baking bread is bad, a bad mess every time I try it at home.",
-                 "Bread needs flour.",
-                 "Unrelated words entirely, nothing shared."]
+    responses = [("Baking bread is good and good fun, warm loaves.", True),
+                 ("Baking bread is bad, a bad mess every time I try it at home.", False),
+                 ("Bread needs flour, water and time.", True),
+                 ("Tell me more about it, what do you think?", True)]
     pairs = pairs_for(prompt, responses, FakeAfinn())
-    assert pairs["positive"] == {"prompt": prompt, "chosen": responses[0],
-                                 "rejected": responses[1]}
-    assert pairs["concise"] == {"prompt": prompt, "chosen": responses[2],
-                                "rejected": responses[1]}
-    assert not on_topic(prompt, responses[3])
+    assert pairs["positive"] == {"prompt": prompt, "chosen": responses[0][0],
+                                 "rejected": responses[1][0]}
+    assert pairs["concise"] == {"prompt": prompt, "chosen": responses[2][0],
+                                "rejected": responses[1][0]}
+    assert not on_topic(prompt, responses[3][0])  # shares only the request's words
+
+
+def test_an_answer_cut_at_the_cap_is_never_the_concise_choice():
+    prompt = "Tell me about baking bread."
+    responses = [("Bread is a loaf, baked", False),
+                 ("Bread needs flour, water and some patience, then an oven and an hour or two "
+                  "of waiting before the crust is done.", True)]
+    assert pairs_for(prompt, responses, FakeAfinn())["concise"] is None

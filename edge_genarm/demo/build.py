@@ -44,9 +44,14 @@ def prompts() -> tuple[list[str], list[str]]:
     return all_prompts[HELD_OUT:], all_prompts[:HELD_OUT]
 
 
-def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int = 72,
-                     temperature: float = 0.9, seed: int = 0) -> list[list[str]]:
-    """k sampled answers per prompt, the k sequences decoded together in one batch."""
+def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int = 200,
+                     temperature: float = 0.9, seed: int = 0, group: int = 4
+                     ) -> list[list[tuple[str, bool]]]:
+    """k sampled (answer, finished) per prompt; `group` prompts x k answers decode in one batch.
+
+    `finished` is False for an answer cut at max_tokens. Each answer has its own seeded RNG, so
+    the samples do not depend on the grouping.
+    """
     from ..engine import Engine, EngineConfig
     from ..generation import encode_prompt
     from ..llama import ContextSettings
@@ -54,43 +59,69 @@ def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int =
 
     sampler = make_sampler(SamplingSettings(temperature=temperature, top_k=0, top_p=0.95,
                                             min_p=0.0))
+    n_seq = group * k
     out = []
-    with Engine.load(EngineConfig(base, [], ContextSettings(n_ctx=512, n_seq_max=k))) as e:
-        for n, text in enumerate(texts):
-            rngs = [np.random.default_rng([seed, n, j]) for j in range(k)]
-            ids = encode_prompt(e, text)
-            seqs = [e.new_sequence(j) for j in range(k)]
-            rows = e.advance(seqs, [ids] * k)
-            tokens: list[list[int]] = [[] for _ in range(k)]
-            live = list(range(k))
+    settings = ContextSettings(n_ctx=max_tokens + 64, n_seq_max=n_seq)
+    with Engine.load(EngineConfig(base, [], settings)) as e:
+        for first in range(0, len(texts), group):
+            jobs = [(n, j) for n in range(first, min(first + group, len(texts))) for j in range(k)]
+            rngs = [np.random.default_rng([seed, n, j]) for n, j in jobs]
+            seqs = [e.new_sequence(i) for i in range(len(jobs))]
+            prompt_ids = {n: encode_prompt(e, texts[n]) for n, _ in jobs}
+            rows = e.advance(seqs, [prompt_ids[n] for n, _ in jobs])
+            rows = rows if rows.ndim == 2 else rows[None]
+            tokens: list[list[int]] = [[] for _ in jobs]
+            ended = [False] * len(jobs)
+            live = list(range(len(jobs)))
             while live:
-                nxt = {j: sampler(rows[i], rngs[j]) for i, j in enumerate(live)}
-                for j, tok in nxt.items():
-                    tokens[j].append(tok)
-                live = [j for j in live if not e.model.is_eog(nxt[j])
-                        and len(tokens[j]) < max_tokens]
+                nxt = {i: sampler(rows[r], rngs[i]) for r, i in enumerate(live)}
+                for i, tok in nxt.items():
+                    ended[i] = e.model.is_eog(tok)
+                    if not ended[i]:
+                        tokens[i].append(tok)
+                live = [i for i in live if not ended[i] and len(tokens[i]) < max_tokens]
                 if live:
-                    rows = e.advance([seqs[j] for j in live], [[nxt[j]] for j in live])
+                    rows = e.advance([seqs[i] for i in live], [[nxt[i]] for i in live])
                     rows = rows if rows.ndim == 2 else rows[None]
-            out.append([b"".join(e.model.token_bytes(t) for t in toks).decode("utf-8", "replace")
-                        .strip() for toks in tokens])
+            for n in sorted({n for n, _ in jobs}):
+                out.append([(_text(e, tokens[i]), ended[i])
+                            for i, (m, _) in enumerate(jobs) if m == n])
+            print(f"sampled {len(out)}/{len(texts)} prompts", flush=True)
     return out
 
 
+def _text(engine, tokens: list[int]) -> str:
+    return b"".join(engine.model.token_bytes(t) for t in tokens).decode("utf-8", "replace").strip()
+
+
+# The request words of FORMS say nothing about the topic; what is left of a prompt names it.
+FORM_WORDS = {w for f in FORMS for w in re.findall(r"[a-z]+", f.lower())} | {"my", "the"}
+
+
+def topic_words(prompt: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in FORM_WORDS and len(w) > 2}
+
+
 def on_topic(prompt: str, response: str) -> bool:
-    words = {w for w in re.findall(r"[a-z]+", prompt.lower()) if len(w) > 3}
-    return len(response.split()) >= 3 and bool(words & set(re.findall(r"[a-z]+", response.lower())))
+    """At least one word of the prompt's topic appears in an answer of some substance."""
+    words = re.findall(r"[a-z]+", response.lower())
+    return len(words) >= 5 and bool(topic_words(prompt) & set(words))
 
 
-def pairs_for(prompt: str, responses: list[str], afinn) -> dict[str, dict | None]:
-    scored = sorted(responses, key=afinn.score)
+def pairs_for(prompt: str, responses: list[tuple[str, bool]], afinn) -> dict[str, dict | None]:
+    """positive: highest vs lowest AFINN score; concise: the shortest finished on-topic answer vs
+    the longest on-topic one, when it is under 60 % of that length."""
+    texts = [r for r, _ in responses]
+    scored = sorted(texts, key=afinn.score)
     positive = None
     if afinn.score(scored[-1]) > afinn.score(scored[0]):
         positive = {"prompt": prompt, "chosen": scored[-1], "rejected": scored[0]}
-    fine = sorted((r for r in responses if on_topic(prompt, r)), key=len)
+    fine = sorted(((r, done) for r, done in responses if on_topic(prompt, r)),
+                  key=lambda rd: len(rd[0]))
+    finished = [r for r, done in fine if done]
     concise = None
-    if len(fine) >= 2 and len(fine[0]) < 0.7 * len(fine[-1]):
-        concise = {"prompt": prompt, "chosen": fine[0], "rejected": fine[-1]}
+    if finished and len(fine) >= 2 and len(finished[0]) < 0.6 * len(fine[-1][0]):
+        concise = {"prompt": prompt, "chosen": finished[0], "rejected": fine[-1][0]}
     return {"positive": positive, "concise": concise}
 
 
@@ -104,6 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--reuse-samples", action="store_true",
+                    help="read the answers from OUT/samples.jsonl instead of sampling again")
     args = ap.parse_args()
     base = resolve_model("@smollm2")
     train_prompts, held = prompts()
@@ -111,8 +144,12 @@ def main() -> None:
     (args.out / "prompts.txt").write_text("\n".join(train_prompts) + "\n")
     (args.out / "held_out_prompts.txt").write_text("\n".join(held) + "\n")
     t0 = time.time()
-    samples = sample_responses(base, train_prompts)
-    print(f"sampled {sum(map(len, samples))} responses in {time.time() - t0:.0f} s", flush=True)
+    if args.reuse_samples:
+        rows = [json.loads(line) for line in open(args.out / "samples.jsonl")]
+        samples = [list(zip(r["responses"], r["finished"])) for r in rows]
+    else:
+        samples = sample_responses(base, train_prompts)
+        print(f"sampled {sum(map(len, samples))} responses in {time.time() - t0:.0f} s", flush=True)
     afinn = Afinn()
     data = {"positive": [], "concise": []}
     for prompt, responses in zip(train_prompts, samples):
@@ -121,7 +158,8 @@ def main() -> None:
                 data[objective].append(pair)
     with open(args.out / "samples.jsonl", "w") as fh:
         for prompt, responses in zip(train_prompts, samples):
-            fh.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
+            fh.write(json.dumps({"prompt": prompt, "responses": [r for r, _ in responses],
+                                 "finished": [done for _, done in responses]}) + "\n")
     for objective, rows in data.items():
         path = args.out / f"{objective}_pairs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
