@@ -71,12 +71,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--n-parallel", type=int, default=8)
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "tradeoff.png")
+    ap.add_argument("--settings", help="only these (positive:concise) pairs, e.g. 0:0,0:1,0:2 "
+                    "(no plot is drawn)")
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=GGUF",
+                    help="try another ARM file for the preset's ARM NAME (a candidate build)")
     args = ap.parse_args()
+    chosen = settings()
+    if args.settings:
+        chosen = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+    swap = dict(a.split("=", 1) for a in args.arm)
     reg = Registry.load()
     preset = reg.preset("demo")
     held = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")
     held = [p for p in held if p][: args.prompts]
-    arms = [ArmSpec(reg.resolve(a.model), 0.0, a.name) for a in preset.arms]
+    arms = [ArmSpec(swap.get(a.name) or reg.resolve(a.model), 0.0, a.name) for a in preset.arms]
     base = reg.resolve(preset.base)
     context = ContextSettings(n_ctx=args.max_tokens + 128, n_seq_max=args.n_parallel)
     opts = GenerationOptions(base=base, arms=arms, max_tokens=args.max_tokens, seed=1000,
@@ -91,7 +99,7 @@ def main() -> None:
         by_name = {a.name: a for a in engine.arms}
         items = [Item(i, i, prompt=p) for i, p in enumerate(held)]
         encoded = [encode_prompt(engine, p) for p in held]
-        for pos, con in settings():
+        for pos, con in chosen:
             by_name["positive"].alpha, by_name["concise"].alpha = pos, con
             done: dict[int, dict] = {}
             run_batch(engine, items, opts, opts.seed, args.n_parallel,
@@ -105,7 +113,8 @@ def main() -> None:
             print(f"| {pos:g} | {con:g} | {rows[(pos, con)][0]:.2f} | {rows[(pos, con)][1]:.1f} "
                   f"| {rows[(pos, con)][2]:.2f} |", flush=True)
     print(f"\n{len(held)} held-out prompts, {len(rows)} settings, {time.time() - t0:.0f} s")
-    plot(rows, args.plot)
+    if not args.settings:
+        plot(rows, args.plot)
 
 
 def plot(rows, path: Path) -> None:

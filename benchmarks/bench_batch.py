@@ -1,15 +1,17 @@
 """Batch generation throughput: generated tokens/s against K, by weight type, and how often a
 batched greedy text differs from the one-at-a-time text.
 
-1. Curve: the demo preset (SmolLM2-135M-Instruct Q4_1 + the `positive` LoRA ARM; `concise` at
-   alpha 0 is not stepped), the 40 held-out prompts, sampling with a fixed seed, `--max-tokens`
+1. Curve: the demo preset (SmolLM2-135M-Instruct as Q8_0 + the `positive` LoRA ARM; `concise`
+   at alpha 0 is not stepped), the 40 held-out prompts, sampling with a fixed seed, `--max-tokens`
    each; generated tokens / wall time for K = 1, 2, 4, 8, 16 (runs in the order 1..16 then 16..1,
    the median of the two, since this VM drifts).
-2. Weight types: the same base requantized (F16, Q8_0, Q4_0, Q4_1 as shipped, Q4_K_M) with the
-   same LoRA ARM; tokens/s at K = 1 and K = 8 and their ratio.
+2. Weight types: the shipped Q4_1 file and requantizations of it (`--types`, default F16, Q8_0,
+   Q4_0, Q4_1, Q4_K_M) with the same LoRA ARM; tokens/s at K = 1 and K = 8 and their ratio.
 3. Invariance: greedy texts of the 40 prompts at K = 4 against K = 1, with and without --exact.
+4. Where the time goes (--split): at K = 1 and K = 8, the time inside llama.cpp's decode calls,
+   split into calls that carry a prompt (prefill) and calls of one token per sequence.
 
-    python benchmarks/bench_batch.py [--max-tokens 64] [--skip-types]
+    python benchmarks/bench_batch.py [--max-tokens 64] [--skip-types] [--types Q4_1,Q8_0] [--split]
 """
 
 from __future__ import annotations
@@ -62,11 +64,12 @@ def curve(base: Path, arm: ArmSpec, max_tokens: int) -> None:
         print(f"| {k} | {r:.1f} | {r / one:.2f} |")
 
 
-def weight_types(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+def weight_types(base: Path, arm: ArmSpec, max_tokens: int, types: list[str]) -> None:
+    """`base` is the shipped Q4_1 file; every other type is made from it."""
     print("| base weights | file MiB | K = 1 tok/s | K = 8 tok/s | K = 8 / K = 1 |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]:
+        for name in types:
             path = base if name == "Q4_1" else Path(tmp) / f"{name}.gguf"
             if name != "Q4_1":
                 quantize_model(base, path, name, requantize=True)
@@ -92,10 +95,44 @@ def invariance(base: Path, arm: ArmSpec, max_tokens: int) -> None:
               f"| {where} |", flush=True)
 
 
+def split(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+    import edge_genarm.llama as llama
+
+    spent = {"prefill": [0, 0.0], "one token each": [0, 0.0]}
+    decode = llama.Context.decode
+
+    def timed(self, entries):  # the benchmark's own probe around the adapter's decode
+        kind = "prefill" if any(len(toks) > 1 for _, toks, _ in entries) else "one token each"
+        t0 = time.perf_counter()
+        try:
+            return decode(self, entries)
+        finally:
+            spent[kind][0] += 1
+            spent[kind][1] += time.perf_counter() - t0
+
+    llama.Context.decode = timed
+    try:
+        print("| K | tok/s | wall s | prefill calls, s | one-token-each calls, s, ms/call |")
+        print("|---|---|---|---|---|")
+        for k in (1, 8):
+            for v in spent.values():
+                v[:] = [0, 0.0]
+            t0 = time.perf_counter()
+            rate = run(base, arm, k, max_tokens)[0]
+            wall = time.perf_counter() - t0
+            (pn, ps), (dn, ds) = spent["prefill"], spent["one token each"]
+            print(f"| {k} | {rate:.1f} | {wall:.1f} | {pn}, {ps:.1f} | {dn}, {ds:.1f}, "
+                  f"{1e3 * ds / max(dn, 1):.1f} |", flush=True)
+    finally:
+        llama.Context.decode = decode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-types", action="store_true")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q4_K_M")
+    ap.add_argument("--split", action="store_true", help="also time prefill against steps")
     args = ap.parse_args()
     reg = Registry.load()
     preset = reg.preset("demo")
@@ -106,8 +143,11 @@ def main() -> None:
           f"{len(PROMPTS)} held-out prompts, at most {args.max_tokens} tokens each")
     curve(base, arm, args.max_tokens)
     if not args.skip_types:
-        weight_types(base, arm, args.max_tokens)
+        weight_types(reg.resolve("@smollm2"), arm, args.max_tokens,
+                     args.types.upper().split(","))
     invariance(base, arm, args.max_tokens)
+    if args.split:
+        split(base, arm, args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def _source(entry: ModelEntry) -> str:
         return f"path {entry.path}"
     if entry.kind == "package":
         return f"package {entry.package}/{entry.file}"
+    if entry.kind == "derived":
+        return f"{entry.source} as {entry.quantize.upper()} (made once, cached)"
     return f"hub {entry.hub}/{entry.file}@{entry.revision}"
 
 
@@ -130,6 +132,10 @@ def pull(models_file, name) -> None:
         a.model for a in reg.preset(name).arms]
     for ref in refs:
         entry = reg.entry(ref)
+        if entry is not None and entry.kind == "derived":
+            path = reg.resolve(ref)  # fetches its source if that is on the Hub, then makes it
+            click.echo(f"{ref}: {path} ({_size(path)})", err=True)
+            continue
         if entry is None or entry.kind != "hub":
             path = reg.local_path(ref)
             state = f"here ({path})" if path else "missing: not on the Hub; see its description"

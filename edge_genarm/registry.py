@@ -1,11 +1,13 @@
-"""Where model files come from: models.toml, its presets, and three kinds of source.
+"""Where model files come from: models.toml, its presets, and four kinds of source.
 
 Contract: `Registry.load(extra)` merges the shipped models.toml, the user's file and an extra
 file (later ones win key by key) and refuses unknown keys by name. `registry.resolve(ref)` turns
 what a user typed (a path, or @NAME of a [models] entry) into an existing local path: a local
-file, a file inside an installed Python package (found through its file list, not imported), or
-a Hugging Face Hub file fetched into the standard cache and checked against its sha256. Offline
-and not cached, or a preset naming a missing file, each say which file and what to do.
+file, a file inside an installed Python package (found through its file list, not imported), a
+Hugging Face Hub file fetched into the standard cache and checked against its sha256, or a file
+derived from another entry by requantizing it (made once into the edge-genarm cache, keyed by
+the source file and the type). Offline and not cached, or a preset naming a missing file, each
+say which file and what to do.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,9 @@ from pathlib import Path
 from .errors import ModelFileError, UserError
 
 DEFAULT_BASE = "@smollm2"
-MODEL_KEYS = {"description", "path", "package", "file", "hub", "revision", "sha256"}
+MODEL_KEYS = {"description", "path", "package", "file", "hub", "revision", "sha256", "from",
+              "quantize"}
+SOURCE_KEYS = ("path", "package", "hub", "from")
 PRESET_KEYS = {"description", "base", "arms", "ctx_size", "chat_template", "sampling"}
 ARM_KEYS = {"name", "model", "alpha"}
 SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p"}
@@ -37,9 +42,13 @@ class ModelEntry:
     hub: str | None = None
     revision: str = "main"
     sha256: str | None = None
+    source: str | None = None      # models.toml's `from`: the @model this one is derived from
+    quantize: str | None = None    # ... by requantizing it to this llama.cpp type
 
     @property
     def kind(self) -> str:
+        if self.source:
+            return "derived"
         return "path" if self.path else "package" if self.package else "hub"
 
 
@@ -59,6 +68,11 @@ class Preset:
     ctx_size: int | None = None
     chat_template: str | None = None
     sampling: dict = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "edge-genarm"
 
 
 def user_file() -> Path:
@@ -93,6 +107,7 @@ class Registry:
     def __init__(self, models: dict[str, ModelEntry], presets: dict[str, Preset],
                  files: list[Path]):
         self.models, self.presets, self.files = models, presets, files
+        self._deriving: set[str] = set()  # derived entries being resolved, to stop cycles
 
     @classmethod
     def load(cls, extra: str | Path | None = None) -> "Registry":
@@ -113,11 +128,15 @@ class Registry:
         models = {}
         for name, entry in (data.get("models") or {}).items():
             _check_keys(f"[models.{name}]", entry, MODEL_KEYS)
-            if sum(k in entry for k in ("path", "package", "hub")) != 1:
-                raise UserError(f"[models.{name}]: give exactly one of path, package or hub")
+            if sum(k in entry for k in SOURCE_KEYS) != 1:
+                raise UserError(f"[models.{name}]: give exactly one of path, package, hub or from")
             if ("package" in entry or "hub" in entry) and "file" not in entry:
                 raise UserError(f"[models.{name}]: a package or hub source needs file = ...")
-            models[name] = ModelEntry(name=name, **entry)
+            if ("from" in entry) != ("quantize" in entry):
+                raise UserError(f"[models.{name}]: from = \"@model\" and quantize = \"TYPE\" "
+                                "go together")
+            fields = {k: v for k, v in entry.items() if k != "from"}
+            models[name] = ModelEntry(name=name, source=entry.get("from"), **fields)
         presets = {}
         for name, entry in (data.get("presets") or {}).items():
             _check_keys(f"[presets.{name}]", entry, PRESET_KEYS)
@@ -162,7 +181,39 @@ class Registry:
             return path
         if entry.kind == "package":
             return package_file(entry.package, entry.file)
+        if entry.kind == "derived":
+            return self._derived_file(entry, download)
         return hub_file(entry, download)
+
+    def _derived_file(self, entry: ModelEntry, make: bool) -> Path:
+        """The cached requantization of entry.source; made (atomically) if missing and `make`."""
+        if entry.name in self._deriving:
+            raise UserError(f"[models.{entry.name}]: from = ... leads back to @{entry.name}")
+        self._deriving.add(entry.name)
+        try:
+            source = self.resolve(entry.source, make)
+        finally:
+            self._deriving.discard(entry.name)
+        path = derived_path(entry, source)
+        if path.exists() or not make:
+            if not path.exists():
+                raise ModelFileError(f"@{entry.name} is not made yet")
+            return path
+        from .llama import QUANT_TYPES, quantize_model  # llama.cpp only when a file is made
+
+        if entry.quantize.upper() not in QUANT_TYPES:
+            raise UserError(f"[models.{entry.name}]: unknown quantization type {entry.quantize}; "
+                            f"choose one of {', '.join(sorted(QUANT_TYPES))}")
+        print(f"edge-genarm: making @{entry.name} once: {source.name} as {entry.quantize} "
+              f"into {path.parent}", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        try:
+            quantize_model(source, part, entry.quantize, requantize=True)
+            part.replace(path)  # readers see the whole file or none
+        finally:
+            part.unlink(missing_ok=True)
+        return path
 
     def local_path(self, ref: str) -> Path | None:
         """The path if the file is already here (never downloads), else None."""
@@ -171,6 +222,14 @@ class Registry:
         except UserError:
             return None
         return path if path.exists() else None
+
+
+def derived_path(entry: ModelEntry, source: Path) -> Path:
+    """Where a derived file lives: a new source file (size, time) or type gives a new name."""
+    st = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
+                         f"{entry.quantize.upper()}".encode()).hexdigest()[:12]
+    return cache_dir() / "derived" / f"{entry.name}-{entry.quantize.upper()}-{key}.gguf"
 
 
 def package_file(distribution: str, filename: str) -> Path:

@@ -33,6 +33,13 @@ def smollm2() -> Path:
     return resolve_model("@smollm2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_base() -> Path:
+    """The demo preset's base, made before any test, so that no test's output depends on being
+    the first to make it (its one-time notice is tested in test_registry)."""
+    return resolve_model("@smollm2-q8")
+
+
 @pytest.fixture(scope="session")
 def tokenizer(smollm2):
     return read_tokenizer(smollm2)

@@ -45,7 +45,8 @@ def records(path: Path) -> dict:
     return {r["id"]: r for r in rows}
 
 
-def test_greedy_batch_of_four_equals_one_at_a_time_up_to_kernel_near_ties(tmp_path, smollm2):
+def test_greedy_batch_of_four_equals_one_at_a_time_up_to_kernel_near_ties(tmp_path,
+                                                                          demo_base):
     """K = 4 decodes several rows per llama_decode, where llama.cpp switches from ggml's
     one-row dot products to llamafile's tinyBLAS (another summation order); with 8-bit activation
     blocks a last-bit difference sometimes moves a logit by up to about 1. So the texts agree
@@ -60,7 +61,7 @@ def test_greedy_batch_of_four_equals_one_at_a_time_up_to_kernel_near_ties(tmp_pa
     assert len(same) >= 2
     reg = Registry.load()
     arms = [ArmSpec(reg.resolve(a.model), a.alpha, a.name) for a in reg.preset("demo").arms]
-    with Engine.load(EngineConfig(smollm2, arms, ContextSettings(n_ctx=512))) as engine:
+    with Engine.load(EngineConfig(demo_base, arms, ContextSettings(n_ctx=512))) as engine:
         for key in set(r1) - set(same):
             t1, t4 = r1[key]["tokens"], r4[key]["tokens"]
             d = next(i for i, (a, b) in enumerate(zip(t1, t4)) if a != b)

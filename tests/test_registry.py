@@ -25,8 +25,10 @@ def cli(*args, env=None):
 
 def test_shipped_file_has_the_demo_preset_and_the_tulu_recipe():
     reg = Registry.load()
-    assert reg.preset("demo").base == "@smollm2"
+    assert reg.preset("demo").base == "@smollm2-q8"
     assert reg.models["smollm2"].kind == "package"
+    q8 = reg.models["smollm2-q8"]
+    assert (q8.kind, q8.source, q8.quantize) == ("derived", "@smollm2", "Q8_0")
     assert {"tulu2-7b", "tulu2-13b", "tulu2-70b"} <= set(reg.presets)
     assert all(reg.models[f"tulu2-{s}"].kind == "hub" for s in ("7b", "13b", "70b"))
 
@@ -39,7 +41,7 @@ def test_user_file_then_models_file_override_key_by_key(tmp_path, monkeypatch):
     extra = tmp_path / "extra.toml"
     extra.write_text("[presets.demo]\nctx_size = 512\n[presets.demo.sampling]\ntop_k = 5\n")
     reg = Registry.load()
-    assert reg.preset("demo").ctx_size == 1024 and reg.preset("demo").base == "@smollm2"
+    assert reg.preset("demo").ctx_size == 1024 and reg.preset("demo").base == "@smollm2-q8"
     assert reg.models["mine"].path == "~/mine.gguf"
     reg = Registry.load(extra)
     assert reg.preset("demo").ctx_size == 512 and reg.preset("demo").sampling == {"top_k": 5}
@@ -56,6 +58,9 @@ def test_user_file_then_models_file_override_key_by_key(tmp_path, monkeypatch):
     ('[model.x]\npath = "a"\n', "unknown key 'model'"),
     ('[models.x]\nhub = "a/b"\n', "[models.x]: a package or hub source needs file = ..."),
     ('[models.x\n', "is not valid TOML"),
+    ('[models.x]\nfrom = "@y"\n', '[models.x]: from = "@model" and quantize = "TYPE" go together'),
+    ('[models.x]\npath = "a"\nfrom = "@y"\nquantize = "Q8_0"\n',
+     "[models.x]: give exactly one of path, package, hub or from"),
 ])
 def test_unknown_keys_and_bad_entries_are_refused_by_name(tmp_path, text, message):
     f = tmp_path / "m.toml"
@@ -221,3 +226,46 @@ def test_offline_and_not_cached_says_what_to_fetch(hub_env):
     assert res.stderr == ("Error: @hubtiny (tester/tiny-GGUF/tiny.gguf) is not in the cache and "
                           "the Hub cannot be reached (offline); run `edge-genarm models pull` "
                           "with a network, or unset HF_HUB_OFFLINE\n")
+
+
+def test_derived_model_is_made_once_into_the_cache_and_again_when_its_source_changes(
+        tmp_path, monkeypatch, capsys, tiny):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "src.gguf"
+    source.write_bytes(tiny.base.read_bytes())
+    f = tmp_path / "m.toml"
+    f.write_text(f'[models.src]\npath = "{source}"\n'
+                 '[models.q8]\nfrom = "@src"\nquantize = "Q8_0"\n')
+    reg = Registry.load(f)
+    assert reg.local_path("@q8") is None
+    assert "  @q8: @src as Q8_0 (made once, cached) [missing]" in cli(
+        "models", "list", "--models-file", f).stdout
+    capsys.readouterr()
+    made = reg.resolve("@q8")
+    assert made.parent == tmp_path / "cache" / "edge-genarm" / "derived"
+    assert capsys.readouterr().err == (f"edge-genarm: making @q8 once: src.gguf as Q8_0 into "
+                                       f"{made.parent}\n")
+    assert os.listdir(made.parent) == [made.name]  # no .part file left behind
+    shown = cli("models", "show", "@q8", "--models-file", f)
+    assert shown.exit_code == 0 and "(Q8_0)" in shown.stdout, shown.stderr
+    stamp = made.stat().st_mtime_ns
+    assert Registry.load(f).resolve("@q8") == made and made.stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err == ""  # made once: no notice the second time
+    source.write_bytes(tiny.arm.read_bytes())  # a new source file: a new derived file
+    remade = Registry.load(f).resolve("@q8")
+    assert remade != made and remade.exists()
+
+
+def test_derived_model_cycle_and_unknown_type_say_what_is_wrong(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "m.toml"
+    f.write_text('[models.a]\nfrom = "@b"\nquantize = "Q8_0"\n'
+                 '[models.b]\nfrom = "@a"\nquantize = "Q8_0"\n'
+                 f'[models.c]\nfrom = "{tiny.base}"\nquantize = "Q9_9"\n')
+    res = cli("generate", "--models-file", f, "--base", "@a", "hi")
+    assert res.exit_code == 1
+    assert res.stderr == "Error: [models.a]: from = ... leads back to @a\n"
+    res = cli("generate", "--models-file", f, "--base", "@c", "hi")
+    assert res.exit_code == 1 and res.stderr.startswith(
+        "Error: [models.c]: unknown quantization type Q9_9; choose one of ")
+    assert not list((tmp_path / "cache").rglob("*.part"))

