@@ -32,6 +32,29 @@ def test_demo_preset_has_both_arms_and_they_steer():
     assert concise["tokens"] != base["tokens"]
 
 
+def test_concise_arm_makes_held_out_answers_end_sooner(tmp_path):
+    """Six held-out prompts, greedy, up to 160 tokens: unguided, most answers run to the limit;
+    with concise at 2 every answer ends by itself, sooner than its unguided counterpart."""
+    held = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo" / "held_out_prompts.txt"
+    prompts_file = tmp_path / "six.txt"
+    prompts_file.write_text("".join(held.read_text().splitlines(keepends=True)[:6]))
+    lengths = {}
+    for concise in ("0", "2"):
+        out = tmp_path / f"concise{concise}.jsonl"
+        res = CliRunner().invoke(main, ["generate", "--preset", "demo", "--greedy", "-n", "160",
+                                        "--alpha", "positive=0", "--alpha", f"concise={concise}",
+                                        "--input", str(prompts_file), "--output", str(out),
+                                        "--n-parallel", "6"])
+        assert res.exit_code == 0, res.stderr
+        records = sorted((json.loads(line) for line in out.read_text().splitlines()),
+                         key=lambda r: r["id"])
+        lengths[concise] = [(r["completion_tokens"], r["finish_reason"]) for r in records]
+    assert sum(reason == "length" for _, reason in lengths["0"]) >= 3
+    assert all(reason == "stop" for _, reason in lengths["2"])
+    assert all(short < long for (short, _), (long, _) in zip(lengths["2"], lengths["0"]))
+    assert sum(n for n, _ in lengths["2"]) < 0.5 * sum(n for n, _ in lengths["0"])
+
+
 def test_held_out_prompts_are_never_trained_on():
     train, held = prompts()
     assert len(train) + len(held) == 300 and len(held) == 40
