@@ -295,6 +295,8 @@ def _run_terminal(session: ChatSession, history: Path | None) -> None:
             return
         except UserError as exc:
             click.echo(f"Error: {exc}", err=True)
+        except KeyboardInterrupt:  # in the instant before a reply's own Ctrl-C handler is set
+            click.echo("", err=True)
 
 
 def _run_script(session: ChatSession) -> int:

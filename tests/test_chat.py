@@ -171,7 +171,10 @@ def test_terminal_conversation_alpha_interrupt_save(tmp_path):
         retried = ask(child, "/retry")
         assert retried and retried != second
         child.sendline("Write a very long story about a dragon and a knight.")
-        child.expect(r"\w+ \w+ \w+ \w+")  # the reply is streaming
+        # the terminal echoes the line before the program reads it, and a Ctrl-C before the
+        # read makes the terminal drop it: wait for the reply itself to stream
+        child.expect_exact("a dragon and a knight.\r\n")
+        child.expect(r"\w+ \w+ \w+ \w+")
         child.sendintr()
         child.expect_exact("[reply stopped; the conversation goes on]")
         child.expect_exact("> ")
