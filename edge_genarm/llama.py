@@ -371,17 +371,22 @@ QUANT_TYPES = {name[len("LLAMA_FTYPE_MOSTLY_"):]: value for name, value in vars(
                if name.startswith("LLAMA_FTYPE_MOSTLY_")} | {"F32": C.LLAMA_FTYPE_ALL_F32}
 
 
+def quant_type(type_name: str) -> int:
+    """llama.cpp's file type for a name such as Q8_0; an unknown name says which ones exist."""
+    ftype = QUANT_TYPES.get(type_name.upper())
+    if ftype is None:
+        raise UserError(f"unknown quantization type {type_name}; choose one of "
+                        f"{', '.join(sorted(QUANT_TYPES))}")
+    return ftype
+
+
 def quantize_model(src: str | Path, dst: str | Path, type_name: str, n_threads: int = 0,
                    requantize: bool = False) -> None:
     """Write `dst`, the GGUF model `src` quantized to `type_name` (Q4_K_M, Q8_0, ...).
 
     `requantize` lets an already quantized `src` through (dequantized first: lossy)."""
-    ftype = QUANT_TYPES.get(type_name.upper())
-    if ftype is None:
-        raise UserError(f"unknown quantization type {type_name}; choose one of "
-                        f"{', '.join(sorted(QUANT_TYPES))}")
     params = C.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = quant_type(type_name)
     params.nthread = n_threads or default_threads()
     params.allow_requantize = requantize
     if C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:

@@ -195,15 +195,16 @@ class Registry:
         finally:
             self._deriving.discard(entry.name)
         path = derived_path(entry, source)
-        if path.exists() or not make:
-            if not path.exists():
-                raise ModelFileError(f"@{entry.name} is not made yet")
+        if path.exists():
             return path
-        from .llama import QUANT_TYPES, quantize_model  # llama.cpp only when a file is made
+        if not make:
+            raise ModelFileError(f"@{entry.name} is not made yet")
+        from .llama import quant_type, quantize_model  # llama.cpp only when a file is made
 
-        if entry.quantize.upper() not in QUANT_TYPES:
-            raise UserError(f"[models.{entry.name}]: unknown quantization type {entry.quantize}; "
-                            f"choose one of {', '.join(sorted(QUANT_TYPES))}")
+        try:  # before the notice: a typo should not announce work that never starts
+            quant_type(entry.quantize)
+        except UserError as exc:
+            raise UserError(f"[models.{entry.name}]: {exc}") from None
         print(f"edge-genarm: making @{entry.name} once: {source.name} as {entry.quantize} "
               f"into {path.parent}", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
