@@ -1,5 +1,7 @@
-"""The README's two opening commands stay true to what CI runs and to what the CLI offers."""
+"""The README stays true: its two opening commands to what CI runs, its option tables to what the
+CLI offers, and its promise that generating and chatting need no torch."""
 
+import json
 import re
 
 import pytest
@@ -33,15 +35,56 @@ def test_every_option_is_in_the_readme(command, at_least):
     assert missing == []
 
 
-def test_torch_stays_out_of_generation():
-    """A user who only generates or chats needs no torch: the commands import it lazily."""
+HEAVY = ("torch", "transformers", "safetensors", "peft")
+
+# Runs in a fresh interpreter: each CLI call of argv[1] (JSON: [args, input] pairs), then the
+# JSON of their exit codes and output sizes and of the heavy modules imported by then.
+PROBE = f"""
+import json, sys
+from click.testing import CliRunner
+from edge_genarm.cli import main
+runs = []
+for args, text in json.loads(sys.argv[1]):
+    if args == ["--import-torch"]:  # the control: a step that does import torch
+        import torch
+        runs.append([0, 1])
+        continue
+    r = CliRunner().invoke(main, args, input=text)
+    runs.append([r.exit_code, len(r.stdout.strip())])
+    if r.exit_code:
+        print(r.stderr, file=sys.stderr)
+print(json.dumps({{"runs": runs, "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+"""
+
+
+def probe(steps):
     import subprocess
     import sys
 
-    code = ("import sys; from click.testing import CliRunner; from edge_genarm.cli import main; "
-            "CliRunner().invoke(main, ['generate', '--greedy', '-n', '1', 'hi']); "
-            "CliRunner().invoke(main, ['chat', '--greedy', '-n', '1'], input='hi\\n/alpha\\n'); "
-            "CliRunner().invoke(main, ['convert', '--help']); "
-            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(steps)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_torch_stays_out_of_generation(tmp_path):
+    """A user who only generates or chats needs no torch: the commands import it lazily."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi!\nWhat is rain?\n")
+    demo = ["--preset", "demo", "--greedy", "-n", "3"]
+    steps = [[["generate", *demo, "--compare", "Hi!"], None],
+             [["chat", *demo], "Hi!\n/alpha concise=1\nAnd now?\n"],
+             [["generate", *demo, "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")],
+              None],
+             [["models", "list"], None],
+             [["convert", "--help"], None]]
+    result = probe(steps)
+    # every command really ran and answered (batch mode writes its records, not stdout): a
+    # command that failed early would prove nothing
+    assert [code for code, _ in result["runs"]] == [0] * len(steps), result
+    assert all(size > 0 for i, (_, size) in enumerate(result["runs"]) if i != 2), result
+    records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["text"] and r["error"] is None for r in records)
+    assert result["heavy"] == []
+    # the same probe does see torch where a step imports it
+    assert probe([[["--import-torch"], None]])["heavy"] == ["torch"]
