@@ -12,6 +12,7 @@ from conftest import make_engine, reference_log_softmax
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError
 from edge_genarm.generation import Request, generate
 from edge_genarm.sampling import SamplingSettings
+from tiny_models import TinySpec, tiny_weights, write_tiny_model
 
 GREEDY = Request(SamplingSettings(greedy=True), max_tokens=16)
 
@@ -88,12 +89,96 @@ def test_guided_greedy_equals_an_independent_computation_with_two_arms(tiny):
     assert ours == _reference_guided_greedy(tiny.base, arms, ids, len(ours))
 
 
-def test_padded_arm_vocabulary_is_aligned_by_slicing(tiny):
-    with make_engine(tiny.base, [(tiny.padded, 1.0)]) as e:
-        assert e.arms[0].context.model.n_vocab == e.model.n_vocab + 64
+PAD = 64
+
+
+@pytest.fixture(scope="module")
+def heavy_tail(tiny, tokenizer, tmp_path_factory):
+    """A padded model whose 64 padding tokens out-score every real token at every position, so a
+    row that let the padding in would be taken over by it.
+
+    Embedding dimension 0 is the same for every token and no block writes to it, so after the
+    final norm it is positive; the padding rows of the output matrix read only that dimension.
+    """
+    spec = TinySpec(seed=6, extra_tokens=PAD)
+    w = tiny_weights(spec, len(next(v for k, v, _ in tokenizer if k == "tokenizer.ggml.tokens"))
+                     + PAD)
+    w["token_embd.weight"][:, 0] = 3.0
+    for i in range(spec.n_layer):
+        w[f"blk.{i}.attn_output.weight"][0, :] = 0.0
+        w[f"blk.{i}.ffn_down.weight"][0, :] = 0.0
+    w["output.weight"][-PAD:, :] = 0.0
+    w["output.weight"][-PAD:, 0] = np.linspace(60.0, 40.0, PAD)
+    path = tmp_path_factory.mktemp("heavy") / "heavy_tail.gguf"
+    write_tiny_model(path, spec, tokenizer, w)
+    return path
+
+
+def _reference_rows(models, ids, steps):
+    """Guided rows, normalised over the common range, from separately driven llama-cpp-python
+    contexts (float64): each model's log-softmax over its own vocabulary, summed over
+    [0, common size). `models`: (path, weight) pairs, the base first with weight 1."""
+    llms = [(llama_cpp.Llama(str(p), n_ctx=256, type_k=0, type_v=0, flash_attn=False,
+                             verbose=False), a) for p, a in models]
+    n = min(llm.n_vocab() for llm, _ in llms)
+    rows, full_argmax = [], []
+    for llm, _ in llms:
+        llm.eval(ids)
+    for token in steps + [None]:
+        logits = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                        shape=(llm.n_vocab(),)).copy() for llm, _ in llms]
+        full_argmax.append([int(np.argmax(x)) for x in logits])
+        guided = sum(a * reference_log_softmax(x)[:n] for x, (_, a) in zip(logits, llms))
+        rows.append(reference_log_softmax(guided))
+        if token is not None:
+            for llm, _ in llms:
+                llm.eval([token])
+    for llm, _ in llms:
+        llm.close()
+    return n, np.stack(rows), full_argmax
+
+
+def _engine_rows(engine, ids, steps):
+    seq = engine.new_sequence()
+    rows = [np.array(engine.advance([seq], [ids]))]
+    for token in steps:
+        rows.append(np.array(engine.advance([seq], [[token]])))
+    return np.stack(rows)
+
+
+def test_padded_arm_vocabulary_is_aligned_by_slicing(tiny, heavy_tail):
+    steps = [500, 1000, 42]
+    with make_engine(tiny.base, [(heavy_tail, 0.6)]) as e:
+        assert e.arms[0].context.model.n_vocab == e.model.n_vocab + PAD
         assert e.n_vocab == e.model.n_vocab
-        seq = e.new_sequence()
-        assert e.advance([seq], [prompt(e)]).shape == (e.model.n_vocab,)
+        ids = prompt(e)
+        ours = _engine_rows(e, ids, steps)
+    n, ref, full_argmax = _reference_rows([(tiny.base, 1.0), (heavy_tail, 0.6)], ids, steps)
+    assert ours.shape == (len(steps) + 1, n)
+    assert all(arm >= n for _, arm in full_argmax)  # the ARM's own best token is padding
+    got = np.stack([reference_log_softmax(r) for r in ours])
+    top = np.argsort(-ref, axis=1)[:, :200]  # where the probability is, and the whole row loosely
+    np.testing.assert_allclose(np.take_along_axis(got, top, 1), np.take_along_axis(ref, top, 1),
+                               atol=1e-4)
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+def test_padding_of_a_padded_base_is_never_sampled(tiny, heavy_tail):
+    """The base is the padded one: its padding would win every step, were it in the row."""
+    arms = [(tiny.arm, 0.5)]
+    with make_engine(heavy_tail, arms) as e:
+        n = e.n_vocab
+        assert n == e.model.n_vocab - PAD
+        ids = prompt(e)
+        greedy = run(e).tokens
+        sampled = [run(e, Request(SamplingSettings(temperature=1.0, top_k=0, top_p=1.0,
+                                                   min_p=0.0), max_tokens=16, seed=s)).tokens
+                   for s in (1, 2, 3)]
+    _, ref, full_argmax = _reference_rows([(heavy_tail, 1.0), (tiny.arm, 0.5)], ids,
+                                          greedy[:-1])
+    assert all(base >= n for base, _ in full_argmax)  # the base's own best token is padding
+    assert greedy == [int(np.argmax(r)) for r in ref]
+    assert max(max(t) for t in sampled + [greedy]) < n
 
 
 def test_arm_with_other_tokens_is_refused_naming_the_token(tiny):
