@@ -4,9 +4,9 @@ Contract: `Registry.load(extra)` merges the shipped models.toml, the user's file
 file (later ones win key by key) and refuses unknown keys by name. `registry.resolve(ref)` turns
 what a user typed (a path, or @NAME of a [models] entry) into an existing local path: a local
 file, a file inside an installed Python package (found through its file list, not imported), a
-Hugging Face Hub file fetched into the standard cache and checked against its sha256, or a file
-derived from another entry by requantizing it (made once into the edge-genarm cache, keyed by
-the source file and the type). Offline and not cached, or a preset naming a missing file, each
+Hugging Face Hub file fetched into the standard cache and checked against its sha256 (deleted
+from the cache if it fails), or a file derived from another entry by requantizing it (made once
+into the edge-genarm cache, keyed by the source file and the type). Offline and not cached, or a preset naming a missing file, each
 say which file and what to do.
 """
 
@@ -279,10 +279,20 @@ def hub_file(entry: ModelEntry, download: bool = True) -> Path:
     if entry.sha256 and download:
         digest = sha256_of(path)
         if digest != entry.sha256.lower():
+            _discard_cached(path)  # a damaged file must not pass for the model next time
             raise ModelFileError(
-                f"{path} (@{entry.name}) has sha256 {digest}, not the {entry.sha256} that "
-                "models.toml expects; delete it and run `edge-genarm models pull` again")
+                f"@{entry.name} ({entry.hub}/{entry.file}) came with sha256 {digest}, not the "
+                f"{entry.sha256} that models.toml expects, and was deleted; run `edge-genarm "
+                f"models pull @{entry.name}` again, or fix sha256 in [models.{entry.name}] if "
+                "the Hub file changed on purpose")
     return path
+
+
+def _discard_cached(path: Path) -> None:
+    """Remove a Hub cache entry: the snapshot's name and the blob it links to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:

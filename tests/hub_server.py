@@ -2,7 +2,9 @@
 
 It answers HEAD and GET on /OWNER/REPO/resolve/REVISION/FILE from a dict of files, with the
 headers huggingface_hub reads (Content-Length, ETag, X-Repo-Commit), on 127.0.0.1 only, and
-counts the GETs so that tests can tell a download from a cache hit.
+counts the GETs so that tests can tell a download from a cache hit. Files named in `corrupt` are
+sent with one byte flipped (same length) under the headers of the intact file, as a download
+damaged on the way would arrive.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class HubServer:
-    def __init__(self, files: dict[str, Path]):
-        """files: 'owner/repo/filename' -> local path to serve."""
+    def __init__(self, files: dict[str, Path], corrupt: frozenset[str] = frozenset()):
+        """files: 'owner/repo/filename' -> local path to serve; corrupt: keys of files to damage."""
         self.files = files
+        self.corrupt = corrupt
         self.gets = 0
         server = self
 
@@ -26,11 +29,14 @@ class HubServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _find(self):
+            def _key(self) -> str:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if len(parts) < 5 or parts[2] != "resolve":
-                    return None
-                return server.files.get("/".join(parts[:2] + parts[4:]))
+                    return ""
+                return "/".join(parts[:2] + parts[4:])
+
+            def _find(self):
+                return server.files.get(self._key())
 
             def _headers(self, path: Path) -> None:
                 data = path.read_bytes()
@@ -55,7 +61,10 @@ class HubServer:
                     return
                 server.gets += 1
                 self._headers(path)
-                self.wfile.write(path.read_bytes())
+                data = bytearray(path.read_bytes())
+                if self._key() in server.corrupt:
+                    data[len(data) // 2] ^= 0x01
+                self.wfile.write(bytes(data))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -159,7 +160,8 @@ def test_models_list_and_show(tmp_path, tiny):
 def test_arm_with_other_special_tokens_is_refused(tiny):
     from conftest import make_engine
 
-    with pytest.raises(IncompatibleModelsError, match=r"another eos token than the base .* \(0 vs 2\)"):
+    with pytest.raises(IncompatibleModelsError,
+                       match=r"another eos token than the base .* \(0 vs 2\)"):
         make_engine(tiny.base, [(tiny.other_eos, 1.0)])
 
 
@@ -179,11 +181,6 @@ def hub_env(tmp_path, tiny):
 hub = "tester/tiny-GGUF"
 file = "tiny.gguf"
 sha256 = "{sha}"
-[models.badsum]
-hub = "tester/tiny-GGUF"
-file = "tiny.gguf"
-revision = "v2"
-sha256 = "{'0' * 64}"
 [presets.hubtiny]
 base = "@hubtiny"
 ''')
@@ -211,13 +208,34 @@ def test_hub_download_cache_and_offline(hub_env, tiny):
     assert "@hubtiny: hub tester/tiny-GGUF/tiny.gguf@main [present" in res.stdout
 
 
-def test_corrupted_download_is_caught_by_sha256(hub_env, tiny):
-    with HubServer({"tester/tiny-GGUF/tiny.gguf": tiny.base}) as hub:
-        res = run_cli(["models", "pull", "@badsum"], dict(hub_env, HF_ENDPOINT=hub.url))
+def test_corrupted_download_is_caught_by_sha256_and_not_kept(hub_env, tiny):
+    key = "tester/tiny-GGUF/tiny.gguf"
+    with HubServer({key: tiny.base}, corrupt=frozenset({key})) as hub:
+        env = dict(hub_env, HF_ENDPOINT=hub.url)
+        res = run_cli(["models", "pull", "@hubtiny"], env)
+        assert hub.gets == 1
     assert res.returncode == 1
-    lines = res.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: ") and f"has sha256 {sha256_of(tiny.base)}, not the " \
-        f"{'0' * 64} that models.toml expects" in lines[-1]
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    damaged = bytearray(tiny.base.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    assert lines == [f"Error: @hubtiny (tester/tiny-GGUF/tiny.gguf) came with sha256 "
+                     f"{hashlib.sha256(damaged).hexdigest()}, not the {sha256_of(tiny.base)} "
+                     "that models.toml expects, and was deleted; run `edge-genarm models pull "
+                     "@hubtiny` again, or fix sha256 in [models.hubtiny] if the Hub file changed "
+                     "on purpose"]
+    # nothing left under its name, and no blob of the damaged bytes either
+    hf_home = Path(env["HF_HOME"])
+    assert [p for p in hf_home.rglob("tiny.gguf") if p.exists()] == []
+    assert [p for p in hf_home.rglob("*") if p.is_file() and p.stat().st_size == len(damaged)
+            ] == []
+    # the next pull, from an intact server, fetches it again and succeeds
+    with HubServer({key: tiny.base}) as hub:
+        res = run_cli(["models", "pull", "@hubtiny"], dict(env, HF_ENDPOINT=hub.url))
+        assert res.returncode == 0, res.stderr
+        assert hub.gets == 1
+    cached = [p for p in hf_home.rglob("tiny.gguf") if p.exists()]
+    assert len(cached) == 1 and sha256_of(cached[0]) == sha256_of(tiny.base)
 
 
 def test_offline_and_not_cached_says_what_to_fetch(hub_env):
