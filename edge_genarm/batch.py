@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import llama
 from .engine import Engine, Sequence
 from .errors import UserError, plural
 from .generation import Request, TextStream, chat_template, encode_messages, encode_prompt
@@ -60,6 +61,10 @@ def read_items(path: Path) -> Iterator[Item | Malformed]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"--input {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--input {path} is a directory; name a JSONL or text file") from None
+    except PermissionError:
+        raise UserError(f"--input {path} cannot be read: permission denied") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"--input {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
             from None
@@ -127,23 +132,37 @@ class RecordFile:
         self.path = path
         self.done: dict[str, dict] = {}  # json.dumps(id) -> record
         self.torn_bytes = 0
+        if path.is_dir():
+            raise UserError(f"--output {path} is a directory; name a file, for example "
+                            f"{path / 'out.jsonl'}")
         if path.exists() and not resume:
             raise UserError(f"--output {path} already exists; pass --resume to continue it, or "
                             "choose another --output")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise UserError(f"--output {path}: the folder {folder} does not exist; create it "
+                            "first")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UserError(f"cannot write --output {path}: permission denied")
         if resume and path.exists():
-            self._repair_and_read()
-        try:
-            self.fh = open(path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot write --output {path}: {exc.strerror}") from None
+            self._read()
+        self.fh = None
 
-    def _repair_and_read(self) -> None:
+    def open(self) -> None:
+        """Cut a torn last line, then append: called once the models are loaded, so that a run
+        refused before that leaves no file behind and changes none."""
+        if self.torn_bytes:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(self.path.stat().st_size - self.torn_bytes)
+        try:
+            self.fh = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write --output {self.path}: {exc.strerror}") from None
+
+    def _read(self) -> None:
         data = self.path.read_bytes()
         good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
         self.torn_bytes = len(data) - good
-        if self.torn_bytes:
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good)
         for number, line in enumerate(data[:good].decode("utf-8").splitlines(), start=1):
             try:
                 record = json.loads(line)
@@ -158,7 +177,8 @@ class RecordFile:
         os.fsync(self.fh.fileno())
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
 
 
 # -- the scheduler --------------------------------------------------------------------------------
@@ -256,16 +276,14 @@ def _record(item: Item, seed: int) -> dict:
 def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel: int,
             resume: bool) -> None:
     """Read, skip what is done, generate the rest with a progress line, summarise."""
-    if n_parallel < 1:
-        raise UserError(f"--n-parallel must be >= 1, got {n_parallel}")
+    if not 1 <= n_parallel <= llama.max_parallel_sequences():
+        raise UserError(f"--n-parallel must be between 1 and {llama.max_parallel_sequences()}, "
+                        f"got {n_parallel}")
     parsed = list(read_items(input_path))
     malformed = [m for m in parsed if isinstance(m, Malformed)]
     for m in malformed:
         click.echo(f"{input_path} line {m.line}: {m.reason}; skipped", err=True)
     out = RecordFile(output, resume)
-    if out.torn_bytes:
-        click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a crash",
-                   err=True)
     run_seed = opts.seed
     if resume and out.done and not opts.seed_given:  # go on with the interrupted run's seed
         run_seed = next(iter(out.done.values())).get("run_seed", run_seed)
@@ -279,6 +297,10 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
     try:
         with Engine.load(dataclasses.replace(opts.engine_config(), context=context)) as engine:
             settings["alphas"] = {a.name: a.alpha for a in engine.arms}
+            out.open()
+            if out.torn_bytes:
+                click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a "
+                           "crash", err=True)
 
             def emit(record: dict) -> None:
                 nonlocal failed

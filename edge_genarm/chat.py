@@ -304,7 +304,8 @@ def _run_script(session: ChatSession) -> int:
     failed = 0
 
     def read(prompt: str) -> str:
-        line = sys.stdin.readline()
+        # bytes that are not UTF-8 reach the tokenizer, which refuses that line alone
+        line = sys.stdin.buffer.readline().decode("utf-8", errors="surrogateescape")
         if not line:
             raise EOFError
         return line.rstrip("\n")

@@ -53,6 +53,15 @@ class _Group(click.Group):
         module, attr = self.lazy[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def format_commands(self, ctx, formatter):
+        """Each command's whole first paragraph, wrapped (click cuts it at one short line)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            text = (self.get_command(ctx, name).help or "").split("\n\n")[0]
+            rows.append((name, " ".join(text.split())))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def main(self, *args, **kwargs):
         return run_command(self, *args, **kwargs)
 

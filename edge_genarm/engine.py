@@ -21,7 +21,7 @@ from typing import Iterator, Sequence as Seq
 
 import numpy as np
 
-from . import guidance
+from . import guidance, memory
 from .errors import ContextFullError, IncompatibleModelsError, ModelFileError
 from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
@@ -83,6 +83,7 @@ class Engine:
             raise ModelFileError(
                 f"{config.base} is a LoRA adapter, not a model: pass a full GGUF model as --base "
                 f"and the adapter as --arm {config.base}")
+        memory.check(config)
         models: dict[Path, Model] = {}
         contexts: list[Context] = []
         try:

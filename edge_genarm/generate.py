@@ -55,7 +55,8 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
     if batch:
         return run_job(opts, input_path, output, n_parallel, resume)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        # bytes that are not UTF-8 are kept for the tokenizer, which refuses them in one line
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
     with Engine.load(opts.engine_config()) as engine:
         prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw, opts.chat_template)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +23,20 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from .errors import ContextFullError, ModelFileError, UserError
+from .errors import ContextFullError, ModelFileError, UserError, plural
 
 # ---------------------------------------------------------------------------------------------
 # logging: llama.cpp logs to stderr by default; keep it quiet unless asked, but remember the last
 # error lines so that a failed load can say why.
 
-_log_state = {"verbose": False, "recent": []}
+_log_state = {"verbose": False, "recent": [], "capture": None}
 
 
 @C.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
+    if _log_state["capture"] is not None:
+        _log_state["capture"].append(message)
     if _log_state["verbose"]:
         sys.stderr.write(message)
         sys.stderr.flush()
@@ -53,6 +56,16 @@ def set_verbose(verbose: bool) -> None:
 def last_log_error() -> str:
     recent = [line for line in _log_state["recent"] if line]
     return recent[-1] if recent else "no reason given"
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, ...)."""
+    return bool(C.llama_supports_gpu_offload())
+
+
+def max_parallel_sequences() -> int:
+    """The most sequences one llama.cpp context can hold."""
+    return int(C.llama_max_parallel_sequences())
 
 
 def default_threads() -> int:
@@ -178,7 +191,10 @@ class Model:
         return int(getattr(C, f"llama_vocab_{name}")(self.vocab))
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes from argv or stdin that were not UTF-8
+            raise UserError("the input is not UTF-8 text; convert it to UTF-8 first") from None
         cap = len(data) + 16
         buf = (C.llama_token * cap)()
         n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
@@ -226,6 +242,89 @@ class ContextSettings:
     exact: bool = False         # F32 KV cache and flash attention off, for PyTorch comparisons
 
 
+_MAX_CELLS = 2**31 - 1  # llama.cpp counts cells and positions in 32-bit signed integers
+
+
+def _context_params(settings: ContextSettings):
+    """llama.cpp's context parameters for these settings (real contexts and dry runs alike)."""
+    cells = settings.n_ctx * settings.n_seq_max
+    if cells > _MAX_CELLS:
+        raise UserError(f"{plural(settings.n_seq_max, 'sequence')} of {settings.n_ctx} tokens "
+                        f"are {cells} KV cells, more than llama.cpp can address ({_MAX_CELLS}); "
+                        "lower --ctx-size or --n-parallel")
+    params = C.llama_context_default_params()
+    # n_ctx is per sequence: the unified KV cache holds n_seq_max full windows, so that
+    # sequences decoded together never run each other out of room
+    params.n_ctx = settings.n_ctx * settings.n_seq_max
+    params.n_batch = min(settings.n_batch, settings.n_ctx)
+    params.n_ubatch = params.n_batch
+    params.n_seq_max = settings.n_seq_max
+    # Only the last position of each sequence is read: reserving room for n_batch rows of
+    # logits would cost n_batch * n_vocab floats of compute buffer.
+    params.n_outputs_max = settings.n_seq_max
+    params.n_outputs_max_per_seq = 1
+    threads = settings.n_threads or default_threads()
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.no_perf = True
+    params.kv_unified = True
+    if settings.exact:
+        params.type_k = C.GGML_TYPE_F32
+        params.type_v = C.GGML_TYPE_F32
+        params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return params
+
+
+@dataclass(frozen=True)
+class ContextMemory:
+    """Bytes of host memory a context needs, as llama.cpp itself reports them."""
+    kv: int
+    compute: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.kv + self.compute + self.output
+
+
+_MEMORY_LINES = {
+    "kv": re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB"),
+    "compute": re.compile(r"CPU compute buffer size =\s*([\d.]+) MiB"),
+    "output": re.compile(r"CPU\s+output buffer size =\s*([\d.]+) MiB"),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def context_memory(path: str, mtime_ns: int, settings: ContextSettings) -> ContextMemory:
+    """What a context of `settings` on the model at `path` would take, from a dry run.
+
+    The model is loaded with `no_alloc` (metadata only, no weights read) and the context made on
+    it simulates its allocations and logs llama.cpp's own sizes, which are parsed here: the
+    same figures a real context would allocate, in about 0.1 s and no memory.
+    """
+    params = C.llama_model_default_params()
+    params.no_alloc = True
+    params.load_mode = C.LLAMA_LOAD_MODE_NONE
+    lines: list[str] = []
+    _log_state["capture"] = lines
+    try:
+        model = C.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            raise ModelFileError(f"llama.cpp could not read {path}: {last_log_error()}")
+        ctx = C.llama_init_from_model(model, _context_params(settings))
+        if ctx:
+            C.llama_free(ctx)
+        C.llama_model_free(model)
+    finally:
+        _log_state["capture"] = None
+    if not ctx:
+        raise UserError(f"llama.cpp cannot make a context of {settings.n_ctx} tokens x "
+                        f"{settings.n_seq_max} sequences for {path}: {last_log_error()}")
+    text = "".join(lines)
+    sizes = {key: sum(float(m) for m in rx.findall(text)) for key, rx in _MEMORY_LINES.items()}
+    return ContextMemory(**{k: int(v * 2**20) for k, v in sizes.items()})
+
+
 class Context:
     """A llama.cpp context (KV cache + compute buffers) of one model, optionally with a LoRA."""
 
@@ -233,26 +332,7 @@ class Context:
                  adapter: LoraAdapter | None = None, adapter_scale: float = 1.0):
         self.model = model
         self.settings = settings
-        params = C.llama_context_default_params()
-        # n_ctx is per sequence: the unified KV cache holds n_seq_max full windows, so that
-        # sequences decoded together never run each other out of room
-        params.n_ctx = settings.n_ctx * settings.n_seq_max
-        params.n_batch = min(settings.n_batch, settings.n_ctx)
-        params.n_ubatch = params.n_batch
-        params.n_seq_max = settings.n_seq_max
-        # Only the last position of each sequence is read: reserving room for n_batch rows of
-        # logits would cost n_batch * n_vocab floats of compute buffer (about 100 MiB here).
-        params.n_outputs_max = settings.n_seq_max
-        params.n_outputs_max_per_seq = 1
-        threads = settings.n_threads or default_threads()
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
-        params.kv_unified = True
-        if settings.exact:
-            params.type_k = C.GGML_TYPE_F32
-            params.type_v = C.GGML_TYPE_F32
-            params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params = _context_params(settings)
         ptr = C.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise UserError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from . import llama
 from .engine import ArmSpec, EngineConfig
 from .errors import UserError
 from .generation import Request
@@ -22,6 +23,7 @@ from .registry import DEFAULT_BASE, Registry
 from .sampling import SamplingSettings
 
 _SAMPLING = SamplingSettings()  # the defaults live in one place
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
 
 _OPTIONS = [
     click.option("--preset", "-p", default=None, envvar="EDGE_GENARM_PRESET", metavar="NAME",
@@ -175,8 +177,7 @@ class GenerationOptions:
             raise UserError(f"--max-tokens must be >= 0, got {opts.max_tokens}")
         if opts.context.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16 tokens, got {opts.context.n_ctx}")
-        if opts.context.n_threads < 0:
-            raise UserError(f"--threads must be >= 1, got {opts.context.n_threads}")
+        _check_resources(opts)
         _dedupe_arm_names(opts.arms)
         return opts
 
@@ -187,6 +188,22 @@ class GenerationOptions:
     def request(self) -> Request:
         return Request(sampling=self.sampling, max_tokens=self.max_tokens, stop=self.stop,
                        seed=self.seed)
+
+
+def _check_resources(opts: "GenerationOptions") -> None:
+    """Seeds, threads and GPU layers that this machine and llama.cpp can take."""
+    if opts.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {opts.seed}")
+    if not 0 <= opts.context.n_threads <= MAX_THREADS:
+        raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got "
+                        f"{opts.context.n_threads}")
+    if opts.n_gpu_layers < -1:
+        raise UserError(f"--n-gpu-layers must be -1 (all), 0 (none) or a number of layers, got "
+                        f"{opts.n_gpu_layers}")
+    if opts.n_gpu_layers != 0 and not llama.supports_gpu_offload():
+        raise UserError(f"--n-gpu-layers {opts.n_gpu_layers}: this llama-cpp-python build has no "
+                        "GPU support; drop the option, or install a CUDA or Metal build (see "
+                        "llama-cpp-python's install notes)")
 
 
 def _explicit(kw: dict) -> set[str]:

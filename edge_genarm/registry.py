@@ -24,12 +24,17 @@ from pathlib import Path
 from .errors import ModelFileError, UserError
 
 DEFAULT_BASE = "@smollm2"
-MODEL_KEYS = {"description", "path", "package", "file", "hub", "revision", "sha256", "from",
-              "quantize"}
+# Every key a table may hold, and the TOML types its value may have.
+_TEXT, _NUMBER = (str,), (int, float)
+MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub", "revision",
+                                 "sha256", "from", "quantize")}
 SOURCE_KEYS = ("path", "package", "hub", "from")
-PRESET_KEYS = {"description", "base", "arms", "ctx_size", "chat_template", "sampling"}
-ARM_KEYS = {"name", "model", "alpha"}
-SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p"}
+PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
+               "chat_template": _TEXT, "sampling": (dict,)}
+ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER}
+SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
+               dict: "a table"}
 
 
 @dataclass(frozen=True)
@@ -86,21 +91,40 @@ def _read(path: Path) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UserError(f"the models file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"the models file {path} is a directory; name a .toml file") from None
+    except PermissionError:
+        raise UserError(f"the models file {path} cannot be read: permission denied") from None
+    except UnicodeDecodeError:
+        raise UserError(f"the models file {path} is not UTF-8 text; it must be TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"the models file {path} is not valid TOML: {exc}") from None
 
 
-def _merge(into: dict, data: dict) -> None:
+def _merge(into: dict, data: dict, path: Path) -> None:
     for table in ("models", "presets"):
-        for name, entry in (data.get(table) or {}).items():
+        entries = data.get(table) or {}
+        bad = [name for name, entry in entries.items() if not isinstance(entry, dict)]
+        if bad:
+            raise UserError(f"the models file {path}: [{table}] must hold tables such as "
+                            f"[{table}.NAME], but {bad[0]!r} is not one")
+        for name, entry in entries.items():
             into.setdefault(table, {}).setdefault(name, {}).update(entry)
 
 
-def _check_keys(where: str, entry: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(entry) - allowed)
+def _check_keys(where: str, entry, allowed: dict[str, tuple]) -> None:
+    """Unknown keys and values of the wrong type are refused, naming the key."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} must be a table")
+    unknown = sorted(set(entry) - set(allowed))
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: "
                         f"{', '.join(sorted(allowed))}")
+    for key, value in entry.items():
+        types = allowed[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise UserError(f"{where}: {key} must be {_TYPE_NAMES[types[-1]]}, not "
+                            f"{value!r}")
 
 
 class Registry:
@@ -119,8 +143,8 @@ class Registry:
         merged: dict = {}
         for path in files:
             data = _read(path)
-            _check_keys(str(path), data, {"models", "presets"})
-            _merge(merged, data)
+            _check_keys(str(path), data, {"models": (dict,), "presets": (dict,)})
+            _merge(merged, data, path)
         return cls.from_tables(merged, files)
 
     @classmethod
@@ -146,6 +170,9 @@ class Registry:
             arms = []
             for arm in entry.get("arms", []):
                 _check_keys(f"[[presets.{name}.arms]]", arm, ARM_KEYS)
+                if "name" not in arm or "model" not in arm:
+                    raise UserError(f"[[presets.{name}.arms]]: every ARM needs name = ... and "
+                                    "model = ...")
                 arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0))))
             presets[name] = Preset(name=name, base=entry["base"], arms=tuple(arms),
                                    description=entry.get("description", ""),

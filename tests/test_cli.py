@@ -129,6 +129,14 @@ BAD = [
      "--base and the adapter as --arm {lora}"),
     (["--base", "{base}", "--arm", "{lora_qwen}"], "the LoRA adapter {lora_qwen} is for "
      "architecture 'qwen2' but the base {base} is 'llama'; pass the base it was trained on"),
+    (["--base", "{base}", "--arm", "{lora_small}"], "the LoRA adapter {lora_small} does not fit "
+     "blk.0.attn_k.weight of the base {base} (A [32, 4], B [4, 16], weight [64, 32]); pass the "
+     "base it was trained on"),
+    (["--base", "{base}", "--arm", "{renamed}"], "{renamed} has another vocabulary than the base "
+     "{base}: token 1000 is '()' in the base and '<<renamed>>' in the ARM; an ARM must share the "
+     "base's tokenizer"),
+    (["--base", "{base}", "--arm", "{other_eos}"], "{other_eos} has another eos token than the "
+     "base {base} (0 vs 2); an ARM must share the base's tokenizer"),
     (["--base", "{base}", "--arm", "{arm}:abc"], "--arm {arm}:abc: the weight 'abc' is not a "
      "number; write PATH:ALPHA, for example model.gguf:0.5"),
     (["--base", "{base}", "--arm", "{arm}:inf"], "--arm {arm}:inf: the weight must be a finite "
