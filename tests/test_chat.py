@@ -6,39 +6,44 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
+import llama_cpp
+import numpy as np
 import pexpect
 import pytest
 from click.testing import CliRunner
 
 from edge_genarm.chat import ChatSession, Resend
+from edge_genarm.chat import chat as chat_command
 from edge_genarm.cli import main
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.engine import Engine
 from edge_genarm.errors import UserError
-from edge_genarm.llama import ContextSettings
 from edge_genarm.options import GenerationOptions
-from edge_genarm.sampling import SamplingSettings
 from hf_models import write_smollm2_tokenizer
 
-DEMO = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo"
 
-
-def session(smollm2, n_ctx=1024, max_tokens=24, concise=0.0, system=None) -> ChatSession:
-    arms = [ArmSpec(DEMO / "positive.gguf", 1.0, "positive"),
-            ArmSpec(DEMO / "concise.gguf", concise, "concise")]
-    opts = GenerationOptions(base=smollm2, arms=arms, sampling=SamplingSettings(greedy=True),
-                             max_tokens=max_tokens, seed=7, system=system,
-                             context=ContextSettings(n_ctx=n_ctx))
-    engine = Engine.load(EngineConfig(smollm2, arms, opts.context))
-    return ChatSession(engine, opts)
+def session(*args: str) -> ChatSession:
+    """A session on the demo preset as `edge-genarm chat --preset demo --greedy ARGS` builds it:
+    the shipped preset, its base (@smollm2-q8) and its default alphas (positive 1, concise 0)."""
+    ctx = chat_command.make_context("chat", ["--preset", "demo", "--greedy", "-n", "24",
+                                             "--seed", "7", *args])
+    with ctx:  # the preset fills only what the command line left out, as in the command
+        opts = GenerationOptions.from_kwargs(dict(ctx.params))
+    return ChatSession(Engine.load(opts.engine_config()), opts)
 
 
 @pytest.fixture
-def chat(smollm2):
-    s = session(smollm2)
+def chat():
+    s = session()
     yield s
     s.engine.close()
+
+
+def test_the_session_is_the_demo_preset_as_shipped(chat, demo_base):
+    assert chat.engine.model.path == demo_base
+    assert {a.name: (a.alpha, a.kind) for a in chat.engine.arms} == {
+        "positive": (1.0, "lora"), "concise": (0.0, "lora")}
+    assert chat.engine.n_ctx == 2048 and chat.opts.max_tokens == 24
 
 
 def test_a_second_turn_decodes_only_its_new_tokens(chat):
@@ -72,22 +77,98 @@ def test_rendered_conversation_matches_hugging_face(chat, smollm2, tmp_path):
     assert encode_messages(chat.engine, messages, chat.template) == hf(text)["input_ids"]
 
 
-def test_alpha_switched_on_catches_up_and_changes_the_reply(chat):
+SECOND = "Give me three tips for a good morning."
+
+
+def arm(chat, name):
+    return next(a for a in chat.engine.arms if a.name == name)
+
+
+def retried(chat):
+    """The last message answered again (/retry), under the alphas set now."""
+    resend = chat.command("/retry")
+    assert isinstance(resend, Resend)
+    return chat.reply(resend.text)
+
+
+def last_logits(ctx_ptr, n_vocab: int) -> np.ndarray:
+    """The logits of a context's last decoded token, read from llama.cpp directly."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx_ptr, -1)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+def assert_arm_holds(chat, name, batches):
+    """The ARM's logits equal those of a separate llama-cpp-python context of its adapter fed
+    the same tokens in the same batches (so the same kernels run): its cache holds exactly the
+    conversation, whatever it missed and caught up on."""
+    a = arm(chat, name)
+    assert sum(batches, []) == chat.seq.tokens
+    reference = llama_cpp.Llama(str(chat.engine.model.path), lora_path=str(a.path), n_ctx=1024,
+                                flash_attn=True, verbose=False)
+    try:
+        for batch in batches:
+            reference.eval(batch)
+        expected = last_logits(reference.ctx, reference.n_vocab())
+    finally:
+        reference.close()
+    np.testing.assert_allclose(last_logits(a.context.ptr, a.context.model.n_vocab), expected,
+                               atol=1e-3)
+
+
+def one_by_one(tokens):
+    return [[t] for t in tokens]
+
+
+def test_concise_switched_on_catches_up_and_changes_the_reply(chat):
+    """Only concise changes (positive stays at the preset's 1)."""
+    concise = arm(chat, "concise").context
     chat.reply("Tell me about a rainy afternoon.")
-    concise = chat.engine.arms[1].context
+    # after this message each ARM moves the first greedy token by a clear margin (0.7 and 1.0
+    # here); after some others, such as "What should I wear?", SmolLM2 repeats its last answer
+    # whatever the alphas
+    chat.reply(SECOND)
+    # the reply to compare with is a /retry as well, so both go through the caches alike
+    default = retried(chat)
+    assert default.settings["alphas"] == {"positive": 1.0, "concise": 0.0}
     assert chat.seq.behind(concise) == 0  # alpha 0: never stepped
-    plain = chat.command("/retry")
-    assert isinstance(plain, Resend)
-    before = chat.reply(plain.text).reply
-    assert chat.command("/alpha concise=3 positive=0") == "positive = 0  (off)\nconcise = 3"
-    after = chat.reply(chat.command("/retry").text)
-    assert chat.seq.behind(concise) == len(chat.seq.tokens)
-    assert after.reply != before
-    assert after.settings["alphas"] == {"positive": 0.0, "concise": 3.0}
+    assert chat.command("/alpha concise=1") == "positive = 1\nconcise = 1"
+    on = retried(chat)
+    assert on.settings["alphas"] == {"positive": 1.0, "concise": 1.0}
+    n = len(chat.seq.tokens)  # both turns, this reply included
+    assert chat.seq.behind(concise) == chat.seq.behind(chat.engine.base) == n
+    assert chat.seq.behind(arm(chat, "positive").context) == n
+    assert on.reply != default.reply
+    # concise caught up on both turns at once, then followed the reply token by token
+    prompt = chat.last.prompt_ids
+    assert_arm_holds(chat, "concise", [prompt] + one_by_one(chat.seq.tokens[len(prompt):]))
 
 
-def test_old_turns_leave_the_prompt_when_the_context_is_full(smollm2):
-    s = session(smollm2, n_ctx=256, max_tokens=40, system="Answer kindly.")
+def test_positive_switched_off_is_not_stepped_and_catches_up_when_back_on(chat):
+    """Only positive changes (concise stays at the preset's 0)."""
+    positive = arm(chat, "positive").context
+    chat.reply("Tell me about a rainy afternoon.")
+    first_prompt = len(chat.last.prompt_ids)
+    assert chat.command("/alpha positive=0") == "positive = 0  (off)\nconcise = 0  (off)"
+    chat.reply(SECOND)
+    off = retried(chat)
+    assert off.settings["alphas"] == {"positive": 0.0, "concise": 0.0}
+    missed = chat.seq.behind(positive)  # it holds the first turn only
+    assert first_prompt < missed < chat.seq.behind(chat.engine.base) == len(chat.seq.tokens)
+    assert chat.command("/alpha positive=1") == "positive = 1\nconcise = 0  (off)"
+    on = retried(chat)
+    assert on.settings["alphas"] == {"positive": 1.0, "concise": 0.0}
+    assert chat.seq.behind(positive) == chat.seq.behind(chat.engine.base) == len(chat.seq.tokens)
+    assert on.reply != off.reply
+    # positive: the first prompt, its reply token by token, then what it missed at once, then
+    # this reply token by token
+    tokens, prompt = chat.seq.tokens, chat.last.prompt_ids
+    assert_arm_holds(chat, "positive", [tokens[:first_prompt]]
+                     + one_by_one(tokens[first_prompt:missed]) + [tokens[missed:len(prompt)]]
+                     + one_by_one(tokens[len(prompt):]))
+
+
+def test_old_turns_leave_the_prompt_when_the_context_is_full():
+    s = session("-c", "256", "-n", "40", "--system", "Answer kindly.")
     notes = []
     long = "Please tell me, in detail, everything about keeping houseplants alive in winter. "
     try:
