@@ -22,6 +22,7 @@ import numpy as np
 # indexing a vocabulary-sized arange on every token before the first filter narrows the set.
 Candidates = tuple["np.ndarray | None", np.ndarray]
 Sampler = Callable[[np.ndarray, np.random.Generator], int]
+MAX_TEMPERATURE = 1e4
 
 
 def greedy(logprobs: np.ndarray) -> int:
@@ -110,6 +111,9 @@ class SamplingSettings:
         """Raise ValueError naming the first setting out of range."""
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:  # float32 scores divided by it would underflow
+            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g} (every candidate "
+                             f"is then about equally likely), got {self.temperature:g}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):

@@ -36,6 +36,8 @@ GENERATE = [
     (["--temperature", "nan", "hi"], None, 1, "--temperature must be a finite number >= 0, got "
      "nan"),
     (["--temperature", "-inf", "hi"], None, 1, "--temperature must be a finite number >= 0"),
+    (["--temperature", "1e308", "hi"], None, 1, "--temperature must be at most 10000 (every "
+     "candidate is then about equally likely), got 1e+308"),
     (["--top-k", "-1", "hi"], None, 1, "--top-k must be >= 0 (0 turns it off), got -1"),
     (["--top-p", "nan", "hi"], None, 1, "--top-p must be in (0, 1] (1 turns it off), got nan"),
     (["--min-p", "2", "hi"], None, 1, "--min-p must be in [0, 1] (0 turns it off), got 2.0"),
