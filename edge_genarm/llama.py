@@ -35,13 +35,13 @@ _log_state = {"verbose": False, "recent": [], "capture": None}
 @C.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
-    if _log_state["capture"] is not None:
-        _log_state["capture"].append(message)
-    if _log_state["verbose"]:
-        sys.stderr.write(message)
-        sys.stderr.flush()
     if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
         _log_state["recent"] = (_log_state["recent"] + [message.strip()])[-5:]
+    if _log_state["capture"] is not None:  # a dry run's sizes, not shown even with --verbose
+        _log_state["capture"].append(message)
+    elif _log_state["verbose"]:
+        sys.stderr.write(message)
+        sys.stderr.flush()
 
 
 C.llama_log_set(_log_callback, ctypes.c_void_p(0))
