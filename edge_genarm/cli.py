@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .errors import UserError
+from .errors import EngineError, UserError
 
 
 def run_command(command: click.Command, args=None, prog_name=None, complete_var=None,
@@ -25,7 +25,7 @@ def run_command(command: click.Command, args=None, prog_name=None, complete_var=
         code = _fail(f"{exc.format_message()}{hint}", 2)
     except click.ClickException as exc:
         code = _fail(exc.format_message(), exc.exit_code)
-    except UserError as exc:
+    except (UserError, EngineError) as exc:
         code = _fail(str(exc), 1)
     except (KeyboardInterrupt, click.Abort):
         code = _fail("interrupted", 130)

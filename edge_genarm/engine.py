@@ -6,9 +6,13 @@ Contract:
   attached), and refuses pairs whose vocabularies differ.
 - A `Sequence` holds one conversation's token ids and, per context, how many of them that
   context's KV cache holds. Several sequences (one sequence id each) can live in one engine.
-- `Engine.advance(seqs, new_tokens)` appends tokens to sequences, brings the base and every ARM
-  whose alpha is not 0 up to date (an ARM switched back on catches up on what it missed) and
-  returns guided log-probs, one row per sequence. Every model step happens in that function.
+- `Engine.step(seqs, new_tokens, weights)` appends tokens to sequences, brings the base and,
+  for each ARM, the rows whose weight for it is not 0 up to date (an ARM switched back on catches
+  up on what it missed) and returns guided scores, one row per sequence, each row with its own
+  ARM weights. `advance` is `step` with the ARMs' own alphas for every row. Every model step
+  happens in `step`.
+- `fork(src, dsts)` and `copy_prefix(src, dst, n)` give sequences the cache of another without
+  decoding it again (llama_memory_seq_cp in every context that holds it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Iterator, Sequence as Seq
 import numpy as np
 
 from . import guidance, memory
-from .errors import ContextFullError, IncompatibleModelsError, ModelFileError
+from .errors import ContextFullError, IncompatibleModelsError, ModelFileError, UserError
 from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 
@@ -74,6 +78,7 @@ class Engine:
         self.n_vocab = guidance.common_vocab_size(
             [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
         self.n_ctx = base.n_ctx
+        self.n_seq_max = base.settings.n_seq_max
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +145,44 @@ class Engine:
             ctx.seq_remove(seq_id)
         return Sequence(seq_id)
 
+    def release(self, seq: Sequence) -> None:
+        """Forget a sequence's cache in every context (its id may then serve another)."""
+        for ctx in self._contexts():
+            ctx.seq_remove(seq.seq_id)
+        seq.tokens.clear()
+        seq.n_past.clear()
+
+    def copy_prefix(self, src: Sequence, dst: Sequence, n: int) -> None:
+        """Make dst's first n tokens those of src, copying whatever part of them each context
+        holds; a context that holds fewer catches up when dst is next stepped."""
+        self.release(dst)
+        dst.tokens = list(src.tokens[:n])
+        for ctx in self._contexts():
+            held = min(n, src.behind(ctx))
+            if held:
+                ctx.seq_copy(src.seq_id, dst.seq_id, 0, held)
+            dst.n_past[id(ctx)] = held
+
+    def fork(self, src: Sequence, dsts: Seq[Sequence]) -> None:
+        """Each of dsts becomes a copy of src (tokens and every context's cache)."""
+        for dst in dsts:
+            self.copy_prefix(src, dst, len(src.tokens))
+
+    def weights(self, overrides: dict[str, float] | None = None) -> np.ndarray:
+        """ARM weights in the engine's ARM order: the ARMs' own alphas, with `overrides` by
+        name; an unknown name or a weight that is not finite is refused."""
+        out = np.array([a.alpha for a in self.arms], dtype=np.float32)
+        for name, value in (overrides or {}).items():
+            names = [a.name for a in self.arms]
+            if name not in names:
+                raise UserError(f"no ARM named {name!r}; the ARMs are {', '.join(names) or 'none'}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                    not np.isfinite(value):
+                raise UserError(f"the weight of ARM {name!r} must be a finite number, "
+                                f"not {value!r}")
+            out[names.index(name)] = value
+        return out
+
     def truncate(self, seq: Sequence, n: int) -> None:
         """Keep the first n tokens of a sequence, in its list and in every KV cache."""
         del seq.tokens[n:]
@@ -168,18 +211,32 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------------
     def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
-        """Append tokens and return guided log-probs for each sequence's next token."""
+        """`step` with the ARMs' own alphas for every sequence; one row per sequence, or a
+        single row when one sequence is given."""
+        weights = np.tile(self.weights(), (len(seqs), 1))
+        rows = self.step(seqs, new_tokens, weights)
+        return rows if len(seqs) > 1 else rows[0]
+
+    def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]],
+             weights: np.ndarray) -> np.ndarray:
+        """Append tokens; return guided scores for each sequence's next token (rows x vocab).
+
+        weights[r, i] is row r's weight for ARM i: an ARM context decodes only the rows whose
+        weight for it is not 0, so requests with different weights share one batch.
+        """
         for seq, toks in zip(seqs, new_tokens):
             if len(seq.tokens) + len(toks) > self.n_ctx:
                 raise ContextFullError(
                     f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
                     f"{self.n_ctx}; raise --ctx-size or shorten the input")
             seq.tokens.extend(toks)
-        base_logits = self._catch_up(self.base, seqs)
-        active = self.active_arms()
-        arm_logits = [self._catch_up(arm.context, seqs) for arm in active]
-        return guidance.combine(base_logits, arm_logits, [a.alpha for a in active],
-                                self.n_vocab)
+        guided = np.array(self._catch_up(self.base, seqs)[:, :self.n_vocab], dtype=np.float32)
+        for i, arm in enumerate(self.arms):
+            rows = np.flatnonzero(weights[:, i])
+            if rows.size:
+                logits = self._catch_up(arm.context, [seqs[r] for r in rows])
+                guidance.add_weighted(guided, rows, weights[rows, i], logits)
+        return guided
 
     def _catch_up(self, ctx: Context, seqs: Seq[Sequence]) -> np.ndarray:
         entries = []
@@ -192,7 +249,7 @@ class Engine:
         logits = ctx.decode(entries)
         for seq in seqs:
             seq.n_past[id(ctx)] = len(seq.tokens)
-        return logits if len(seqs) > 1 else logits[0]
+        return logits if logits.ndim == 2 else logits[None]
 
     def _contexts(self) -> list[Context]:
         return [self.base] + [a.context for a in self.arms]

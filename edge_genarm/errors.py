@@ -21,6 +21,10 @@ class ContextFullError(UserError):
     """The sequence no longer fits the context window."""
 
 
+class EngineError(Exception):
+    """A failure inside llama.cpp (a decode that errs): not the user's input, unlike UserError."""
+
+
 class ConversionError(UserError):
     """A checkpoint or adapter that cannot be converted as asked."""
 

@@ -62,3 +62,18 @@ def combine(base_logits: np.ndarray, arm_logits: Sequence[np.ndarray],
         if alpha != 0.0:
             guided += np.float32(alpha) * logits[..., :n]
     return guided
+
+
+def add_weighted(guided: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                 logits: np.ndarray) -> None:
+    """guided[rows[j]] += weights[j] * logits[j] over guided's vocabulary, in place.
+
+    One ARM's contribution when only some rows use it (each row its own weight); `logits` holds
+    the ARM's rows for `rows` only, and may be longer than guided's (padding is left out).
+    """
+    n = guided.shape[-1]
+    scaled = np.asarray(weights, dtype=np.float32)[:, None] * logits[:, :n]
+    if rows.size == guided.shape[0]:  # every row, in order: no gather/scatter copy
+        guided += scaled
+    else:
+        guided[rows] += scaled

@@ -23,7 +23,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from .errors import ContextFullError, ModelFileError, UserError, plural
+from .errors import ContextFullError, EngineError, ModelFileError, UserError, plural
 
 # ---------------------------------------------------------------------------------------------
 # logging: llama.cpp logs to stderr by default; keep it quiet unless asked, but remember the last
@@ -349,6 +349,7 @@ class Context:
             if C.llama_set_adapters_lora(ptr, adapters, 1, scales) != 0:
                 raise ModelFileError(f"llama.cpp could not set the LoRA adapter {adapter.path}")
         self._batch = _Batch(self.n_batch)
+        self.n_decoded = 0  # tokens fed to this context so far (prompt reuse shows here)
 
     # -- KV cache -------------------------------------------------------------------------------
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
@@ -357,6 +358,10 @@ class Context:
 
     def seq_copy(self, src: int, dst: int, start: int = 0, end: int = -1) -> None:
         C.llama_memory_seq_cp(self.memory, src, dst, start, end)
+
+    def seq_end(self, seq_id: int) -> int:
+        """One past the last position this context holds for a sequence (0: none)."""
+        return int(C.llama_memory_seq_pos_max(self.memory, seq_id)) + 1
 
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)
@@ -372,6 +377,7 @@ class Context:
                 for seq, toks, pos in entries for j, tok in enumerate(toks)]
         if not flat:
             raise ValueError("decode needs at least one token")
+        self.n_decoded += len(flat)
         rows: list[np.ndarray] = []
         for start in range(0, len(flat), self.n_batch):
             chunk = flat[start:start + self.n_batch]
@@ -381,8 +387,8 @@ class Context:
                 raise ContextFullError(
                     f"the context of {self.n_ctx} tokens is full; raise --ctx-size")
             if code != 0:
-                raise UserError(f"llama.cpp failed to decode a batch (code {code}): "
-                                f"{last_log_error()}")
+                raise EngineError(f"llama.cpp failed to decode a batch (code {code}): "
+                                  f"{last_log_error()}")
             if n_out:
                 view = self._output_rows(self._batch.output_index(n_out))
                 last_chunk = start + self.n_batch >= len(flat)

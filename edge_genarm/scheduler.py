@@ -1,0 +1,327 @@
+"""The request scheduler: requests in, events out, one llama.cpp batch per context per step.
+
+Contract:
+- `Scheduler(engine)` owns the engine's sequence ids (`engine.n_seq_max` of them). `submit`
+  checks a `Request` at once (an unknown ARM name, a bad value, a prompt that leaves no room in
+  the context raise `UserError`) and returns a `Handle`; `cancel(handle)` ends a request, its
+  sequences freed at the start of the next step. Both are safe from other threads while one
+  thread calls `step()`.
+- `step()` admits waiting requests (first come, first served) while sequence ids are free, then
+  decodes every live sequence's new tokens in one batch per context: each row with its own
+  request's ARM weights (an ARM context decodes only the rows that use it), sampled with its
+  own request's sampler and random generator. It returns that step's `Event`s: one per new
+  token, the last of each answer with its finish reason and `Usage`.
+- Shared prefixes: a prompt that starts with tokens another sequence holds (a live one, or a
+  finished one kept while its id is idle) copies them instead of decoding them again.
+- `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
+  the answer that the same request alone with seed + j gives.
+- Errors belong to one request: an answer that outgrows the context ends with finish reason
+  "context_full" and the others go on; a failure inside llama.cpp raises `EngineError` (not a
+  `UserError`), for a server to tell a 500 from a 400.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from . import guidance
+from .engine import Engine, Sequence
+from .errors import UserError
+from .generation import TextStream
+from .sampling import SamplingSettings, make_sampler
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    arms: Mapping[str, float] = field(default_factory=dict)  # weights by name; others: default
+    n: int = 1
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k others'
+
+
+@dataclass
+class Usage:
+    """One answer's record, with OpenAI's names where OpenAI has one."""
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0             # prompt tokens copied from another sequence's cache
+    time_to_first_token: float = 0.0   # seconds from submit to the first token
+    tokens_per_second: float = 0.0     # tokens after the first over the time since the first
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float                            # under the guided distribution, normalised
+    top: tuple[tuple[int, float], ...] = ()   # the most likely tokens and theirs
+
+
+@dataclass
+class Event:
+    handle: "Handle"
+    index: int                 # which of the request's n answers
+    token: int | None          # None on a closing event without a token
+    text: str                  # text that became final with this token
+    finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
+    usage: Usage | None = None  # on the answer's last event
+
+
+class Handle:
+    """A submitted request: what the caller holds to read its events or cancel it."""
+
+    def __init__(self, request: Request, weights: np.ndarray, submitted: float):
+        self.request, self.weights, self.submitted = request, weights, submitted
+        self.finished = 0  # answers that have ended
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.request.n
+
+
+@dataclass
+class _Slot:
+    """One answer being generated: its sequence, sampler state and text so far."""
+    handle: Handle
+    index: int
+    seq: Sequence
+    pending: list[int]
+    text: TextStream
+    rng: np.random.Generator
+    usage: Usage
+    forks: list[Sequence] = field(default_factory=list)  # ids held for n > 1, filled after prefill
+    tokens: list[int] = field(default_factory=list)
+    t_first: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._waiting: deque[Handle] = deque()
+        self._cancelled: set[Handle] = set()
+        self._slots: list[_Slot] = []
+        self._free = [Sequence(i) for i in reversed(range(engine.n_seq_max))]
+        self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
+        self._samplers: dict[SamplingSettings, object] = {}
+
+    # -- from any thread --------------------------------------------------------------------
+    def submit(self, request: Request) -> Handle:
+        engine = self.engine
+        weights = engine.weights(dict(request.arms))
+        if not request.prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(request.prompt_ids) >= engine.n_ctx:
+            raise UserError(f"the prompt is {len(request.prompt_ids)} tokens but the context "
+                            f"holds {engine.n_ctx}; shorten the prompt or raise --ctx-size")
+        if not 1 <= request.n <= engine.n_seq_max:
+            raise UserError(f"n must be between 1 and {engine.n_seq_max} (the parallel "
+                            f"sequences), got {request.n}")
+        if request.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
+                            f"{request.logprobs}")
+        try:
+            request.sampling.validate()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        handle = Handle(request, weights, time.perf_counter())
+        with self._lock:
+            self._waiting.append(handle)
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        with self._lock:
+            self._cancelled.add(handle)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._slots or self._waiting)
+
+    # -- the stepping thread ------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drop_cancelled(events)
+        self._admit(events)
+        for slot in [s for s in self._slots if len(s.seq.tokens) + len(s.pending) >
+                     self.engine.n_ctx]:
+            self._finish(slot, "context_full", events)
+        if not self._slots:
+            return events
+        slots = list(self._slots)
+        weights = np.stack([s.handle.weights for s in slots])
+        rows = self.engine.step([s.seq for s in slots], [s.pending for s in slots], weights)
+        now = time.perf_counter()
+        for slot, row in zip(slots, rows):
+            for child in self._fork(slot):
+                self._sample(child, row, now, events)
+            self._sample(slot, row, now, events)
+        return events
+
+    def run(self, handles: Iterable[Handle] = ()) -> Iterator[Event]:
+        """Step until every given handle (every request, if none given) is done."""
+        handles = list(handles)
+        while (not all(h.done for h in handles)) if handles else self.busy:
+            yield from self.step()
+
+    # -- admission, forks, finishing ----------------------------------------------------------
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            for handle in cancelled:
+                if handle in self._waiting:
+                    self._waiting.remove(handle)
+                    handle.finished = handle.request.n
+        for slot in [s for s in self._slots if s.handle in cancelled]:
+            self._finish(slot, "cancelled", events, keep=False)
+        for handle in cancelled:  # answers not forked yet end with their first
+            handle.finished = handle.request.n
+
+    def _admit(self, events: list[Event]) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting[0]
+                if handle.request.n > len(self._free) + len(self._idle):
+                    return
+                donor, shared = self._best_prefix(list(handle.request.prompt_ids))
+                if donor is not None and donor.behind(self.engine.base) < shared:
+                    return  # its prefix is being decoded this step: copy it next step
+                self._waiting.popleft()
+            self._start(handle, donor, shared, events)
+
+    def _start(self, handle: Handle, donor: Sequence | None, shared: int,
+               events: list[Event]) -> None:
+        request = handle.request
+        prompt = list(request.prompt_ids)
+        if donor is not None and donor.seq_id in self._idle:
+            seq = self._idle.pop(donor.seq_id)   # take the idle sequence over: no copy
+            self.engine.truncate(seq, shared)
+        else:
+            seq = self._acquire()
+            if donor is not None:
+                self.engine.copy_prefix(donor, seq, shared)
+        forks = [self._acquire() for _ in range(request.n - 1)]
+        usage = Usage(prompt_tokens=len(prompt), cached_tokens=shared)
+        slot = _Slot(handle, 0, seq, prompt[shared:], TextStream(self.engine, request),
+                     np.random.default_rng(request.seed), usage, forks)
+        answers = [slot] + (self._children(slot) if request.max_tokens == 0 else [])
+        self._slots.extend(answers)
+        for answer in answers if request.max_tokens == 0 else []:
+            self._finish(answer, "length", events)
+
+    def _best_prefix(self, prompt: list[int]) -> tuple[Sequence | None, int]:
+        """The sequence whose tokens (a live one's: with those it is about to decode) start
+        like prompt for longest; one prompt token is always left to feed."""
+        best, best_n = None, 0
+        candidates = [(s.seq, s.seq.tokens + s.pending) for s in self._slots] + \
+            [(seq, seq.tokens) for seq in self._idle.values()]
+        for seq, tokens in candidates:
+            n = _common_prefix(tokens, prompt, len(prompt) - 1)
+            if n > best_n:
+                best, best_n = seq, n
+        return best, best_n
+
+    def _acquire(self) -> Sequence:
+        if not self._free:  # the least recently finished idle sequence gives its id up
+            _, seq = self._idle.popitem(last=False)
+            self.engine.release(seq)
+            return seq
+        return self._free.pop()
+
+    def _children(self, slot: _Slot) -> list[_Slot]:
+        """Slots for answers 1..n-1, on the sequences held for them."""
+        request, children = slot.handle.request, []
+        for j, seq in enumerate(slot.forks, start=1):
+            children.append(_Slot(slot.handle, j, seq, [], TextStream(self.engine, request),
+                                  np.random.default_rng(request.seed + j),
+                                  Usage(slot.usage.prompt_tokens, 0, slot.usage.cached_tokens)))
+        slot.forks = []
+        return children
+
+    def _fork(self, slot: _Slot) -> list[_Slot]:
+        """After the prompt's one decode, answers 1..n-1 take a copy of its cache."""
+        if not slot.forks:
+            return []
+        self.engine.fork(slot.seq, slot.forks)
+        children = self._children(slot)
+        self._slots.extend(children)
+        return children
+
+    def _sample(self, slot: _Slot, row: np.ndarray, now: float, events: list[Event]) -> None:
+        request = slot.handle.request
+        sampler = self._samplers.get(request.sampling)
+        if sampler is None:
+            sampler = self._samplers[request.sampling] = make_sampler(request.sampling)
+        token = sampler(row, slot.rng)
+        if not slot.tokens:
+            slot.t_first = now
+            slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
+        slot.tokens.append(token)
+        slot.pending = [token]
+        logprob = _logprob(row, token, request.logprobs) if request.logprobs is not None \
+            else None
+        piece, finish = slot.text.push(token)
+        event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
+        events.append(event)
+        if finish:
+            self._finish(slot, finish, events, event=event)
+
+    def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
+                event: Event | None = None) -> None:
+        """End an answer: its last event gets the reason and usage; its sequence goes idle
+        (cache kept for a later prompt that starts the same way) or, cancelled, free."""
+        if event is None:
+            event = Event(slot.handle, slot.index, None, slot.text.close())
+            events.append(event)
+        usage = slot.usage
+        usage.completion_tokens = len(slot.tokens)
+        steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
+        usage.tokens_per_second = round(steps / elapsed, 3) if steps > 0 and elapsed > 0 else 0.0
+        usage.finish_reason = event.finish_reason = reason
+        event.usage = usage
+        self._slots.remove(slot)
+        slot.handle.finished += 1
+        for seq in [slot.seq] + slot.forks:
+            if keep and seq is slot.seq and seq.tokens:
+                self._idle[seq.seq_id] = seq
+            else:
+                self.engine.release(seq)
+                self._free.append(seq)
+        slot.forks = []
+
+
+def _logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-prob and the top alternatives, over the guided distribution."""
+    logprobs = guidance.log_softmax(row)
+    best = np.argpartition(-logprobs, top)[:top] if 0 < top < logprobs.size else \
+        np.arange(logprobs.size if top else 0)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprob(int(token), float(logprobs[token]),
+                        tuple((int(i), float(logprobs[i])) for i in best))
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n, limit = 0, min(len(a), len(b), limit)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,242 @@
+"""The request scheduler on real llama.cpp contexts.
+
+Tiny F32 models with an F32 cache (`exact`) make batched and one-row kernels agree to about 1e-5,
+so there a request's tokens in a mixed batch must equal the same request alone, exactly; the demo
+preset (8-bit weights) is held to the near-tie rule of the batch tests.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import make_engine, reference_log_softmax
+from edge_genarm.errors import UserError
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
+
+GREEDY = SamplingSettings(greedy=True)
+
+
+def sampling(t: float) -> SamplingSettings:
+    return SamplingSettings(temperature=t, top_k=0, top_p=1.0, min_p=0.0) if t else GREEDY
+
+
+@pytest.fixture
+def engine(tiny):
+    with make_engine(tiny.base, [(tiny.lora, 0.0), (tiny.arm, 0.0)], n_seq_max=8,
+                     n_ctx=128) as e:
+        yield e
+
+
+def ids(engine, text: str) -> tuple[int, ...]:
+    return tuple(engine.model.tokenize(text, add_special=True))
+
+
+def answers(scheduler, handles) -> dict:
+    out = {(h, i): [] for h in handles for i in range(h.request.n)}
+    usage = {}
+    for event in scheduler.run(handles):
+        if event.token is not None:
+            out[(event.handle, event.index)].append(event.token)
+        if event.usage is not None:
+            usage[(event.handle, event.index)] = event.usage
+    return {k: (v, usage[k]) for k, v in out.items()}
+
+
+def alone(tiny, request: Request) -> list[int]:
+    with make_engine(tiny.base, [(tiny.lora, 0.0), (tiny.arm, 0.0)], n_ctx=128) as e:
+        s = Scheduler(e)
+        h = s.submit(request)
+        return answers(s, [h])[(h, 0)][0]
+
+
+MIXED = [({}, 0.0, 1), ({"lora": 0.5}, 0.7, 2), ({"lora": 1.0}, 1.0, 3), ({"lora": 2.0}, 0.0, 4),
+         ({"lora": -1.0}, 1.3, 5), ({"lora": 1.0, "arm": 0.5}, 0.9, 6), ({"arm": 2.0}, 0.0, 7),
+         ({"lora": 0.5, "arm": -1.0}, 1.1, 8)]
+TEXTS = ["Hello world", "The weather today is", "Once upon a time", "My favourite food",
+         "In the morning I", "Numbers: 1 2 3", "A quick brown fox", "Dear friend,"]
+
+
+def mixed_requests(engine) -> list[Request]:
+    return [Request(ids(engine, text), sampling(t), max_tokens=16, seed=seed, arms=arms)
+            for text, (arms, t, seed) in zip(TEXTS, MIXED)]
+
+
+def test_a_mixed_batch_gives_each_request_its_own_answer(tiny, engine):
+    """Eight requests with their own ARM weights (0, 0.5, 1, 2, -1, two ARMs at once),
+    temperatures and seeds share every step; each answer equals the request run alone."""
+    scheduler = Scheduler(engine)
+    requests = mixed_requests(engine)
+    handles = [scheduler.submit(r) for r in requests]
+    got = answers(scheduler, handles)
+    distinct = set()
+    for h, r in zip(handles, requests):
+        tokens, usage = got[(h, 0)]
+        assert tokens == alone(tiny, r), r.arms
+        assert usage.completion_tokens == len(tokens) and usage.finish_reason in ("stop",
+                                                                                 "length")
+        distinct.add(tuple(tokens))
+    assert len(distinct) == len(requests)
+
+
+def test_the_same_prompt_with_other_weights_gives_other_answers(engine):
+    scheduler = Scheduler(engine)
+    prompt = ids(engine, "Hello world")
+    handles = [scheduler.submit(Request(prompt, GREEDY, max_tokens=12, arms={"lora": w}))
+               for w in (0.0, 2.0, -2.0)]
+    got = answers(scheduler, handles)
+    assert len({tuple(got[(h, 0)][0]) for h in handles}) == 3
+
+
+def test_cancelling_one_leaves_the_others_and_frees_its_cells_at_once(tiny, engine):
+    scheduler = Scheduler(engine)
+    requests = mixed_requests(engine)[:4]
+    handles = [scheduler.submit(r) for r in requests]
+    tokens = {h: [] for h in handles}
+    for _ in range(5):
+        for event in scheduler.step():
+            if event.token is not None:
+                tokens[event.handle].append(event.token)
+    victim = handles[1]
+    seq_id = next(s.seq.seq_id for s in scheduler._slots if s.handle is victim)
+    assert engine.base.seq_end(seq_id) > 0
+    scheduler.cancel(victim)
+    late = scheduler.submit(Request(ids(engine, "Hello"), GREEDY, max_tokens=4))
+    events = scheduler.step()
+    assert [e.finish_reason for e in events if e.handle is victim] == ["cancelled"]
+    assert victim.done
+    assert engine.base.seq_end(seq_id) == 0 or any(  # its cells were freed, and may be reused
+        s.seq.seq_id == seq_id and s.handle is late for s in scheduler._slots)
+    for event in events + list(scheduler.run()):
+        if event.token is not None and event.handle in tokens:
+            tokens[event.handle].append(event.token)
+    for h, r in zip(handles, requests):
+        if h is not victim:
+            assert tokens[h] == alone(tiny, r)
+    assert late.done
+
+
+def test_n_answers_decode_the_prompt_once_and_each_equals_its_own_seed(tiny, engine):
+    scheduler = Scheduler(engine)
+    prompt = ids(engine, "The weather today is")
+    request = Request(prompt, sampling(1.0), max_tokens=12, seed=40, n=4, arms={"lora": 1.0})
+    handle = scheduler.submit(request)
+    before = engine.base.n_decoded
+    events = scheduler.step()
+    assert engine.base.n_decoded - before == len(prompt)  # one prefill for the four answers
+    assert sorted(e.index for e in events) == [0, 1, 2, 3]
+    got = answers(scheduler, [handle])
+    for e in events:
+        got[(handle, e.index)][0].insert(0, e.token)
+    texts = set()
+    for j in range(4):
+        own = alone(tiny, Request(prompt, sampling(1.0), max_tokens=12, seed=40 + j,
+                                  arms={"lora": 1.0}))
+        assert got[(handle, j)][0] == own
+        texts.add(tuple(own))
+    assert len(texts) == 4
+
+
+def test_a_shared_prefix_is_copied_not_decoded_again(tiny, engine):
+    scheduler = Scheduler(engine)
+    system = "You are a helpful assistant. Answer briefly and kindly. "
+    first = Request(ids(engine, system + "Hello"), GREEDY, max_tokens=8, arms={"lora": 1.0})
+    second = Request(ids(engine, system + "Goodbye"), GREEDY, max_tokens=8, arms={"arm": 1.0})
+    shared = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids))
+                  if a != b)
+    h1, h2 = scheduler.submit(first), scheduler.submit(second)
+    before = engine.base.n_decoded
+    got = answers(scheduler, [h1, h2])
+    assert got[(h2, 0)][1].cached_tokens == shared > 10
+    prefill = len(first.prompt_ids) + len(second.prompt_ids) - shared
+    steps = sum(len(got[(h, 0)][0]) - 1 for h in (h1, h2))
+    assert engine.base.n_decoded - before == prefill + steps
+    assert got[(h1, 0)][0] == alone(tiny, first)
+    assert got[(h2, 0)][0] == alone(tiny, second)  # the ARM context caught up on the prefix
+
+
+def test_a_finished_conversation_is_reused_by_its_next_turn(engine):
+    scheduler = Scheduler(engine)
+    turn1 = ids(engine, "Hello there")
+    h1 = scheduler.submit(Request(turn1, GREEDY, max_tokens=6))
+    reply = answers(scheduler, [h1])[(h1, 0)][0]
+    turn2 = turn1 + tuple(reply) + tuple(engine.model.tokenize(" And then?", False))
+    h2 = scheduler.submit(Request(turn2, GREEDY, max_tokens=6))
+    got = answers(scheduler, [h2])
+    assert got[(h2, 0)][1].cached_tokens == len(turn1) + len(reply) - 1
+
+
+def test_logprobs_are_the_guided_distributions(engine):
+    scheduler = Scheduler(engine)
+    prompt = ids(engine, "Hello world")
+    request = Request(prompt, GREEDY, max_tokens=3, arms={"lora": 1.5}, logprobs=3)
+    handle = scheduler.submit(request)
+    events = [e for e in scheduler.run([handle]) if e.token is not None]
+    weights = engine.weights({"lora": 1.5})
+    seq = engine.new_sequence(7)
+    row = engine.step([seq], [list(prompt)], weights[None])[0]
+    lp = reference_log_softmax(row)
+    first = events[0].logprob
+    assert first.token == int(np.argmax(lp))
+    assert abs(first.logprob - lp[first.token]) < 1e-4
+    assert [t for t, _ in first.top] == list(np.argsort(-lp)[:3])
+    assert all(abs(v - lp[t]) < 1e-4 for t, v in first.top)
+
+
+def test_an_answer_that_outgrows_the_context_ends_alone(engine):
+    scheduler = Scheduler(engine)
+    long_prompt = ids(engine, "word " * 100)
+    short = Request(ids(engine, "Hi"), GREEDY, max_tokens=40)
+    h_long = scheduler.submit(Request(long_prompt, GREEDY, max_tokens=100))
+    h_short = scheduler.submit(short)
+    got = answers(scheduler, [h_long, h_short])
+    assert got[(h_long, 0)][1].finish_reason == "context_full"
+    assert len(long_prompt) + len(got[(h_long, 0)][0]) == engine.n_ctx + 1
+    assert got[(h_short, 0)][1].finish_reason == "length"
+
+
+def test_bad_requests_are_refused_at_submit(engine):
+    scheduler = Scheduler(engine)
+    prompt = ids(engine, "Hi")
+    cases = [(Request(prompt, arms={"nosuch": 1.0}), "no ARM named 'nosuch'; the ARMs are lora, "
+              "arm"),
+             (Request(prompt, arms={"lora": float("nan")}), "the weight of ARM 'lora' must be a "
+              "finite number"),
+             (Request(ids(engine, "word " * 200)), "the prompt is 201 tokens but the context "
+              "holds 128"),
+             (Request(prompt, n=9), "n must be between 1 and 8"),
+             (Request(prompt, logprobs=50), "top logprobs must be between 0 and 20"),
+             (Request(prompt, sampling=SamplingSettings(top_p=0)), "top-p must be in (0, 1]")]
+    for request, message in cases:
+        with pytest.raises(UserError, match=None) as err:
+            scheduler.submit(request)
+        assert str(err.value).startswith(message), str(err.value)
+    assert not scheduler.busy
+
+
+def test_submit_and_cancel_from_another_thread_while_stepping(engine):
+    scheduler = Scheduler(engine)
+    prompt = ids(engine, "Hello world")
+    handles, done = [], threading.Event()
+
+    def client():
+        for k in range(6):
+            handles.append(scheduler.submit(Request(prompt, GREEDY, max_tokens=8, seed=k)))
+        scheduler.cancel(handles[2])
+        done.set()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    finished = set()
+    for _ in range(500):  # bounded: every request ends long before
+        for event in scheduler.step():
+            if event.finish_reason:
+                finished.add((event.handle, event.finish_reason))
+        if done.is_set() and not scheduler.busy:
+            break
+    thread.join(timeout=10)
+    assert len(handles) == 6 and all(h.done for h in handles)
+    assert {r for h, r in finished if h is not handles[2]} <= {"length", "stop"}
