@@ -5,8 +5,12 @@ through peft by default, every weight with `full=True`) on
     loss = -log sigmoid(beta * (log pi(chosen | prompt) - log pi(rejected | prompt)))
 with log pi the sum (or, with length_norm, the mean) of the response tokens' log-probs and no
 reference model, as GenARM trains its ARMs. It checkpoints to out_dir/checkpoint every
-`save_every` optimizer steps and at the end of each epoch; `resume=True` continues from there
-with the same data order. `on_step(step, total, loss, accuracy)` reports progress.
+`save_every` optimizer steps and at the end of each epoch (state.pt written beside and renamed,
+so a kill at any instant leaves the previous checkpoint whole); `resume=True` continues from
+there with the same data order, optimizer, schedule and random state, so that a run killed and
+resumed ends as an uninterrupted one. A fresh start clears the checkpoint and records `settings`
+(what a resume must match) in checkpoint/settings.json. An optimizer step takes `grad_accum`
+batches, the last of an epoch fewer. `on_step(step, total, loss, accuracy)` reports progress.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..errors import UserError
 from .data import Pair
 
 CHECKPOINT = "checkpoint"
+SETTINGS = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ def load_model(base_dir: Path, config: TrainConfig):
 
 def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
           pad_id: int = 0, resume: bool = False,
-          on_step: Callable[[int, int, float, float], None] | None = None):
+          on_step: Callable[[int, int, float, float], None] | None = None,
+          settings: dict | None = None):
     import torch
     import transformers
 
@@ -128,7 +134,7 @@ def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     per_epoch = math.ceil(len(train_pairs) / config.batch_size)
-    total = math.ceil(per_epoch * config.epochs / config.grad_accum)
+    total = steps_per_epoch(per_epoch, config.grad_accum) * config.epochs
     scheduler = transformers.get_scheduler(config.schedule, optimizer,
                                            num_warmup_steps=int(config.warmup * total),
                                            num_training_steps=total)
@@ -144,6 +150,8 @@ def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
         result = TrainResult(**state["result"])
         start_batch = state["batch"]
         torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
+    else:
+        start_fresh(out_dir / CHECKPOINT, settings or {})
     t0 = time.perf_counter() - result.seconds
     model.train()
     batch_index = 0
@@ -154,10 +162,13 @@ def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
             batch_index += 1
             if batch_index <= start_batch:
                 continue
-            batch = [train_pairs[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]]
+            size = config.batch_size
+            batch = [train_pairs[i] for i in order[b * size:(b + 1) * size]]
             loss, acc = pair_loss(torch, model, batch, config, pad_id)
-            (loss / config.grad_accum).backward()
-            if batch_index % config.grad_accum == 0 or b == per_epoch - 1:
+            # each step's gradient is the mean over its batches, however many the last one has
+            group = b - b % config.grad_accum
+            (loss / (min(group + config.grad_accum, per_epoch) - group)).backward()
+            if (b + 1) % config.grad_accum == 0 or b == per_epoch - 1:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -175,6 +186,21 @@ def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
     if eval_pairs:
         result.eval_accuracy = evaluate(torch, model, eval_pairs, config, pad_id)
     return model, result
+
+
+def steps_per_epoch(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of `batches`: one per grad_accum batches, and at its end."""
+    return math.ceil(batches / grad_accum)
+
+
+def start_fresh(ckpt_dir: Path, settings: dict) -> None:
+    """Forget any earlier checkpoint, then record the settings this run's checkpoints belong to
+    (none given: none recorded, and a resume has nothing to compare)."""
+    for name in ("state.pt", "state.part", "progress.json", SETTINGS):
+        (ckpt_dir / name).unlink(missing_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if settings:
+        _write_atomic(ckpt_dir / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def evaluate(torch, model, pairs: list[Pair], config: TrainConfig, pad_id: int) -> float:
@@ -207,5 +233,11 @@ def _save(torch, path: Path, model, optimizer, scheduler, result, batch_index) -
                 "scheduler": scheduler.state_dict(), "result": asdict(result),
                 "batch": batch_index, "rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)
-    (path.parent / "progress.json").write_text(json.dumps(
+    _write_atomic(path.parent / "progress.json", json.dumps(
         {"steps": result.steps, "batches": batch_index, "seconds": round(result.seconds, 1)}))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
