@@ -358,6 +358,10 @@ REFUSALS = [
      "supported; supported: "),
     (_with(base="{d}/no_weights"), 1, "{d}/no_weights has no weights (model.safetensors, "
      "pytorch_model.bin or a sharded index)"),
+    (_with(base="{d}/damaged_weights"), 1, "--base {d}/damaged_weights: its weights do not load "
+     "("),
+    (_with(base="{d}/no_tokenizer"), 1, "--base {d}/no_tokenizer has no tokenizer (tokenizer.json "
+     "or tokenizer.model); copy the base's tokenizer files into it"),
     (_with(base="{not_gguf}"), 1, "{not_gguf} is not a GGUF file"),
     (_with(base="{truncated}"), 1, "{truncated} is truncated: tensor "),
     (_with(base="{lora}"), 1, "--base {lora} is a LoRA adapter, not a model; pass the base model "
@@ -401,6 +405,7 @@ REFUSALS = [
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny, tokenizer):
+    from safetensors.torch import save_file
     from tiny_models import TinySpec, write_tiny_model
 
     d = tmp_path_factory.mktemp("train-mistakes")
@@ -410,6 +415,12 @@ def workspace(tmp_path_factory, tiny, tokenizer):
     (d / "gpt2" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     (d / "no_weights").mkdir()
     (d / "no_weights" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    llama = json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    for name in ("damaged_weights", "no_tokenizer"):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(llama)
+    (d / "damaged_weights" / "model.safetensors").write_bytes(b"\x10\x00" + b"?" * 30)
+    save_file({"model.norm.weight": torch.ones(64)}, str(d / "no_tokenizer" / "model.safetensors"))
     (d / "empty.jsonl").write_bytes(b"")
     (d / "blank.jsonl").write_text("\n  \n\n")
     (d / "binary.bin").write_bytes(bytes(range(256)) * 4)

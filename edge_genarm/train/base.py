@@ -66,7 +66,14 @@ def _hf_base(path: Path) -> Base:
                         "model directory or a GGUF file")
     config = read_json(path / "config.json")
     arch_of(config, f"--base {path}")
-    Checkpoint(path)  # the weights are there (sharded ones complete)
+    try:
+        Checkpoint(path)  # the weights are there (sharded ones complete) and their headers read
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors' own errors for a damaged file
+        raise UserError(f"--base {path}: its weights do not load ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); save the model "
+                        "again") from None
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"--base {path} has no tokenizer (tokenizer.json or tokenizer.model); "
                         "copy the base's tokenizer files into it")
