@@ -3,7 +3,9 @@
 Contract: `Checkpoint(directory)` finds the weights (safetensors, sharded or not, or PyTorch .bin
 files loaded with `weights_only=True`, which never unpickles arbitrary objects), checks that
 every shard named by an index is present, and gives `names()` and `get(name)` (float32 NumPy).
-torch is imported here only, and only when a checkpoint is opened.
+A truncated or damaged weights file, and a JSON file that does not parse to an object
+(`read_json`), are refused in one line. torch is imported here only, and only when a checkpoint
+is opened.
 """
 
 from __future__ import annotations
@@ -29,12 +31,31 @@ def _torch():
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; anything else is refused in one line."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConversionError(f"{path} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path} is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON ({exc}); pass the file that "
+                              "save_pretrained wrote") from None
+    except OSError as exc:
+        raise ConversionError(f"{path} cannot be read ({os_reason(exc)})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object; pass "
+                              "the file that save_pretrained wrote")
+    return data
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of a library's message (torch's run to paragraphs)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def os_reason(exc: OSError) -> str:
+    """'permission denied' from an OSError, for messages that name the path themselves."""
+    return (exc.strerror or str(exc)).lower()
 
 
 class Checkpoint:
@@ -62,6 +83,9 @@ class Checkpoint:
 
     def _from_index(self, index: Path) -> None:
         weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ConversionError(f"{index}: weight_map must map tensor names to file names")
         missing = sorted({f for f in weight_map.values() if not (self.dir / f).exists()})
         if missing:
             raise ConversionError(f"{self.dir} lacks {len(missing)} shard(s) that {index.name} "
@@ -78,13 +102,21 @@ class Checkpoint:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                self._open[path] = safe_open(str(path), framework="pt")
+                try:
+                    self._open[path] = safe_open(str(path), framework="pt")
+                except OSError as exc:
+                    raise ConversionError(f"{path} cannot be read ({os_reason(exc)})") from None
+                except Exception as exc:  # SafetensorError: a truncated or damaged file
+                    raise ConversionError(f"{path} is not a readable safetensors file "
+                                          f"({first_line(exc)}); "
+                                          "download or save it again") from None
             else:
                 try:
                     self._open[path] = torch.load(path, map_location="cpu", weights_only=True,
                                                   mmap=True)
                 except Exception as exc:  # weights_only refuses pickled code: say so plainly
-                    raise ConversionError(f"{path} cannot be loaded as plain weights ({exc}); "
+                    raise ConversionError(f"{path} cannot be loaded as plain weights "
+                                          f"({first_line(exc)}); "
                                           "re-save it with safetensors") from None
         return self._open[path]
 

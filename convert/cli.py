@@ -1,15 +1,16 @@
 """`edge-genarm convert` and `python -m convert`: trained ARM checkpoints to GGUF.
 
 SOURCE is a Hugging Face model directory (-> a full GGUF model) or a PEFT LoRA adapter
-directory (-> a GGUF LoRA adapter, or with --merge a full model). Everything is written to a
-hidden file beside --out, quantized and verified there, and renamed to --out only at the end.
+directory (-> a GGUF LoRA adapter, or with --merge a full model). Every argument is checked first
+(checks.py), so a refused command changes no file; an existing --out is replaced only with
+--force. Everything is written to a hidden file beside --out, quantized and verified there, and
+renamed to --out only at the end.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -18,18 +19,22 @@ from edge_genarm.errors import ConversionError
 
 from . import tokenizer as tok
 from .checkpoint import Checkpoint
+from .checks import check_options, check_out, source_kind, staging_file
 from .gguf_out import QTYPES, publishable, write_gguf, write_lora_adapter
 from .lora import Adapter, BaseInfo, base_info_from_dir, base_info_from_gguf
-from .model import plan_model
+from .model import plan_model, read_config
 
 
 @click.command("convert")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The GGUF to write.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), metavar="FILE.gguf",
+              help="The GGUF to write; its folder must exist.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (it is only replaced "
+              "once the new file is complete).")
 @click.option("--outtype", type=click.Choice(sorted(QTYPES)), default=None,
               help="Storage type: f16 for models, f32 for adapters by default.")
 @click.option("--quantize", "quant", metavar="TYPE", help="Quantize the model with llama.cpp "
-              "(Q4_K_M, Q5_K_M, Q8_0, ...).")
+              "(Q4_K_M, Q5_K_M, Q8_0, ...); full models and --merge only.")
 @click.option("--base", type=click.Path(path_type=Path), metavar="GGUF|DIR",
               help="The base an adapter belongs to: its GGUF or Hugging Face directory.")
 @click.option("--merge", is_flag=True, help="Merge a LoRA adapter into --base-model and write a "
@@ -37,25 +42,20 @@ from .model import plan_model
 @click.option("--base-model", type=click.Path(path_type=Path), metavar="DIR",
               help="The base's Hugging Face directory (for --merge, and to --verify an adapter).")
 @click.option("--tokenizer-from", type=click.Path(path_type=Path), metavar="BASE.gguf",
-              help="Take the tokenizer from the base GGUF (checked against the checkpoint's).")
+              help="Take the tokenizer from the base GGUF (checked against the checkpoint's); "
+              "full models and --merge only.")
 @click.option("--verify", is_flag=True, help="Compare with PyTorch on probe prompts and fail "
               "beyond the output type's tolerance.")
-def convert(source, out, outtype, quant, base, merge, base_model, tokenizer_from, verify):
+def convert(source, out, outtype, quant, base, merge, base_model, tokenizer_from, verify,
+            force=False):
     """Convert SOURCE (a Hugging Face model or PEFT LoRA directory) to a GGUF at --out."""
-    if not source.is_dir():
-        raise ConversionError(f"{source} is not a directory; pass a Hugging Face model or PEFT "
-                              "adapter directory")
-    is_adapter = (source / "adapter_config.json").exists()
-    if not is_adapter and not (source / "config.json").exists():
-        raise ConversionError(f"{source} has neither config.json nor adapter_config.json")
-    if merge and not is_adapter:
-        raise ConversionError("--merge applies to a LoRA adapter directory")
-    # a hidden ".part" name: a killed run leaves nothing that looks like a finished GGUF
-    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent or ".")
-    os.close(fd)
-    staging = Path(staging)
+    kind = source_kind(source)
+    check_options(source, kind, outtype, quant, base, merge, base_model, tokenizer_from)
+    check_out(out, force, {"--base": base, "--tokenizer-from": tokenizer_from})
+    # Every check passed: from here on the only file touched is the staging one, until the end.
+    staging = staging_file(out)
     try:
-        if is_adapter and not merge:
+        if kind == "adapter" and not merge:
             report = _adapter(source, staging, outtype or "f32", base, base_model, verify)
         else:
             report = _model(source, staging, outtype or "f16", quant, base_model, tokenizer_from,
@@ -79,14 +79,12 @@ def _model(source, staging, outtype, quant, base_model, tokenizer_from, verify, 
         if model_dir is None:
             raise ConversionError("--merge needs the base's Hugging Face directory: pass "
                                   "--base-model DIR")
+    read_config(model_dir)  # before the tokenizer, whose loader reads config.json too
     ckpt = Checkpoint(model_dir)
     tokenizer = _tokenizer(model_dir, tokenizer_from)
     hook = None
     if adapter is not None:
-        missing = [m for m in adapter.modules
-                   if m.removeprefix("base_model.model.") + ".weight" not in ckpt]
-        if missing:
-            raise ConversionError(f"{model_dir} lacks weights the adapter changes: {missing[0]}")
+        adapter.check_fits(lambda w: ckpt.shape(w) if w in ckpt else None, str(model_dir))
         hook = adapter.merge_hook()
     plan = plan_model(ckpt, tokenizer, outtype, source.name, hook)
     write_gguf(staging, plan.arch.name, plan.add_metadata, plan.tensors, _progress(), staged=True)
@@ -114,15 +112,16 @@ def _adapter(source, staging, outtype, base, base_model, verify):
     if base is None:
         raise ConversionError(f"{source}: name the base it belongs to with --base BASE.gguf or "
                               "--base DIR (its base_model_name_or_path is not a local directory)")
+    torch_dir = base_model or (base if base.is_dir() else adapter.base_hint())
+    if verify and torch_dir is None:
+        raise ConversionError("--verify of an adapter needs the base's Hugging Face directory: "
+                              "pass --base-model DIR")
     info: BaseInfo = base_info_from_dir(base) if base.is_dir() else base_info_from_gguf(base)
+    adapter.check_fits(info.shape, str(base))
     write_lora_adapter(staging, info.arch.name, adapter.gguf_alpha(), adapter.gguf_pairs(info),
                        outtype, source.name, _progress(), staged=True)
     if not verify:
         return None
-    torch_dir = base_model or (base if base.is_dir() else None)
-    if torch_dir is None:
-        raise ConversionError("--verify of an adapter needs the base's Hugging Face directory: "
-                              "pass --base-model DIR")
     from .verify import TOLERANCE, verify as run_verify
 
     base_gguf = base if not base.is_dir() else _base_gguf(torch_dir, staging)

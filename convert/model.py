@@ -51,6 +51,18 @@ class HParams:
                    tied=bool(config.get("tie_word_embeddings", False)))
 
 
+def hparams(config: dict, where: str) -> HParams:
+    """`HParams.from_config`, refusing a config.json that lacks a size or gives it as text."""
+    try:
+        return HParams.from_config(config)
+    except KeyError as exc:
+        raise ConversionError(f"{where}/config.json lacks {exc}; pass the directory that "
+                              "save_pretrained wrote") from None
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{where}/config.json has a size that is not a number ({exc}); "
+                              "pass the directory that save_pretrained wrote") from None
+
+
 def arch_of(config: dict, where: str) -> Arch:
     names = config.get("architectures") or []
     name = names[0] if names else None
@@ -102,11 +114,15 @@ class ModelPlan:
     add_metadata: Callable[[gguf.GGUFWriter], None]
 
 
+def read_config(directory) -> tuple[dict, Arch, HParams]:
+    """config.json of a checkpoint, refused in one line unless it is a supported model's."""
+    config = read_json(directory / "config.json")
+    return config, arch_of(config, str(directory)), hparams(config, str(directory))
+
+
 def plan_model(ckpt: Checkpoint, tokenizer: Tokenizer, outtype: str, name: str,
                weight_hook: Callable[[str, np.ndarray], np.ndarray] | None = None) -> ModelPlan:
-    config = read_json(ckpt.dir / "config.json")
-    arch = arch_of(config, str(ckpt.dir))
-    hp = HParams.from_config(config)
+    config, arch, hp = read_config(ckpt.dir)
     names = gguf.get_tensor_name_map(arch.gguf_arch, hp.n_layer)
     tensors = []
     for hf_name in ckpt.names():

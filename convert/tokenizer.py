@@ -9,13 +9,14 @@ Contract: `Tokenizer` is the list of GGUF `tokenizer.*` fields to write plus the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
 from edge_genarm.errors import ConversionError
+
+from .checkpoint import first_line, read_json
 
 # llama.cpp picks its pre-tokenizer regexes by name; tell the name from tokenizer.json's own
 # pre-tokenizer. The digit rule is what tells these apart.
@@ -62,7 +63,7 @@ def from_checkpoint(directory: str | Path) -> Tokenizer | None:
 
 def _byte_level_bpe(directory: Path) -> Tokenizer:
     path = directory / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     model = data.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ConversionError(f"{path} is not a byte-level BPE tokenizer; pass --tokenizer-from "
@@ -127,7 +128,12 @@ def _list_fields(model: str, pre: str, tokens, scores, token_types):
 
 def _special_fields(directory: Path, n_vocab: int, merges: bool):
     """Merges, special token ids, add-bos/eos flags and the chat template, as gguf-py reads them."""
-    special = gguf.vocab.SpecialVocab(directory, load_merges=merges, n_vocab=n_vocab)
+    try:
+        special = gguf.vocab.SpecialVocab(directory, load_merges=merges, n_vocab=n_vocab)
+    except (ValueError, OSError) as exc:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{directory}: the tokenizer's settings do not load "
+                              f"({first_line(exc)}); pass the files that save_pretrained "
+                              "wrote") from None
     V = gguf.GGUFValueType
     fields = []
     if special.merges:

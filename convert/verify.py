@@ -2,10 +2,12 @@
 
 Contract: `verify(...)` tokenizes the probes with the GGUF's own tokenizer, feeds the same ids to
 llama.cpp (through edge-genarm's adapter, F32 KV cache, flash attention off) and to transformers
-(float32, with the LoRA merged in for an adapter), and reports, over every position, the largest
-absolute difference of next-token log-probabilities over all tokens, the same over the tokens
-PyTorch gives at least 1e-4 (those a sampler can pick: far-tail log-probs near -30 move most
-under rounding and matter least), and the top-1 agreement. Tolerances apply to the second.
+(float32; for an adapter, PEFT's own PeftModel when peft is installed, so that the converter's
+LoRA scales are checked against PEFT's, else the LoRA merged in by hand), and reports, over
+every position, the largest absolute difference of next-token log-probabilities over all tokens,
+the same over the tokens PyTorch gives at least 1e-4 (those a sampler can pick: far-tail
+log-probs near -30 move most under rounding and matter least), and the top-1 agreement.
+Tolerances apply to the second.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _llama_logprobs(model: Model, adapter: LoraAdapter | None, ids: list[int]) -
 
 
 def load_torch(model_dir: Path, adapter=None):
-    """The checkpoint in float32 PyTorch, with a PEFT LoRA merged in by hand (no peft needed)."""
+    """The checkpoint in float32 PyTorch, with a PEFT LoRA applied by PEFT itself when it is
+    installed, else merged in by hand with the converter's own scales."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -67,12 +70,19 @@ def load_torch(model_dir: Path, adapter=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
-        with torch.no_grad():
-            for module in adapter.modules:
-                a, b, scale = adapter.factors(module)
-                layer = model.get_submodule(module.removeprefix("base_model.model."))
-                layer.weight += torch.from_numpy(scale * (b @ a))
+    if adapter is None:
+        return model
+    try:
+        import peft
+    except ImportError:
+        pass
+    else:
+        return peft.PeftModel.from_pretrained(model, adapter.dir).eval()
+    with torch.no_grad():
+        for module in adapter.modules:
+            a, b, scale = adapter.factors(module)
+            layer = model.get_submodule(module.removeprefix("base_model.model."))
+            layer.weight += torch.from_numpy(scale * (b @ a))
     return model
 
 

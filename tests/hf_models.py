@@ -44,7 +44,9 @@ def write_smollm2_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def write_tiny_hf_model(out_dir: Path, arch: str, tokenizer_dir: Path, tied: bool = False,
-                        seed: int = 0, rope_scaling: dict | None = None, **save_kwargs) -> Path:
+                        seed: int = 0, rope_scaling: dict | None = None,
+                        config: dict | None = None, **save_kwargs) -> Path:
+    """config: settings that replace the tiny defaults (num_key_value_heads=4, ...)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -53,13 +55,14 @@ def write_tiny_hf_model(out_dir: Path, arch: str, tokenizer_dir: Path, tied: boo
                   bos_token_id=1, eos_token_id=2)
     if rope_scaling:
         common["rope_scaling"] = rope_scaling
-    config = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-              "gpt2": tf.GPT2Config}[arch]
+    common.update(config or {})
+    config_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+                  "gpt2": tf.GPT2Config}[arch]
     cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
            "qwen2": tf.Qwen2ForCausalLM, "gpt2": tf.GPT2LMHeadModel}[arch]
     torch.manual_seed(seed)
-    cfg = config(**common) if arch != "gpt2" else config(vocab_size=VOCAB, n_embd=64, n_layer=2,
-                                                          n_head=4, n_positions=256)
+    cfg = config_cls(**common) if arch != "gpt2" else config_cls(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     model = cls(cfg)
     if arch == "qwen2":  # random biases, so that a lost bias shows
         with torch.no_grad():
@@ -73,20 +76,39 @@ def write_tiny_hf_model(out_dir: Path, arch: str, tokenizer_dir: Path, tied: boo
 
 
 def write_peft_adapter(base_dir: Path, out_dir: Path, targets, rank: int = 4, alpha: float = 8,
-                       rslora: bool = False, seed: int = 1) -> Path:
+                       rslora: bool = False, seed: int = 1, **lora_config) -> Path:
+    """A PEFT LoRA with random A and B, saved by PEFT itself; lora_config: more LoraConfig
+    settings (rank_pattern, alpha_pattern, use_dora, modules_to_save, ...)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
     model = tf.AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                     init_lora_weights=False)  # random B: the adapter really changes outputs
+                     init_lora_weights=False,  # random B: the adapter really changes outputs
+                     **lora_config)
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(out_dir)
     config = json.loads((out_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base_dir)
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir
+
+
+def load_peft(base_dir: Path, adapter_dir: Path):
+    """The reference for a LoRA: PEFT itself on the float32 base, as PEFT users load it."""
+    import peft
+    import transformers as tf
+
+    base = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def torch_logprobs(model, ids: list[int]):
+    """Next-token log-probabilities (float64 NumPy, one row per position) of a PyTorch model."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
 
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "

@@ -1,7 +1,16 @@
-"""Conversion of tiny random transformers checkpoints and PEFT adapters, checked against PyTorch."""
+"""Conversion of tiny random transformers checkpoints and PEFT adapters, checked against PyTorch.
+
+LoRA adapters are checked against PEFT itself (PeftModel.from_pretrained, merge_and_unload): the
+reference side never uses the converter's own LoRA code. Bad arguments of every option are one
+table, run through the real CLI.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,15 +18,21 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_engine
-from convert.lora import Adapter
-from convert.verify import TOLERANCE, torch_logprobs, verify
+from conftest import make_engine, reference_log_softmax
+from convert.synthetic import DEFAULT_TARGETS
+from convert.verify import PROBES, TOLERANCE, verify
 from edge_genarm.cli import main
 from edge_genarm.gguf_file import inspect_gguf
 from edge_genarm.llama import Model
-from hf_models import write_peft_adapter, write_smollm2_tokenizer, write_tiny_hf_model
+from hf_models import (load_peft, torch_logprobs, write_peft_adapter, write_smollm2_tokenizer,
+                       write_tiny_hf_model)
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# r = 8 and alpha = 32: alpha / r = 4 but alpha / sqrt(r) = 11.3, so a scale taken from the wrong
+# formula moves log-probs by far more than the tolerance
+LORA = dict(rank=8, alpha=32)
+MERGE_IN_PYTORCH = ("merge it in PyTorch (PEFT's merge_and_unload, then save_pretrained) and "
+                    "convert that directory")
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +54,34 @@ def hf(tmp_path_factory, smollm2):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
         "linear": write_tiny_hf_model(d / "linear", "llama", tok, seed=8, rope_scaling={
             "rope_type": "linear", "factor": 4.0}),
+        # as many key/value heads as query heads: k_proj and v_proj of another shape
+        "kv4": write_tiny_hf_model(d / "kv4", "llama", tok, seed=9,
+                                   config={"num_key_value_heads": 4}),
     }
-    models["lora"] = write_peft_adapter(models["llama"], d / "lora", ALL_TARGETS)
-    models["rslora"] = write_peft_adapter(models["llama"], d / "rslora", ("q_proj", "k_proj",
-                                          "v_proj"), rank=8, rslora=True, seed=2)
-    models["lora_embed"] = write_peft_adapter(models["llama"], d / "lora_embed",
-                                              ("q_proj", "embed_tokens"))
+    base = models["llama"]
+    models["lora"] = write_peft_adapter(base, d / "lora", ALL_TARGETS, **LORA)
+    models["rslora"] = write_peft_adapter(base, d / "rslora", ALL_TARGETS, **LORA, rslora=True,
+                                          seed=2)
+    # Per-module ranks and alphas. layers.0's q_proj matches two alpha keys: PEFT takes the
+    # first in the saved config's order, "layers.0.self_attn.q_proj" (PEFT writes keys sorted).
+    models["patterns"] = write_peft_adapter(
+        base, d / "patterns", ALL_TARGETS, **LORA, seed=3,
+        rank_pattern={"down_proj": 2, "layers.1.self_attn.v_proj": 16},
+        alpha_pattern={"q_proj": 4, "layers.0.self_attn.q_proj": 64, "o_proj": 128})
+    models["lora_embed"] = write_peft_adapter(base, d / "lora_embed", ("q_proj", "embed_tokens"))
+    models["dora"] = write_peft_adapter(base, d / "dora", ("q_proj", "v_proj"), use_dora=True)
+    models["modules_to_save"] = write_peft_adapter(base, d / "modules_to_save", ("q_proj",),
+                                                   modules_to_save=["lm_head"])
+    models["lora_head"] = write_peft_adapter(base, d / "lora_head", ("q_proj", "lm_head"))
     models["tokenizer"] = tok
     return models
+
+
+@pytest.fixture(scope="session")
+def base_gguf(hf, tmp_path_factory):
+    """The f32 GGUF of hf["llama"], the base every LoRA test applies its adapter to."""
+    return converted(hf["llama"], tmp_path_factory.mktemp("base") / "base.gguf", "--outtype",
+                     "f32")
 
 
 def run(*args):
@@ -60,6 +95,14 @@ def converted(src, out, *args):
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
     assert out.stat().st_mode & 0o044 == 0o044  # readable by others, as a new file would be
     return out
+
+
+def llama_logprobs(ctx, ids: list[int]) -> np.ndarray:
+    """Next-token log-probs of a llama.cpp context, one position at a time (float64)."""
+    rows = [np.array(ctx.decode([(0, [tok], pos)])[0], dtype=np.float64)
+            for pos, tok in enumerate(ids)]
+    ctx.seq_remove(0)
+    return np.stack([reference_log_softmax(r) for r in rows])
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral", "qwen2", "sharded", "pt_bin",
@@ -108,26 +151,73 @@ def test_quantize_through_llama_cpp(hf, tmp_path):
     assert Model(q4).meta("general.file_type") == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
 
 
-@pytest.mark.parametrize("adapter", ["lora", "rslora"])
-def test_lora_adapter_runs_in_llama_cpp_as_in_peft(hf, tmp_path, adapter):
-    base = converted(hf["llama"], tmp_path / "base.gguf", "--outtype", "f32")
-    lora = converted(hf[adapter], tmp_path / "lora.gguf", "--base", base)
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "patterns"])
+def test_lora_adapter_runs_in_llama_cpp_as_in_peft(hf, base_gguf, tmp_path, adapter):
+    """The converted adapter on the f32 base, as an ARM runs it, against PeftModel."""
+    lora = converted(hf[adapter], tmp_path / "lora.gguf", "--base", base_gguf)
     info = inspect_gguf(lora)
     assert info.is_adapter and info.adapter_type == "lora"
-    assert "blk.0.attn_q.weight.lora_a" in info.shapes
-    report = verify(lora, hf["llama"], Adapter(hf[adapter]), base_gguf=base)
-    assert report.max_abs_diff < 1e-3
-    plain = torch_logprobs(hf["llama"], [1, 2, 3, 4])
-    adapted = torch_logprobs(hf["llama"], [1, 2, 3, 4], Adapter(hf[adapter]))
-    assert np.abs(plain - adapted).max() > 0.1  # the adapter really changes the model
-    with make_engine(base, [(lora, 1.0)]) as engine:
-        assert engine.arms[0].kind == "lora"
+    assert {f"blk.{i}.{t}.weight.lora_a" for i in (0, 1) for t in DEFAULT_TARGETS} <= \
+        set(info.shapes)
+    reference = load_peft(hf["llama"], hf[adapter])
+    with make_engine(base_gguf, [(lora, 1.0)]) as engine:
+        arm = engine.arms[0]
+        assert arm.kind == "lora"
+        for text in PROBES:
+            ids = engine.model.tokenize(text, add_special=True)
+            ours, peft = llama_logprobs(arm.context, ids), torch_logprobs(reference, ids)
+            assert np.abs(ours - peft).max() < 1e-3, text
+            with reference.disable_adapter():
+                plain = torch_logprobs(reference, ids)
+            assert np.abs(peft - plain).max() > 0.1  # the adapter really changes the model
+            base = llama_logprobs(engine.base, ids)
+            assert np.abs(base - plain).max() < 1e-3  # and the base context runs without it
 
 
-def test_merged_adapter_matches_peft(hf, tmp_path):
-    out = converted(hf["lora"], tmp_path / "merged.gguf", "--merge", "--base-model", hf["llama"],
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "patterns"])
+def test_merged_adapter_matches_peft_merge_and_unload(hf, tmp_path, adapter):
+    out = converted(hf[adapter], tmp_path / "merged.gguf", "--merge", "--base-model", hf["llama"],
                     "--outtype", "f32")
-    assert verify(out, hf["llama"], Adapter(hf["lora"])).max_abs_diff < 1e-3
+    reference = load_peft(hf["llama"], hf[adapter])
+    with make_engine(out) as engine:
+        ids = [engine.model.tokenize(text, add_special=True) for text in PROBES]
+        ours = [llama_logprobs(engine.base, i) for i in ids]
+    with reference.disable_adapter():
+        plain = [torch_logprobs(reference, i) for i in ids]
+    merged = reference.merge_and_unload()
+    for i, o, p in zip(ids, ours, plain):
+        peft = torch_logprobs(merged, i)
+        assert np.abs(o - peft).max() < 1e-3
+        assert np.abs(peft - p).max() > 0.1  # the merge really changes the model
+
+
+@pytest.mark.parametrize("how", [["--base", "BASE"], ["--merge", "--outtype", "f32"]])
+def test_verify_of_an_adapter_passes_against_peft(hf, base_gguf, tmp_path, how):
+    """--verify runs the adapter (or the merged model) in llama.cpp against PeftModel."""
+    out = tmp_path / "arm.gguf"
+    args = [base_gguf if a == "BASE" else a for a in how]
+    res = run(hf["patterns"], "--out", out, "--base-model", hf["llama"], "--verify", *args)
+    assert res.exit_code == 0, res.stderr
+    report = res.stderr.splitlines()[-2]
+    assert report.startswith("verify: ") and report.endswith("top-1 agreement 100.0%")
+    likely = float(report.split("p >= 1e-4: ")[1].split(")")[0])
+    assert likely < 1e-3
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("name, what", [
+    ("dora", "is a DoRA adapter, which llama.cpp cannot apply and --merge cannot merge"),
+    ("modules_to_save", "also trains whole modules (lm_head), which a LoRA GGUF cannot hold and "
+     "--merge cannot merge"),
+    ("lora_head", "adapts lm_head, which llama.cpp LoRA adapters cannot hold (embeddings and "
+     "output head) and --merge cannot merge"),
+])
+def test_adapters_a_gguf_cannot_hold_are_refused(hf, base_gguf, tmp_path, name, what, merge):
+    args = ["--merge", "--base-model", hf["llama"]] if merge else ["--base", base_gguf]
+    res = run(hf[name], "--out", tmp_path / "x.gguf", *args)
+    assert res.exit_code == 1
+    assert res.stderr == f"Error: {hf[name]} {what}; {MERGE_IN_PYTORCH}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_smollm2_tokenizer_round_trips(hf, tmp_path, smollm2):
@@ -154,34 +244,254 @@ def test_python_dash_m_convert_has_the_same_command(tmp_path):
     assert "Usage: python -m convert [OPTIONS] SOURCE" in res.stdout
 
 
-def _bad(hf, tiny, d):
+def _bad_files(hf, base_gguf, d: Path, perm: Path) -> None:
+    """What the table of bad arguments refers to: broken copies of good inputs."""
+    (d / "out").mkdir()
+    (d / "out" / "existing.gguf").write_bytes(b"GGUF an earlier conversion")
+    (d / "notes.txt").write_text("just notes\n")
+    (d / "empty").mkdir()
+    shutil.copy(base_gguf, d / "base.gguf")
+    shutil.copytree(hf["sharded"], d / "broken")
+    sorted((d / "broken").glob("model-*.safetensors"))[-1].unlink()
+    config = json.loads((hf["llama"] / "config.json").read_text())
+    for name, file, text in (
+            ("bad_json", "config.json", "{not json"), ("list_json", "config.json", "[1, 2]"),
+            ("no_heads", "config.json", json.dumps({k: v for k, v in config.items()
+                                                    if k != "num_attention_heads"})),
+            ("bad_tokenizer", "tokenizer.json", "{not json"),
+            ("bad_tokenizer_config", "tokenizer_config.json", "{not json")):
+        shutil.copytree(hf["llama"], d / name)
+        (d / name / file).write_text(text)
+    for name, source, weights in (("truncated", "llama", "model.safetensors"),
+                                  ("lora_truncated", "lora", "adapter_model.safetensors")):
+        data = (hf[source] / weights).read_bytes()
+        shutil.copytree(hf[source], d / name)
+        (d / name / weights).write_bytes(data[: len(data) // 2])
+    shutil.copytree(hf["lora"], d / "lora_bad_json")
+    (d / "lora_bad_json" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(hf["lora"], d / "lora_hub")
+    adapter_config = json.loads((hf["lora"] / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"  # a Hub name
+    (d / "lora_hub" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    # for the rows run without root's rights: a folder one may not read, one not write in
+    shutil.copytree(hf["llama"], perm / "model")
+    (perm / "unreadable").mkdir()
+    shutil.copy(hf["llama"] / "config.json", perm / "unreadable")
+    (perm / "unreadable").chmod(0o000)
+    (perm / "readonly").mkdir(mode=0o555)
+
+
+def _bad_arguments(hf, tiny, smollm2, d: Path, perm: Path):
+    """(arguments, a fragment of the one error line, exit status, run without root's rights)"""
+    src = "pass a Hugging Face model or PEFT adapter directory"
+    m, lora, kv4, base, out = hf["llama"], hf["lora"], hf["kv4"], d / "base.gguf", d / "out"
+    new = ["--out", out / "new.gguf"]
+    hf_dir = "pass the base's Hugging Face directory"
     return [
-        ([hf["gpt2"]], "architecture 'GPT2LMHeadModel' is not supported; supported: "
-         "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
-        ([d / "broken"], "lacks 1 shard(s) that model.safetensors.index.json names: "),
-        ([hf["lora_embed"], "--base", hf["llama"]], "adapts model.embed_tokens, which llama.cpp "
-         "LoRA adapters cannot hold"),
-        ([hf["llama"], "--tokenizer-from", tiny.renamed], "the tokenizers disagree at token "
-         "1000: '<<renamed>>' in"),
-        ([hf["tokenizer"]], "has neither config.json nor adapter_config.json"),
+        # SOURCE
+        ([d / "missing", *new], f"{d}/missing does not exist; {src}", 1, False),
+        ([d / "notes.txt", *new], f"{d}/notes.txt is not a directory; {src}", 1, False),
+        ([perm / "unreadable", *new], f"{perm}/unreadable cannot be read (permission denied); "
+         f"{src} that you may read", 1, True),
+        ([hf["tokenizer"], *new], f"{hf['tokenizer']} has neither config.json nor "
+         f"adapter_config.json; {src}", 1, False),
+        ([d / "bad_json", *new], f"{d}/bad_json/config.json is not valid JSON (", 1, False),
+        ([d / "list_json", *new], f"{d}/list_json/config.json holds a JSON list, not an object",
+         1, False),
+        ([d / "no_heads", *new], f"{d}/no_heads/config.json lacks 'num_attention_heads'", 1,
+         False),
+        ([d / "bad_tokenizer", *new], f"{d}/bad_tokenizer/tokenizer.json is not valid JSON (",
+         1, False),
+        ([d / "bad_tokenizer_config", *new], f"{d}/bad_tokenizer_config: the tokenizer's "
+         "settings do not load (", 1, False),
+        ([d / "truncated", *new], f"{d}/truncated/model.safetensors is not a readable "
+         "safetensors file (Error while deserializing header: ", 1, False),
+        ([d / "broken", *new], "lacks 1 shard(s) that model.safetensors.index.json names: ", 1,
+         False),
+        ([hf["gpt2"], *new], "architecture 'GPT2LMHeadModel' is not supported; supported: "
+         "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", 1, False),
+        ([d / "lora_bad_json", "--base", base, *new], f"{d}/lora_bad_json/adapter_config.json "
+         "is not valid JSON (", 1, False),
+        ([d / "lora_truncated", "--base", base, *new], f"{d}/lora_truncated/adapter_model."
+         "safetensors is not a readable safetensors file", 1, False),
+        ([hf["lora_embed"], "--base", m, *new], "adapts model.embed_tokens, which llama.cpp "
+         "LoRA adapters cannot hold", 1, False),
+        # --out
+        ([m], "Missing option '--out'", 2, False),
+        ([m, "--out", out / "nowhere" / "x.gguf"], f"--out {out}/nowhere/x.gguf: the folder "
+         f"{out}/nowhere does not exist; create it first or choose another --out", 1, False),
+        ([m, "--out", d / "notes.txt" / "x.gguf"], f"--out {d}/notes.txt/x.gguf: the folder "
+         f"{d}/notes.txt is a file, not a folder; choose another --out", 1, False),
+        ([m, "--out", out], f"--out {out} is a directory; name the GGUF file to write, for "
+         f"example {out}/model.gguf", 1, False),
+        ([perm / "model", "--out", perm / "readonly" / "x.gguf"], f"--out {perm}/readonly/x.gguf:"
+         f" cannot write in {perm}/readonly (permission denied); choose another --out", 1, True),
+        ([m, "--out", out / "existing.gguf"], f"--out {out}/existing.gguf already exists; pass "
+         "--force to replace it, or choose another path", 1, False),
+        ([lora, "--base", base, "--out", base, "--force"], f"--out {base} is also --base; "
+         "choose another path", 1, False),
+        ([m, "--tokenizer-from", base, "--out", base, "--force"], f"--out {base} is also "
+         "--tokenizer-from; choose another path", 1, False),
+        # --outtype, --quantize
+        ([m, "--outtype", "f8", *new], "Invalid value for '--outtype': 'f8' is not one of", 2,
+         False),
+        ([m, "--quantize", "Q9_X", *new], "--quantize Q9_X: unknown quantization type; choose "
+         "one of ", 1, False),
+        ([m, "--outtype", "q8_0", "--quantize", "Q4_K_M", *new], "--quantize starts from an "
+         "f32, f16 or bf16 model (llama.cpp does not requantize)", 1, False),
+        ([lora, "--base", base, "--quantize", "Q4_K_M", *new], f"--quantize applies to full "
+         f"models, and {lora} is a LoRA adapter; add --merge to write the merged model", 1,
+         False),
+        # --base
+        ([lora, "--base", d / "missing.gguf", *new], f"--base {d}/missing.gguf does not exist; "
+         "check the path", 1, False),
+        ([lora, "--base", d / "notes.txt", *new], f"--base {d}/notes.txt is not a GGUF file "
+         "(it starts with b'just', not b'GGUF')", 1, False),
+        ([lora, "--base", d / "empty", *new], f"--base {d}/empty has no config.json; {hf_dir}",
+         1, False),
+        ([lora, "--base", tiny.truncated, *new], f"--base {tiny.truncated} is truncated: "
+         "tensor ", 1, False),
+        ([lora, "--base", tiny.lora, *new], f"--base {tiny.lora} is a LoRA adapter; pass the "
+         "GGUF of a base model", 1, False),
+        ([lora, "--base", smollm2, *new], f"the adapter {lora} does not fit {smollm2}: "
+         "model.layers.0.mlp.down_proj.weight is [", 1, False),
+        ([lora, "--base", kv4, *new], f"the adapter {lora} does not fit {kv4}: model.layers.0."
+         "self_attn.k_proj.weight is [64, 64] there but the adapter changes it as [32, 64]; "
+         "pass the base it was trained on", 1, False),
+        ([m, "--base", base, *new], f"--base applies to LoRA adapters, and {m} is a full model; "
+         "drop --base", 1, False),
+        ([lora, "--merge", "--base", m, *new], "--base applies to an adapter converted as an "
+         "adapter; to --merge, name the base's Hugging Face directory with --base-model DIR", 1,
+         False),
+        # --merge, --base-model
+        ([m, "--merge", *new], f"--merge applies to a LoRA adapter directory, and {m} is a full "
+         "model (config.json); convert it without --merge", 1, False),
+        ([lora, "--merge", "--base-model", d / "missing", *new], f"--base-model {d}/missing "
+         f"does not exist; {hf_dir}", 1, False),
+        ([lora, "--merge", "--base-model", d / "notes.txt", *new], f"--base-model "
+         f"{d}/notes.txt is not a directory; {hf_dir}", 1, False),
+        ([lora, "--merge", "--base-model", d / "empty", *new], f"--base-model {d}/empty has no "
+         f"config.json; {hf_dir}", 1, False),
+        ([lora, "--merge", "--base-model", kv4, *new], f"the adapter {lora} does not fit {kv4}: "
+         "model.layers.0.self_attn.k_proj.weight is [64, 64] there", 1, False),
+        ([m, "--base-model", m, *new], f"--base-model applies to LoRA adapters, and {m} is a "
+         "full model; drop --base-model", 1, False),
+        # --tokenizer-from
+        ([m, "--tokenizer-from", d / "missing.gguf", *new], f"--tokenizer-from {d}/missing.gguf"
+         " does not exist; check the path", 1, False),
+        ([m, "--tokenizer-from", d / "notes.txt", *new], f"--tokenizer-from {d}/notes.txt is "
+         "not a GGUF file", 1, False),
+        ([m, "--tokenizer-from", tiny.lora, *new], f"--tokenizer-from {tiny.lora} is a LoRA "
+         "adapter; pass the GGUF of a base model", 1, False),
+        ([m, "--tokenizer-from", tiny.renamed, *new], "the tokenizers disagree at token 1000: "
+         "'<<renamed>>' in", 1, False),
+        ([lora, "--base", base, "--tokenizer-from", smollm2, *new], f"--tokenizer-from applies "
+         f"to full models, and {lora} is a LoRA adapter", 1, False),
+        # --verify
+        ([d / "lora_hub", "--base", base, "--verify", *new], "--verify of an adapter needs the "
+         "base's Hugging Face directory: pass --base-model DIR", 1, False),
     ]
 
 
-def test_bad_input_is_refused_with_one_line_and_no_output(hf, tiny, tmp_path):
-    import shutil
+@contextlib.contextmanager
+def _without_root():
+    """Root may read and write anything: run as nobody, so that permissions apply (a user who
+    is not root has them applied already)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
 
-    shutil.copytree(hf["sharded"], tmp_path / "broken")
-    shard = sorted((tmp_path / "broken").glob("model-*.safetensors"))[-1]
-    shard.unlink()
-    for args, message in _bad(hf, tiny, tmp_path):
-        out_dir = tmp_path / "out"
-        out_dir.mkdir(exist_ok=True)
-        res = run(args[0], "--out", out_dir / "x.gguf", *args[1:])
-        assert res.exit_code == 1, (args, res.stderr)
-        lines = res.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: ")
-        assert message in lines[0]
-        assert list(out_dir.iterdir()) == []
+
+def _state(*folders: Path) -> dict:
+    """Every entry under the folders, and each file's size, modification time and bytes."""
+    state = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            st = path.lstat()
+            small = path.is_file() and st.st_size < 2**20 and os.access(path, os.R_OK)
+            state[path] = None if path.is_dir() else (st.st_size, st.st_mtime_ns,
+                                                      path.read_bytes() if small else None)
+    return state
+
+
+def test_every_bad_argument_is_refused_in_one_line_and_changes_nothing(hf, tiny, smollm2,
+                                                                       base_gguf, tmp_path):
+    import tempfile
+
+    # outside pytest's private folder, so that the rows run as nobody can reach it
+    perm = Path(tempfile.mkdtemp(prefix="convert-permissions-"))
+    perm.chmod(0o755)
+    try:
+        _bad_files(hf, base_gguf, tmp_path, perm)
+        for args, fragment, code, unprivileged in _bad_arguments(hf, tiny, smollm2, tmp_path,
+                                                                 perm):
+            before = _state(tmp_path, perm)
+            with _without_root() if unprivileged else contextlib.nullcontext():
+                res = run(*args)
+            where = [str(a) for a in args]
+            assert res.exit_code == code, (where, res.stderr)
+            lines = res.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("Error: "), (where, res.stderr)
+            assert fragment in lines[0], (where, lines[0])
+            assert res.stdout == "" and "Traceback" not in res.output
+            assert res.exc_info is None or res.exc_info[0] is SystemExit, (where, res.exc_info)
+            assert _state(tmp_path, perm) == before, where
+    finally:
+        if (perm / "unreadable").exists():
+            (perm / "unreadable").chmod(0o755)
+        shutil.rmtree(perm)
+
+
+def test_an_existing_out_is_refused_before_any_work_and_replaced_with_force(hf, tmp_path):
+    from convert.cli import convert
+    from edge_genarm.errors import ConversionError
+
+    out = tmp_path / "arm.gguf"
+    out.write_bytes(b"GGUF an earlier conversion")
+    broken = shutil.copytree(hf["llama"], tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    res = run(broken, "--out", out)
+    # the refusal names --out, not the broken weights: it came before they were read
+    assert res.exit_code == 1
+    assert res.stderr == (f"Error: --out {out} already exists; pass --force to replace it, or "
+                          "choose another path\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arm.gguf", "broken"]
+    # with --force, a conversion that fails keeps the earlier file as it was
+    res = run(broken, "--out", out, "--force")
+    assert res.exit_code == 1 and "is not a readable safetensors file" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arm.gguf", "broken"]
+    assert out.read_bytes() == b"GGUF an earlier conversion"
+    # and one that succeeds replaces it
+    converted(hf["llama"], out, "--outtype", "f32", "--force")
+    assert inspect_gguf(out).kind == "model"
+    # the keyword call the train command makes, force left out, refuses the same way
+    kwargs = dict(source=hf["llama"], outtype="f32", quant=None, base=None, merge=False,
+                  base_model=None, tokenizer_from=None, verify=False)
+    with pytest.raises(ConversionError, match="already exists; pass --force"):
+        convert.callback(out=out, **kwargs)
+    convert.callback(out=tmp_path / "again.gguf", **kwargs)
+    assert (tmp_path / "again.gguf").read_bytes() == out.read_bytes()
+
+
+def test_every_option_of_convert_is_described():
+    import click
+
+    from convert.cli import convert
+
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    assert res.exit_code == 0
+    assert "convert [OPTIONS] SOURCE" in res.stdout
+    options = [p for p in convert.params if isinstance(p, click.Option)]
+    for option in options:
+        assert option.help and len(option.help) > 20, option.name
+        assert option.opts[0] in res.stdout
+    assert "--force" in res.stdout and "Replace --out if it exists" in res.stdout
 
 
 def test_real_smollm2_weights_round_trip_through_pytorch(tmp_path, smollm2):
@@ -220,9 +530,6 @@ def test_sentencepiece_llama2_style_checkpoint(tmp_path):
 
 
 def test_adapter_without_a_local_base_asks_for_one(hf, tmp_path):
-    import json
-    import shutil
-
     lora = shutil.copytree(hf["lora"], tmp_path / "lora")
     config = json.loads((lora / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a Hub name
