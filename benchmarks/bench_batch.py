@@ -12,6 +12,7 @@ batched greedy text differs from the one-at-a-time text.
    split into calls that carry a prompt (prefill) and calls of one token per sequence.
 
     python benchmarks/bench_batch.py [--max-tokens 64] [--skip-types] [--types Q4_1,Q8_0] [--split]
+                                     [--prompts 40] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import print_header  # noqa: E402
 from edge_genarm.batch import Item, run_batch  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
@@ -36,13 +39,14 @@ from edge_genarm.sampling import SamplingSettings  # noqa: E402
 PROMPTS = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
 
 
-def run(base: Path, arm: ArmSpec, k: int, max_tokens: int, greedy: bool = False,
+def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool = False,
         exact: bool = False) -> tuple[float, dict]:
-    """(generated tokens per second, id -> tokens) for the held-out prompts at K = k."""
-    context = ContextSettings(n_ctx=512, n_seq_max=k, exact=exact)
+    """(generated tokens per second, id -> tokens) for the held-out prompts at K = k; `cfg`
+    holds --max-tokens, --prompts and --threads."""
+    context = ContextSettings(n_ctx=512, n_seq_max=k, exact=exact, n_threads=cfg.threads)
     opts = GenerationOptions(base=base, arms=[arm], sampling=SamplingSettings(greedy=greedy),
-                             max_tokens=max_tokens, seed=0, context=context)
-    items = [Item(i, i, prompt=p) for i, p in enumerate(PROMPTS)]
+                             max_tokens=cfg.max_tokens, seed=0, context=context)
+    items = [Item(i, i, prompt=p) for i, p in enumerate(PROMPTS[:cfg.prompts])]
     out: dict = {}
     with Engine.load(EngineConfig(base, [arm], context)) as engine:
         t0 = time.perf_counter()
@@ -51,11 +55,11 @@ def run(base: Path, arm: ArmSpec, k: int, max_tokens: int, greedy: bool = False,
     return sum(map(len, out.values())) / seconds, out
 
 
-def curve(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+def curve(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
     ks = [1, 2, 4, 8, 16]
     rates: dict[int, list[float]] = {k: [] for k in ks}
     for k in ks + ks[::-1]:
-        rates[k].append(run(base, arm, k, max_tokens)[0])
+        rates[k].append(run(base, arm, k, cfg)[0])
     one = statistics.median(rates[1])
     print("| K | generated tokens/s | x K = 1 |")
     print("|---|---|---|")
@@ -64,7 +68,7 @@ def curve(base: Path, arm: ArmSpec, max_tokens: int) -> None:
         print(f"| {k} | {r:.1f} | {r / one:.2f} |")
 
 
-def weight_types(base: Path, arm: ArmSpec, max_tokens: int, types: list[str]) -> None:
+def weight_types(base: Path, arm: ArmSpec, cfg: argparse.Namespace, types: list[str]) -> None:
     """`base` is the shipped Q4_1 file; every other type is made from it."""
     print("| base weights | file MiB | K = 1 tok/s | K = 8 tok/s | K = 8 / K = 1 |")
     print("|---|---|---|---|---|")
@@ -73,8 +77,8 @@ def weight_types(base: Path, arm: ArmSpec, max_tokens: int, types: list[str]) ->
             path = base if name == "Q4_1" else Path(tmp) / f"{name}.gguf"
             if name != "Q4_1":
                 quantize_model(base, path, name, requantize=True)
-            one = run(path, arm, 1, max_tokens)[0]
-            eight = run(path, arm, 8, max_tokens)[0]
+            one = run(path, arm, 1, cfg)[0]
+            eight = run(path, arm, 8, cfg)[0]
             size = path.stat().st_size / 2**20
             print(f"| {name} | {size:.0f} | {one:.1f} | {eight:.1f} | {eight / one:.2f} |",
                   flush=True)
@@ -82,12 +86,12 @@ def weight_types(base: Path, arm: ArmSpec, max_tokens: int, types: list[str]) ->
                 path.unlink()
 
 
-def invariance(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+def invariance(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
     print("| mode | greedy texts equal at K = 4 and K = 1 | first difference at token (median) |")
     print("|---|---|---|")
     for exact in (False, True):
-        one = run(base, arm, 1, max_tokens, greedy=True, exact=exact)[1]
-        four = run(base, arm, 4, max_tokens, greedy=True, exact=exact)[1]
+        one = run(base, arm, 1, cfg, greedy=True, exact=exact)[1]
+        four = run(base, arm, 4, cfg, greedy=True, exact=exact)[1]
         firsts = [next(i for i, (a, b) in enumerate(zip(one[k], four[k])) if a != b)
                   for k in one if one[k] != four[k]]
         where = f"{statistics.median(firsts):.0f}" if firsts else "-"
@@ -95,7 +99,7 @@ def invariance(base: Path, arm: ArmSpec, max_tokens: int) -> None:
               f"| {where} |", flush=True)
 
 
-def split(base: Path, arm: ArmSpec, max_tokens: int) -> None:
+def split(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
     import edge_genarm.llama as llama
 
     spent = {"prefill": [0, 0.0], "one token each": [0, 0.0]}
@@ -118,7 +122,7 @@ def split(base: Path, arm: ArmSpec, max_tokens: int) -> None:
             for v in spent.values():
                 v[:] = [0, 0.0]
             t0 = time.perf_counter()
-            rate = run(base, arm, k, max_tokens)[0]
+            rate = run(base, arm, k, cfg)[0]
             wall = time.perf_counter() - t0
             (pn, ps), (dn, ds) = spent["prefill"], spent["one token each"]
             print(f"| {k} | {rate:.1f} | {wall:.1f} | {pn}, {ps:.1f} | {dn}, {ds:.1f}, "
@@ -133,21 +137,24 @@ def main() -> None:
     ap.add_argument("--skip-types", action="store_true")
     ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q4_K_M")
     ap.add_argument("--split", action="store_true", help="also time prefill against steps")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS),
+                    help="the first N held-out prompts (a quick check of the script)")
+    ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     args = ap.parse_args()
+    print_header()
     reg = Registry.load()
     preset = reg.preset("demo")
     base = reg.resolve(preset.base)
     positive = next(a for a in preset.arms if a.name == "positive")
     arm = ArmSpec(reg.resolve(positive.model), positive.alpha, positive.name)
     print(f"demo preset: {base.name} + LoRA ARM {arm.name} (alpha {arm.alpha:g}); "
-          f"{len(PROMPTS)} held-out prompts, at most {args.max_tokens} tokens each")
-    curve(base, arm, args.max_tokens)
+          f"{len(PROMPTS[:args.prompts])} held-out prompts, at most {args.max_tokens} tokens each")
+    curve(base, arm, args)
     if not args.skip_types:
-        weight_types(reg.resolve("@smollm2"), arm, args.max_tokens,
-                     args.types.upper().split(","))
-    invariance(base, arm, args.max_tokens)
+        weight_types(reg.resolve("@smollm2"), arm, args, args.types.upper().split(","))
+    invariance(base, arm, args)
     if args.split:
-        split(base, arm, args.max_tokens)
+        split(base, arm, args)
 
 
 if __name__ == "__main__":

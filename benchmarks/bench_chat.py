@@ -7,7 +7,7 @@ The demo preset with both ARMs on (positive 1, concise 0.5: three contexts stepp
 - *fresh*: the same prompt decoded from an empty cache in a second engine (what a chat that
   re-reads the whole conversation every turn would pay).
 
-    python benchmarks/bench_chat.py [--turns 10] [--max-tokens 48] [--repeats 3]
+    python benchmarks/bench_chat.py [--turns 10] [--max-tokens 48] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import print_header  # noqa: E402
 from edge_genarm.chat import ChatSession  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.generation import Request, encode_messages, generate  # noqa: E402
@@ -61,13 +63,15 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     args = ap.parse_args()
+    print_header()
     reg = Registry.load()
     preset = reg.preset("demo")
     arms = [ArmSpec(reg.resolve(a.model), {"positive": 1.0, "concise": 0.5}[a.name], a.name)
             for a in preset.arms]
     base = reg.resolve(preset.base)
-    config = EngineConfig(base, arms, ContextSettings(n_ctx=4096))
+    config = EngineConfig(base, arms, ContextSettings(n_ctx=4096, n_threads=args.threads))
     opts = GenerationOptions(base=base, arms=arms, sampling=SamplingSettings(greedy=True),
                              max_tokens=args.max_tokens, seed=0, context=config.context)
     rows: list[list[tuple[int, int, float, float]]] = []

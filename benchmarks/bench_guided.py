@@ -9,16 +9,18 @@ glue (Python, NumPy, combination, sampling) shows as the excess over 1. The thre
 to back in every repeat and the ratio is the median of the per-repeat ratios, so that drift in
 the speed of a shared machine hits the three alike. `glue ms` is measured directly: the guided
 time per token less the time spent inside the contexts' decode calls. Peak memory is measured in
-fresh processes, one per configuration, with llama.cpp's own buffer sizes.
+fresh processes, one per configuration, with llama.cpp's own buffer sizes; the *outputs* section
+measures the base alone twice more, with edge-genarm's output reservation (one logits row per
+sequence) and with llama.cpp's default (n_outputs_max 0: one row per batch position), to show
+what the reservation does to the compute buffer.
 
     python benchmarks/bench_guided.py [--tokens 64] [--repeats 15] [--threads 1,2]
+                                      [--sections speed,memory,outputs]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -32,7 +34,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import print_header  # noqa: E402
 from convert.gguf_out import write_lora_adapter  # noqa: E402
 from convert.synthetic import random_lora_pairs  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
@@ -110,12 +114,22 @@ def speed(base: Path, arm: Path, threads: int, n_tokens: int, repeats: int, n_ct
 MEMORY_SCRIPT = """
 import re, sys
 from pathlib import Path
+import llama_cpp
 from edge_genarm import llama
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.generation import Request, generate
 from edge_genarm.sampling import SamplingSettings
 llama.set_verbose(True)
-base, n_ctx, arms = Path(sys.argv[1]), int(sys.argv[2]), [ArmSpec(Path(p), 1.0) for p in sys.argv[3:]]
+outputs, base, n_ctx = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+arms = [ArmSpec(Path(p), 1.0) for p in sys.argv[4:]]
+if outputs == "llama-default":
+    # the package offers no setting for this: its context parameters are wrapped in this child
+    project_params = llama._context_params
+    def default_outputs(settings):
+        params = project_params(settings)
+        params.n_outputs_max = llama_cpp.llama_context_default_params().n_outputs_max
+        return params
+    llama._context_params = default_outputs
 with Engine.load(EngineConfig(base, arms, llama.ContextSettings(n_ctx=n_ctx))) as e:
     ids = e.model.tokenize("Hello " * (n_ctx // 2), add_special=True)
     generate(e, ids, Request(SamplingSettings(greedy=True), max_tokens=32))
@@ -124,24 +138,58 @@ with Engine.load(EngineConfig(base, arms, llama.ContextSettings(n_ctx=n_ctx))) a
 """
 
 
-def memory(base: Path, arms: list[Path], n_ctx: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(base), str(n_ctx),
+def memory(base: Path, arms: list[Path], n_ctx: int, outputs: str = "project") -> dict:
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, outputs, str(base), str(n_ctx),
                            *map(str, arms)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"the memory probe failed:\n{proc.stderr[-2000:]}")
     peak = int(re.search(r"PEAK_KIB (\d+)", proc.stdout).group(1)) / 1024
     def total(pattern):
         return sum(float(x) for x in re.findall(pattern, proc.stderr))
     return {"peak": peak,
             "kv": total(r"llama_kv_cache: +\S+ KV buffer size = +([\d.]+) MiB"),
             "compute": total(r"sched_reserve: +\S+ compute buffer size = +([\d.]+) MiB"),
-            "adapter": total(r"llama_adapter_lora_init_impl: +\S+ LoRA buffer size = +([\d.]+) MiB")}
+            "adapter": total(r"llama_adapter_lora_init_impl: +\S+ LoRA buffer size = +([\d.]+) "
+                             r"MiB"),
+            "n_outputs_max": re.findall(r"n_outputs_max += +(\d+)", proc.stderr)}
 
 
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
+def speed_table(base: Path, arms: list[tuple[str, Path]], args) -> None:
+    print(f"base: {base.name}; {args.tokens} tokens greedy, median of {args.repeats}, "
+          f"context {args.ctx_size}\n")
+    print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | glue ms/token | "
+          "ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for label, arm in arms:
+            s = speed(base, arm, threads, args.tokens, args.repeats, args.ctx_size)
+            print(f"| {label} | {threads} | {1 / s['base']:.1f} | {1 / s['arm']:.1f} | "
+                  f"{1 / s['guided']:.1f} | {1000 * s['glue']:.2f} | {s['ratio']:.3f} |",
+                  flush=True)
+
+
+def memory_table(base: Path, lora: Path, full: Path, n_ctx: int) -> None:
+    print(f"\npeak memory, a fresh process each: context {n_ctx}, a prompt of about {n_ctx // 2} "
+          "tokens, 32 generated")
+    print("| configuration | peak RSS MiB | extra MiB | KV cache MiB | compute MiB | adapter MiB |")
+    print("|---|---|---|---|---|---|")
+    alone = memory(base, [], n_ctx)
+    for label, arms in (("base alone", []), ("+ LoRA ARM", [lora]), ("+ full-model ARM", [full]),
+                        ("+ the base file as ARM (weights shared)", [base])):
+        m = alone if not arms else memory(base, arms, n_ctx)
+        print(f"| {label} | {m['peak']:.0f} | {m['peak'] - alone['peak']:+.0f} | {m['kv']:.0f} | "
+              f"{m['compute']:.0f} | {m['adapter']:.1f} |", flush=True)
+
+
+def outputs_table(base: Path, n_ctx: int) -> None:
+    print(f"\nthe base alone, a fresh process each (as above): the logits rows a context reserves")
+    print("| output reservation | n_outputs_max | compute MiB | peak RSS MiB |")
+    print("|---|---|---|---|")
+    for label, outputs in (("edge-genarm: one row per sequence", "project"),
+                           ("llama.cpp's default: one row per batch position", "llama-default")):
+        m = memory(base, [], n_ctx, outputs)
+        print(f"| {label} | {', '.join(m['n_outputs_max'][:1]) or '?'} | {m['compute']:.1f} | "
+              f"{m['peak']:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -150,33 +198,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--ctx-size", type=int, default=2048)
+    ap.add_argument("--sections", default="speed,memory,outputs",
+                    help="which tables to print: speed, memory, outputs")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - {"speed", "memory", "outputs"}:
+        ap.error(f"unknown section in --sections {args.sections}; use speed, memory, outputs")
 
+    print_header()
     base = resolve_model("@smollm2")
     tmp = Path(tempfile.mkdtemp(prefix="bench-genarm-"))
-    lora = make_lora(base, tmp / "lora-r8.gguf")
-    full = tmp / "full-arm.gguf"  # a second file, so it is loaded as a model of its own
-    shutil.copy(base, full)
-    print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()}")
-    print(f"base: {base.name}; {args.tokens} tokens greedy, median of {args.repeats}, "
-          f"context {args.ctx_size}\n")
-    print("| ARM | threads/context | base tok/s | ARM tok/s | guided tok/s | glue ms/token | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for threads in [int(t) for t in args.threads.split(",")]:
-        for label, arm in (("full model", full), ("LoRA r8", lora)):
-            s = speed(base, arm, threads, args.tokens, args.repeats, args.ctx_size)
-            print(f"| {label} | {threads} | {1 / s['base']:.1f} | {1 / s['arm']:.1f} | "
-                  f"{1 / s['guided']:.1f} | {1000 * s['glue']:.2f} | {s['ratio']:.3f} |",
-                  flush=True)
-    print("\n| configuration | peak RSS MiB | extra MiB | KV cache MiB | compute MiB | adapter MiB |")
-    print("|---|---|---|---|---|---|")
-    alone = memory(base, [], args.ctx_size)
-    for label, arms in (("base alone", []), ("+ LoRA ARM", [lora]), ("+ full-model ARM", [full]),
-                        ("+ the base file as ARM (weights shared)", [base])):
-        m = alone if not arms else memory(base, arms, args.ctx_size)
-        print(f"| {label} | {m['peak']:.0f} | {m['peak'] - alone['peak']:+.0f} | {m['kv']:.0f} | "
-              f"{m['compute']:.0f} | {m['adapter']:.1f} |", flush=True)
-    shutil.rmtree(tmp)
+    try:
+        lora = make_lora(base, tmp / "lora-r8.gguf")
+        full = tmp / "full-arm.gguf"  # a second file, so it is loaded as a model of its own
+        shutil.copy(base, full)
+        if "speed" in sections:
+            speed_table(base, [("full model", full), ("LoRA r8", lora)], args)
+        if "memory" in sections:
+            memory_table(base, lora, full, args.ctx_size)
+        if "outputs" in sections:
+            outputs_table(base, args.ctx_size)
+    finally:
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ fixed English texts (the docstrings of some standard-library modules, at most 30
 under the shipped Q4_1 file and under requantizations of it made with llama.cpp's quantizer.
 A higher (less negative) figure is a better model of the text; equal figures mean nothing lost.
 
-    python benchmarks/bench_quant.py [--types Q8_0,Q4_0]
+    python benchmarks/bench_quant.py [--types Q8_0,Q4_0] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_alignment import base_logprobs  # noqa: E402
+from machine import print_header  # noqa: E402
+from scoring import answer_logprobs  # noqa: E402
 from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
 from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
@@ -39,34 +40,38 @@ def texts() -> list[str]:
     return out
 
 
-def mean_logprob(path: Path, docs: list[str]) -> tuple[float, int]:
-    with Engine.load(EngineConfig(path, [], ContextSettings(n_ctx=512, n_seq_max=4))) as e:
+def mean_logprob(path: Path, docs: list[str], threads: int = 0) -> tuple[float, int]:
+    settings = ContextSettings(n_ctx=512, n_seq_max=4, n_threads=threads)
+    with Engine.load(EngineConfig(path, [], settings)) as e:
         ids = [e.model.tokenize(t, False, False)[:300] for t in docs]
         bos = e.model.special_token("bos")
         if bos >= 0:  # the first token is scored too
             starts = [[bos]] * len(ids)
         else:
             starts, ids = [a[:1] for a in ids], [a[1:] for a in ids]
-        per_text = base_logprobs(e, starts, ids, 4)
+        scores = answer_logprobs(e, starts, ids, 4)
     n = sum(map(len, ids))
-    return sum(lp * len(a) for lp, a in zip(per_text, ids)) / n, n
+    return sum(float(s.sum()) for s in scores) / n, n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="Q8_0,Q4_0")
+    ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     args = ap.parse_args()
+    print_header()
     shipped = resolve_model("@smollm2")
     docs = texts()
     print("| weights | mean log-prob per token |")
     print("|---|---|")
-    score, n = mean_logprob(shipped, docs)
+    score, n = mean_logprob(shipped, docs, args.threads)
     print(f"| Q4_1 (shipped) | {score:.4f} |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.types.upper().split(","):
+        for name in [t for t in args.types.upper().split(",") if t]:
             path = Path(tmp) / f"{name}.gguf"
             quantize_model(shipped, path, name, requantize=True)
-            print(f"| {name} (from Q4_1) | {mean_logprob(path, docs)[0]:.4f} |", flush=True)
+            score = mean_logprob(path, docs, args.threads)[0]
+            print(f"| {name} (from Q4_1) | {score:.4f} |", flush=True)
     print(f"\n{len(docs)} texts, {n} tokens")
 
 
