@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import llama
-from .engine import Engine, Sequence
+from .engine import Engine
 from .errors import UserError, plural
-from .generation import Request, TextStream, chat_template, encode_messages, encode_prompt
+from .generation import chat_template, encode_messages, encode_prompt
 from .options import GenerationOptions
-from .sampling import make_sampler
+from .scheduler import Handle, Request, Scheduler
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -46,6 +45,12 @@ class Item:
     line: int
     prompt: str | None = None
     messages: list[dict] | None = None
+    overrides: dict = field(default_factory=dict)  # the line's own arms, temperature, seed...
+
+
+# Keys a JSONL line may carry to override the command line for itself, and their types.
+OVERRIDES = {"arms": dict, "temperature": (int, float), "seed": int, "max_tokens": int,
+             "n": int}
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,16 @@ def _parse_jsonl(text: str, number: int) -> Item | Malformed:
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages)):
         return Malformed(number, '"messages" must be a non-empty list of {"role", "content"}')
-    return Item(item_id, number, prompt=prompt, messages=messages)
+    overrides = {k: row[k] for k in OVERRIDES if k in row}
+    for key, value in overrides.items():
+        if not isinstance(value, OVERRIDES[key]) or isinstance(value, bool):
+            return Malformed(number, f'"{key}" must be {_KIND[key]}, not {json.dumps(value)}')
+    return Item(item_id, number, prompt=prompt, messages=messages, overrides=overrides)
+
+
+_KIND = {"arms": 'an object of weights by ARM name, such as {"positive": 0.5}',
+         "temperature": "a number", "seed": "an integer", "max_tokens": "an integer",
+         "n": "an integer"}
 
 
 def encode_item(engine: Engine, item: Item, opts: GenerationOptions) -> list[int]:
@@ -181,95 +195,71 @@ class RecordFile:
             self.fh.close()
 
 
-# -- the scheduler --------------------------------------------------------------------------------
-@dataclass
-class Slot:
-    """One prompt being generated: its sequence, sampler state and text so far."""
-    item: Item
-    seq: Sequence
-    prompt_ids: list[int]
-    seed: int
-    text: TextStream
-    rng: np.random.Generator
-    pending: list[int]
-    t_start: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    tokens: list[int] = field(default_factory=list)
-    parts: list[str] = field(default_factory=list)
+# -- the requests ---------------------------------------------------------------------------------
+def item_request(engine: Engine, item: Item, opts: GenerationOptions, run_seed: int) -> Request:
+    """The scheduler request of one input line: the command line's settings, with the line's own
+    arms, temperature, seed, max_tokens and n over them."""
+    o = item.overrides
+    sampling = opts.sampling
+    if "temperature" in o:
+        sampling = dataclasses.replace(sampling, temperature=float(o["temperature"]),
+                                       greedy=False)
+    return opts.request(encode_item(engine, item, opts), sampling=sampling,
+                        seed=o.get("seed", seed_for(run_seed, item.id)),
+                        max_tokens=o.get("max_tokens", opts.max_tokens), n=o.get("n", 1),
+                        arms=o.get("arms", {}))
 
 
-def run_batch(engine: Engine, items: Iterable[Item], opts: GenerationOptions, run_seed: int,
-              n_parallel: int, emit) -> None:
-    """Generate every item, up to n_parallel at once; `emit(record)` gets each finished one."""
-    sampler = make_sampler(opts.sampling)
-    request = opts.request()
-    pending_items = iter(items)
-    free = list(range(n_parallel - 1, -1, -1))
-    slots: dict[int, Slot] = {}
+def run_batch(scheduler: Scheduler, items: Iterable[Item], opts: GenerationOptions,
+              run_seed: int, emit) -> None:
+    """Generate every item on the scheduler, feeding it as sequences free up; `emit(record)`
+    gets each finished one. A line the scheduler refuses (an unknown ARM, a bad value, a prompt
+    too long) is emitted with its error and the run goes on."""
+    engine = scheduler.engine
+    pending = iter(items)
+    live: dict[Handle, tuple[Item, dict[int, dict]]] = {}
     while True:
-        while free and (item := next(pending_items, None)) is not None:
-            slot = _start(engine, item, opts, request, run_seed, free[-1], emit)
-            if slot is not None:
-                slots[free.pop()] = slot
-        if not slots:
+        while scheduler.waiting < engine.n_seq_max and (item := next(pending, None)):
+            record = _record(item, None, None)
+            try:
+                request = item_request(engine, item, opts, run_seed)
+                record = _record(item, request, engine)
+                live[scheduler.submit(request)] = (item, {})
+            except UserError as exc:
+                emit(record | {"error": f"line {item.line}: {exc}"})
+        if not live:
             return
-        for sid in [s for s, slot in slots.items()
-                    if len(slot.seq.tokens) + len(slot.pending) > engine.n_ctx]:
-            _finish(slots.pop(sid), "context_full", engine, emit)
-            free.append(sid)
-        if not slots:
-            continue
-        live = list(slots.items())
-        rows = engine.advance([s.seq for _, s in live], [s.pending for _, s in live])
-        rows = rows if rows.ndim == 2 else rows[None]
-        now = time.perf_counter()
-        for (sid, slot), row in zip(live, rows):
-            token = sampler(row, slot.rng)
-            slot.t_first = slot.t_first or now
-            slot.tokens.append(token)
-            piece, finish = slot.text.push(token)
-            slot.parts.append(piece)
-            slot.pending = [token]
-            if finish:
-                _finish(slots.pop(sid), finish, engine, emit)
-                free.append(sid)
+        for event in scheduler.step():
+            item, answers = live[event.handle]
+            answer = answers.setdefault(event.index, {"text": [], "tokens": []})
+            if event.token is not None:
+                answer["tokens"].append(event.token)
+            answer["text"].append(event.text)
+            if event.usage is not None:
+                answer.update(event.usage.to_dict(), text="".join(answer["text"]))
+                if sum("finish_reason" in a for a in answers.values()) == event.handle.request.n:
+                    del live[event.handle]
+                    emit(_finished(event.handle, item, engine, answers))
 
 
-def _start(engine: Engine, item: Item, opts: GenerationOptions, request: Request, run_seed: int,
-           seq_id: int, emit) -> Slot | None:
-    seed = seed_for(run_seed, item.id)
-    try:
-        ids = encode_item(engine, item, opts)
-        if len(ids) >= engine.n_ctx:
-            raise UserError(f"the prompt is {len(ids)} tokens but the context holds "
-                            f"{engine.n_ctx}; shorten it or raise --ctx-size")
-    except UserError as exc:
-        emit(_record(item, seed) | {"error": str(exc)})
-        return None
-    slot = Slot(item, engine.new_sequence(seq_id), ids, seed, TextStream(engine, request),
-                np.random.default_rng(seed), pending=ids)
-    if request.max_tokens == 0:
-        _finish(slot, "length", engine, emit)
-        return None
-    return slot
+def _finished(handle: Handle, item: Item, engine: Engine, answers: dict[int, dict]) -> dict:
+    ordered = [answers[i] for i in range(handle.request.n)]
+    record = _record(item, handle.request, engine) | ordered[0]
+    if handle.request.n > 1:
+        record["answers"] = ordered
+    return record
 
 
-def _finish(slot: Slot, reason: str, engine: Engine, emit) -> None:
-    now = time.perf_counter()
-    if reason == "context_full":
-        slot.parts.append(slot.text.close())
-    emit(_record(slot.item, slot.seed) | {
-        "text": "".join(slot.parts), "tokens": slot.tokens, "finish_reason": reason,
-        "prompt_tokens": len(slot.prompt_ids), "completion_tokens": len(slot.tokens),
-        "first_token_seconds": round((slot.t_first or now) - slot.t_start, 4),
-        "seconds": round(now - slot.t_start, 4)})
-
-
-def _record(item: Item, seed: int) -> dict:
+def _record(item: Item, request: Request | None, engine: Engine | None) -> dict:
     """The fields every record has; `run_job` adds the run-wide ones."""
     given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
-    return {"id": item.id, **given, "seed": seed, "text": None, "tokens": [],
-            "finish_reason": None, "error": None}
+    used = {} if request is None else {
+        "seed": request.seed, "alphas": {a.name: float(w) for a, w in
+                                         zip(engine.arms, engine.weights(dict(request.arms)))},
+        "sampling": dataclasses.asdict(request.sampling), "max_tokens": request.max_tokens,
+        "n": request.n}
+    return {"id": item.id, **given, **used, "text": None, "tokens": [], "finish_reason": None,
+            "error": None}
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -289,14 +279,11 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
         run_seed = next(iter(out.done.values())).get("run_seed", run_seed)
     todo = [i for i in parsed if isinstance(i, Item) and json.dumps(i.id) not in out.done]
     context = dataclasses.replace(opts.context, n_seq_max=n_parallel)
-    settings = {"alphas": None, "sampling": dataclasses.asdict(opts.sampling),
-                "max_tokens": opts.max_tokens, "stop": list(opts.stop), "system": opts.system,
-                "run_seed": run_seed}
+    settings = {"stop": list(opts.stop), "system": opts.system, "run_seed": run_seed}
     progress = Progress(len(todo))
     failed = 0
     try:
         with Engine.load(dataclasses.replace(opts.engine_config(), context=context)) as engine:
-            settings["alphas"] = {a.name: a.alpha for a in engine.arms}
             out.open()
             if out.torn_bytes:
                 click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a "
@@ -306,9 +293,10 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
                 nonlocal failed
                 failed += record["error"] is not None
                 out.write(record | settings)
-                progress.update(record.get("completion_tokens", 0))
+                progress.update(sum(a.get("completion_tokens", 0)
+                                    for a in record.get("answers", [record])))
 
-            run_batch(engine, todo, opts, run_seed, n_parallel, emit)
+            run_batch(Scheduler(engine), todo, opts, run_seed, emit)
     except KeyboardInterrupt:
         progress.end()
         click.echo(f"interrupted: {progress.done} new records are in {output}; run the same "

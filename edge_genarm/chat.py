@@ -28,10 +28,11 @@ from typing import Callable, Iterator
 import click
 
 from . import llama
-from .engine import Engine
+from .engine import Engine, Sequence
 from .errors import UserError, plural
 from .generation import Result, chat_template, encode_messages, generate
 from .options import GenerationOptions, apply_alphas, generation_options
+from .scheduler import Scheduler
 
 Message = dict[str, str]
 
@@ -68,7 +69,9 @@ class ChatSession:
         self.first = 0            # turns before this one no longer fit the context
         self.n_generated = 0      # every reply, retries included, gets a seed of its own
         self.last: Result | None = None
-        self.seq = engine.new_sequence()
+        # one request per reply; the scheduler finds the conversation's cached prefix itself
+        self.scheduler = Scheduler(engine)
+        self.seq: Sequence | None = None  # the sequence the last reply ran on
 
     # -- the conversation ------------------------------------------------------------------
     def messages(self, turns: list[Turn]) -> list[Message]:
@@ -113,11 +116,12 @@ class ChatSession:
             self.turns.pop()
             self.first = first
             raise
-        request = dataclasses.replace(self.opts.request(), sampling=self.sampling,
-                                      seed=self.opts.seed + self.n_generated)
+        request = self.opts.request(ids, sampling=self.sampling,
+                                    seed=self.opts.seed + self.n_generated)
         self.n_generated += 1
-        result = generate(self.engine, ids, request, on_text, seq=self.seq,
-                          should_stop=should_stop)
+        handle = self.scheduler.submit(request)
+        result = generate(self.scheduler, handle, on_text, should_stop=should_stop)
+        self.seq = handle.sequences[0]
         if result.finish_reason == "context_full":
             notify(f"the context of {self.engine.n_ctx} tokens is full, the reply stops "
                    "here; the next turn drops the oldest turns")
@@ -130,10 +134,7 @@ class ChatSession:
         return {"alphas": dict(result.alphas), "temperature": s.temperature, "top_k": s.top_k,
                 "top_p": s.top_p, "min_p": s.min_p, "greedy": s.greedy, "seed": result.seed,
                 "max_tokens": self.opts.max_tokens, "system": self.system,
-                "finish_reason": result.finish_reason, "prompt_tokens": len(result.prompt_ids),
-                "prefilled_tokens": result.prefilled_tokens, "completion_tokens":
-                len(result.tokens), "time_to_first_token": round(result.prefill_seconds, 4),
-                "tokens_per_second": round(result.tokens_per_second, 2)}
+                **result.usage.to_dict()}
 
     # -- slash commands ----------------------------------------------------------------------
     def command(self, line: str) -> str | Resend:
@@ -196,10 +197,10 @@ class ChatSession:
         r = self.last
         if r is None:
             return "no reply yet"
-        cached = len(r.prompt_ids) - r.prefilled_tokens
-        return (f"last reply: {len(r.tokens)} tokens, {r.tokens_per_second:.1f} tokens/s; time to "
-                f"first token {r.prefill_seconds:.3f} s ({r.prefilled_tokens} prompt tokens "
-                f"decoded, {cached} reused from the cache)")
+        u = r.usage
+        return (f"last reply: {len(r.tokens)} tokens, {u.tokens_per_second:.1f} tokens/s; time to "
+                f"first token {u.time_to_first_token:.3f} s ({r.prefilled_tokens} prompt tokens "
+                f"decoded, {u.cached_tokens} reused from the cache)")
 
     def cmd_help(self, arg: str) -> str:
         return "\n".join(f"{name} {usage}".ljust(22) + text

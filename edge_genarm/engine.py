@@ -191,24 +191,6 @@ class Engine:
                 ctx.seq_remove(seq.seq_id, n, -1)
                 seq.n_past[id(ctx)] = n
 
-    @staticmethod
-    def cached_prefix(seq: Sequence, tokens: Seq[int]) -> int:
-        """How many leading tokens `reuse_prefix` keeps: always one short of all of them."""
-        n = 0
-        limit = min(len(seq.tokens), len(tokens) - 1)
-        while n < limit and seq.tokens[n] == tokens[n]:
-            n += 1
-        return n
-
-    def reuse_prefix(self, seq: Sequence, tokens: Seq[int]) -> list[int]:
-        """Keep the longest common prefix of seq and tokens; return the tokens still to feed.
-
-        At least one token is always left to feed, since its logits are needed next.
-        """
-        n = self.cached_prefix(seq, tokens)
-        self.truncate(seq, n)
-        return list(tokens[n:])
-
     # -- the step -------------------------------------------------------------------------------
     def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
         """`step` with the ARMs' own alphas for every sequence; one row per sequence, or a

@@ -6,6 +6,7 @@ seed, so that the effect of the ARMs can be read side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import llama
 from .batch import run_job
 from .engine import Engine
 from .generation import Result, encode_prompt, generate as run_generation
+from .scheduler import Request, Scheduler
 from .options import GenerationOptions, generation_options
 
 
@@ -60,29 +62,31 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
     with Engine.load(opts.engine_config()) as engine:
         prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw, opts.chat_template)
+        scheduler = Scheduler(engine)
+        request = opts.request(prompt_ids)
         if compare:
-            with engine.alphas_zeroed():
-                base = _run(engine, prompt_ids, opts, as_json, "base (unguided)")
-            guided = _run(engine, prompt_ids, opts, as_json, f"guided ({_describe(engine)})")
+            unguided = dataclasses.replace(request, arms={a.name: 0.0 for a in engine.arms})
+            base = _run(scheduler, unguided, as_json, "base (unguided)")
+            scheduler.forget()  # the guided answer decodes its prompt afresh, as it would alone
+            guided = _run(scheduler, request, as_json, f"guided ({_describe(engine)})")
             if as_json:
                 _print_json({"base": base.to_dict(), "guided": guided.to_dict()})
         else:
-            result = _run(engine, prompt_ids, opts, as_json, None)
+            result = _run(scheduler, request, as_json, None)
             if as_json:
                 _print_json(result.to_dict())
 
 
-def _run(engine: Engine, prompt_ids: list[int], opts: GenerationOptions, as_json: bool,
-         heading: str | None) -> Result:
+def _run(scheduler: Scheduler, request: Request, as_json: bool, heading: str | None) -> Result:
     if heading and not as_json:
         click.echo(f"--- {heading} ---")
     on_text = None if as_json else _stream_out
-    result = run_generation(engine, prompt_ids, opts.request(), on_text=on_text)
+    result = run_generation(scheduler, scheduler.submit(request), on_text=on_text)
     if not as_json:
         click.echo("")
     if result.finish_reason == "context_full":
-        click.echo(f"warning: the context of {engine.n_ctx} tokens is full, the answer stops "
-                   "here; raise --ctx-size for longer answers", err=True)
+        click.echo(f"warning: the context of {scheduler.engine.n_ctx} tokens is full, the "
+                   "answer stops here; raise --ctx-size for longer answers", err=True)
     return result
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import llama_cpp as C
+from llama_cpp._ctypes_extensions import load_shared_library
 import numpy as np
 
 from .errors import ContextFullError, EngineError, ModelFileError, UserError, plural
@@ -87,7 +88,8 @@ class _GGUFInitParams(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _ggml_base() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(Path(C.__file__).parent / "lib" / "libggml-base.so"))
+    # llama-cpp-python's own loader knows its library names on Linux, macOS and Windows
+    lib = load_shared_library("ggml-base", Path(C.__file__).parent / "lib")
     sigs = {
         "gguf_init_from_file": ([ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
         "gguf_free": ([ctypes.c_void_p], None),
@@ -240,6 +242,11 @@ class ContextSettings:
     n_seq_max: int = 1
     n_batch: int = 512
     exact: bool = False         # F32 KV cache and flash attention off, for PyTorch comparisons
+    n_cells: int = 0            # KV cells shared by all sequences; 0: n_ctx x n_seq_max
+
+    @property
+    def cells(self) -> int:
+        return self.n_cells or self.n_ctx * self.n_seq_max
 
 
 _MAX_CELLS = 2**31 - 1  # llama.cpp counts cells and positions in 32-bit signed integers
@@ -247,15 +254,15 @@ _MAX_CELLS = 2**31 - 1  # llama.cpp counts cells and positions in 32-bit signed 
 
 def _context_params(settings: ContextSettings):
     """llama.cpp's context parameters for these settings (real contexts and dry runs alike)."""
-    cells = settings.n_ctx * settings.n_seq_max
+    cells = settings.cells
     if cells > _MAX_CELLS:
-        raise UserError(f"{plural(settings.n_seq_max, 'sequence')} of {settings.n_ctx} tokens "
-                        f"are {cells} KV cells, more than llama.cpp can address ({_MAX_CELLS}); "
-                        "lower --ctx-size or --n-parallel")
+        raise UserError(f"{cells} KV cells ({plural(settings.n_seq_max, 'sequence')} of "
+                        f"{settings.n_ctx} tokens) are more than llama.cpp can address "
+                        f"({_MAX_CELLS}); lower --ctx-size, --n-parallel or --kv-size")
     params = C.llama_context_default_params()
-    # n_ctx is per sequence: the unified KV cache holds n_seq_max full windows, so that
-    # sequences decoded together never run each other out of room
-    params.n_ctx = settings.n_ctx * settings.n_seq_max
+    # n_ctx is per sequence; the unified KV cache's cells are shared by all sequences (by
+    # default n_seq_max full windows, so that sequences never run each other out of room)
+    params.n_ctx = cells
     params.n_batch = min(settings.n_batch, settings.n_ctx)
     params.n_ubatch = params.n_batch
     params.n_seq_max = settings.n_seq_max
@@ -341,6 +348,7 @@ class Context:
         self.memory = C.llama_get_memory(ptr)
         # llama.cpp may round the window up; the user's size is the limit we keep to
         self.n_ctx = min(settings.n_ctx, int(C.llama_n_ctx(ptr)))
+        self.n_cells = int(C.llama_n_ctx(ptr))  # KV cells for all sequences together
         self.n_batch = int(C.llama_n_batch(ptr))
         self.adapter = adapter
         if adapter is not None:

@@ -17,7 +17,7 @@ import click
 from . import llama
 from .engine import ArmSpec, EngineConfig
 from .errors import UserError
-from .generation import Request
+from .scheduler import Request
 from .llama import ContextSettings
 from .registry import DEFAULT_BASE, Registry
 from .sampling import SamplingSettings
@@ -62,6 +62,9 @@ _OPTIONS = [
     click.option("--ctx-size", "-c", type=int, default=2048, show_default=True,
                  envvar="EDGE_GENARM_CTX_SIZE", help="Context window of every model, in tokens "
                  "[env EDGE_GENARM_CTX_SIZE]."),
+    click.option("--kv-size", type=int, default=0, envvar="EDGE_GENARM_KV_SIZE", metavar="CELLS",
+                 help="KV cache cells shared by all sequences (0: --ctx-size for each parallel "
+                 "sequence); a request still ends at --ctx-size tokens [env EDGE_GENARM_KV_SIZE]."),
     click.option("--threads", type=int, default=None, envvar="EDGE_GENARM_THREADS",
                  help="CPU threads of each context (default: all cores; contexts run one after "
                  "another) [env EDGE_GENARM_THREADS]."),
@@ -165,7 +168,7 @@ class GenerationOptions:
             system=kw.pop("system"),
             raw=kw.pop("raw"),
             context=ContextSettings(n_ctx=kw.pop("ctx_size"), n_threads=kw.pop("threads") or 0,
-                                    exact=kw.pop("exact")),
+                                    exact=kw.pop("exact"), n_cells=kw.pop("kv_size")),
             n_gpu_layers=kw.pop("n_gpu_layers"),
             verbose=kw.pop("verbose"),
             chat_template=preset.chat_template if preset else None,
@@ -177,6 +180,9 @@ class GenerationOptions:
             raise UserError(f"--max-tokens must be >= 0, got {opts.max_tokens}")
         if opts.context.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16 tokens, got {opts.context.n_ctx}")
+        if opts.context.n_cells and opts.context.n_cells < opts.context.n_ctx:
+            raise UserError(f"--kv-size must be 0 (every sequence a full --ctx-size) or at least "
+                            f"--ctx-size ({opts.context.n_ctx}), got {opts.context.n_cells}")
         _check_resources(opts)
         _dedupe_arm_names(opts.arms)
         return opts
@@ -185,9 +191,11 @@ class GenerationOptions:
         return EngineConfig(base=self.base, arms=self.arms, context=self.context,
                             n_gpu_layers=self.n_gpu_layers)
 
-    def request(self) -> Request:
-        return Request(sampling=self.sampling, max_tokens=self.max_tokens, stop=self.stop,
-                       seed=self.seed)
+    def request(self, prompt_ids=(), **changes) -> Request:
+        """A scheduler request with these options, for prompt_ids; `changes` override fields."""
+        fields = dict(prompt_ids=tuple(prompt_ids), sampling=self.sampling,
+                      max_tokens=self.max_tokens, stop=self.stop, seed=self.seed)
+        return Request(**(fields | changes))
 
 
 def _check_resources(opts: "GenerationOptions") -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from . import guidance
 from .engine import Engine, Sequence
 from .errors import UserError
-from .generation import TextStream
+from .text import TextStream
 from .sampling import SamplingSettings, make_sampler
 
 MAX_TOP_LOGPROBS = 20
@@ -89,6 +89,7 @@ class Handle:
     def __init__(self, request: Request, weights: np.ndarray, submitted: float):
         self.request, self.weights, self.submitted = request, weights, submitted
         self.finished = 0  # answers that have ended
+        self.sequences: dict[int, Sequence] = {}  # answer index -> the sequence it ran on
 
     @property
     def done(self) -> bool:
@@ -111,13 +112,16 @@ class _Slot:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, share_prefixes: bool = True):
         self.engine = engine
+        self.share_prefixes = share_prefixes
         self._lock = threading.Lock()
         self._waiting: deque[Handle] = deque()
-        self._cancelled: set[Handle] = set()
+        self._cancelled: dict[Handle, str] = {}  # handle -> finish reason
         self._slots: list[_Slot] = []
         self._free = [Sequence(i) for i in reversed(range(engine.n_seq_max))]
+        for seq in self._free:  # the ids are this scheduler's alone from now on
+            engine.release(seq)
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self._samplers: dict[SamplingSettings, object] = {}
 
@@ -133,6 +137,11 @@ class Scheduler:
         if not 1 <= request.n <= engine.n_seq_max:
             raise UserError(f"n must be between 1 and {engine.n_seq_max} (the parallel "
                             f"sequences), got {request.n}")
+        if _cells(request, engine.n_ctx) > engine.base.n_cells:
+            each = _cells(request, engine.n_ctx, 1)
+            raise UserError(f"{request.n} answers of up to {each} tokens need more KV cells than "
+                            f"the cache holds ({engine.base.n_cells}); lower max_tokens or n, or "
+                            "raise --kv-size")
         if request.max_tokens < 0:
             raise UserError(f"max_tokens must be >= 0, got {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
@@ -147,9 +156,24 @@ class Scheduler:
             self._waiting.append(handle)
         return handle
 
-    def cancel(self, handle: Handle) -> None:
+    def cancel(self, handle: Handle, interrupt: bool = False) -> None:
+        """End a request at the next step: its sequences are freed ("cancelled"), or with
+        `interrupt` kept with what they hold for a later prompt ("interrupted")."""
         with self._lock:
-            self._cancelled.add(handle)
+            self._cancelled[handle] = "interrupted" if interrupt else "cancelled"
+
+    def forget(self) -> None:
+        """Free the sequences kept for their prefixes (from the stepping thread)."""
+        while self._idle:
+            _, seq = self._idle.popitem()
+            self.engine.release(seq)
+            self._free.append(seq)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet started."""
+        with self._lock:
+            return len(self._waiting)
 
     @property
     def busy(self) -> bool:
@@ -185,13 +209,14 @@ class Scheduler:
     # -- admission, forks, finishing ----------------------------------------------------------
     def _drop_cancelled(self, events: list[Event]) -> None:
         with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
+            cancelled, self._cancelled = self._cancelled, {}
             for handle in cancelled:
                 if handle in self._waiting:
                     self._waiting.remove(handle)
                     handle.finished = handle.request.n
         for slot in [s for s in self._slots if s.handle in cancelled]:
-            self._finish(slot, "cancelled", events, keep=False)
+            reason = cancelled[slot.handle]
+            self._finish(slot, reason, events, keep=reason == "interrupted")
         for handle in cancelled:  # answers not forked yet end with their first
             handle.finished = handle.request.n
 
@@ -206,8 +231,28 @@ class Scheduler:
                 donor, shared = self._best_prefix(list(handle.request.prompt_ids))
                 if donor is not None and donor.behind(self.engine.base) < shared:
                     return  # its prefix is being decoded this step: copy it next step
+                if not self._make_room(_cells(handle.request, self.engine.n_ctx), donor):
+                    return  # the KV cells live answers may still need are spoken for
                 self._waiting.popleft()
             self._start(handle, donor, shared, events)
+
+    def _make_room(self, cells: int, keep: Sequence | None) -> bool:
+        """Whether `cells` more fit beside what live answers may grow to, giving up idle
+        sequences' caches (least recently finished first) to make them fit."""
+        n_ctx, total = self.engine.n_ctx, self.engine.base.n_cells
+        live = sum(_cells(s.handle.request, n_ctx, 1 + len(s.forks)) for s in self._slots)
+
+        def fits() -> bool:
+            return live + cells + sum(len(q.tokens) for q in self._idle.values()) <= total
+
+        for seq_id in list(self._idle):
+            if fits():
+                break
+            if self._idle[seq_id] is not keep:
+                seq = self._idle.pop(seq_id)
+                self.engine.release(seq)
+                self._free.append(seq)
+        return fits()
 
     def _start(self, handle: Handle, donor: Sequence | None, shared: int,
                events: list[Event]) -> None:
@@ -233,6 +278,8 @@ class Scheduler:
         """The sequence whose tokens (a live one's: with those it is about to decode) start
         like prompt for longest; one prompt token is always left to feed."""
         best, best_n = None, 0
+        if not self.share_prefixes:
+            return best, best_n
         candidates = [(s.seq, s.seq.tokens + s.pending) for s in self._slots] + \
             [(seq, seq.tokens) for seq in self._idle.values()]
         for seq, tokens in candidates:
@@ -301,6 +348,7 @@ class Scheduler:
         event.usage = usage
         self._slots.remove(slot)
         slot.handle.finished += 1
+        slot.handle.sequences[slot.index] = slot.seq
         for seq in [slot.seq] + slot.forks:
             if keep and seq is slot.seq and seq.tokens:
                 self._idle[seq.seq_id] = seq
@@ -325,3 +373,10 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def _cells(request: Request, n_ctx: int, answers: int | None = None) -> int:
+    """The most KV cells `answers` of a request's answers (all n by default) can take, each
+    ending at the context size."""
+    each = min(n_ctx, len(request.prompt_ids) + request.max_tokens)
+    return each * (request.n if answers is None else answers)

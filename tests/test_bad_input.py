@@ -27,8 +27,10 @@ GENERATE = [
      "no GPU support; drop the option, or install a CUDA or Metal build"),
     (["--ctx-size", "0", "hi"], None, 1, "--ctx-size must be at least 16 tokens, got 0"),
     (["--ctx-size", "-5", "hi"], None, 1, "--ctx-size must be at least 16 tokens, got -5"),
-    (["--ctx-size", "99999999999", "hi"], None, 1, "1 sequence of 99999999999 tokens are "
-     "99999999999 KV cells, more than llama.cpp can address (2147483647); lower --ctx-size"),
+    (["--ctx-size", "99999999999", "hi"], None, 1, "99999999999 KV cells (1 sequence of "
+     "99999999999 tokens) are more than llama.cpp can address (2147483647); lower --ctx-size"),
+    (["--kv-size", "100", "hi"], None, 1, "--kv-size must be 0 (every sequence a full "
+     "--ctx-size) or at least --ctx-size (2048), got 100"),
     (["--ctx-size", "100000000", "hi"], None, 1, "a context of 100000000 tokens needs about "),
     (["--ctx-size", "abc", "hi"], None, 2, "Invalid value for '--ctx-size' / '-c': 'abc' is not "
      "a valid integer."),

@@ -163,3 +163,48 @@ def test_batch_mode_needs_both_files_and_no_prompt(tmp_path):
     assert res.exit_code == 1
     assert res.stderr == f"Error: --input {tmp_path / 'none.jsonl'} does not exist\n"
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_lines_carry_their_own_arms_temperature_seed_max_tokens_and_n(tmp_path):
+    """A line's own settings override the command line for it alone, and its record says what
+    was used; each answer equals the same settings given on the command line (K = 1, where every
+    step decodes one row, as in the command-line run)."""
+    rows = [{"id": "off", "prompt": "Hi!", "arms": {"positive": 0}},
+            {"id": "both", "prompt": "Hi!", "arms": {"positive": 0.5, "concise": 2},
+             "max_tokens": 6},
+            {"id": "hot", "prompt": "Say yes.", "temperature": 0.9, "seed": 77},
+            {"id": "two", "prompt": "Say yes.", "temperature": 0.9, "n": 2},
+            {"id": "plain", "prompt": "Say yes."},
+            {"id": "nope", "prompt": "Hi!", "arms": {"nosuch": 1}},
+            {"id": "bad", "prompt": "Hi!", "temperature": "hot"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    res, out = batch(tmp_path, "lines", "--greedy", "-n", "12", "-np", "1", input_path=inp)
+    assert res.exit_code == 1
+    assert f'{inp} line 7: "temperature" must be a number, not "hot"; skipped' in res.stderr
+    recs = records(out)
+    assert recs["nope"]["error"] == ("line 6: no ARM named 'nosuch'; the ARMs are positive, "
+                                     "concise")
+    assert recs["two"]["error"] == "line 4: n must be between 1 and 1 (the parallel sequences), got 2"
+    assert recs["off"]["alphas"] == {"positive": 0.0, "concise": 0.0}
+    assert recs["both"]["alphas"] == {"positive": 0.5, "concise": 2.0}
+    assert recs["both"]["max_tokens"] == 6 and recs["both"]["completion_tokens"] <= 6
+    assert recs["plain"]["alphas"] == {"positive": 1.0, "concise": 0.0}
+    hot = recs["hot"]
+    assert hot["seed"] == 77 and hot["n"] == 1 and "answers" not in hot
+    assert hot["sampling"]["temperature"] == 0.9 and hot["sampling"]["greedy"] is False
+    res, out2 = batch(tmp_path, "two", "-n", "12", "-np", "2", input_path=write_jsonl(
+        tmp_path / "in_two.jsonl", [rows[3]]))
+    two = records(out2)["two"]
+    assert res.exit_code == 0 and two["n"] == 2 and len(two["answers"]) == 2
+    assert two["answers"][0]["tokens"] == two["tokens"] != two["answers"][1]["tokens"]
+
+    def alone(*args):
+        res = CliRunner().invoke(main, ["generate", "--preset", "demo", "--json", *args])
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)["tokens"]
+
+    assert recs["off"]["tokens"] == alone("--greedy", "-n", "12", "--alpha", "positive=0", "Hi!")
+    assert recs["both"]["tokens"] == alone("--greedy", "-n", "6", "--alpha", "positive=0.5",
+                                           "--alpha", "concise=2", "Hi!")
+    assert hot["tokens"] == alone("--temperature", "0.9", "--seed", "77", "-n", "12",
+                                  "Say yes.")

@@ -26,11 +26,12 @@ def cli_json(*args, input=None):
 
 def test_json_has_every_field_and_alpha_zero_equals_llama_cpp_greedy(smollm2):
     out = cli_json("--arm", f"{smollm2}:0", "--greedy", "--exact", "-n", 24, PROMPT)
-    assert set(out) >= {"text", "tokens", "n_tokens", "prompt_ids", "prompt_tokens",
-                        "tokens_per_second", "prefill_seconds", "seed", "finish_reason"}
-    assert out["n_tokens"] == len(out["tokens"]) == 24
-    assert out["prompt_tokens"] == len(out["prompt_ids"])
-    assert out["tokens_per_second"] > 0 and out["prefill_seconds"] > 0
+    assert set(out) == {"text", "tokens", "prompt_ids", "seed", "alphas", "prompt_tokens",
+                        "completion_tokens", "cached_tokens", "time_to_first_token",
+                        "tokens_per_second", "finish_reason"}
+    assert out["completion_tokens"] == len(out["tokens"]) == 24
+    assert out["prompt_tokens"] == len(out["prompt_ids"]) and out["cached_tokens"] == 0
+    assert out["tokens_per_second"] > 0 and out["time_to_first_token"] > 0
     llm = llama_cpp.Llama(str(smollm2), n_ctx=2048, type_k=0, type_v=0, flash_attn=False,
                           verbose=False)
     own = []

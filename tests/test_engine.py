@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import llama_cpp
 import numpy as np
@@ -10,19 +11,22 @@ import pytest
 
 from conftest import make_engine, reference_log_softmax
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError
-from edge_genarm.generation import Request, generate
+from edge_genarm.generation import generate
 from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
 from tiny_models import TinySpec, tiny_weights, write_tiny_model
 
-GREEDY = Request(SamplingSettings(greedy=True), max_tokens=16)
+GREEDY = Request((), SamplingSettings(greedy=True), max_tokens=16)
 
 
 def prompt(engine, text="Hello world, this is a test"):
     return engine.model.tokenize(text, add_special=True)
 
 
-def run(engine, req=GREEDY, text="Hello world, this is a test"):
-    return generate(engine, prompt(engine, text), req)
+def run(engine, req=GREEDY, text="Hello world, this is a test", ids=None):
+    scheduler = Scheduler(engine)
+    ids = prompt(engine, text) if ids is None else ids
+    return generate(scheduler, scheduler.submit(dataclasses.replace(req, prompt_ids=tuple(ids))))
 
 
 def guided_trace(engine, ids, n):
@@ -171,7 +175,7 @@ def test_padding_of_a_padded_base_is_never_sampled(tiny, heavy_tail):
         assert n == e.model.n_vocab - PAD
         ids = prompt(e)
         greedy = run(e).tokens
-        sampled = [run(e, Request(SamplingSettings(temperature=1.0, top_k=0, top_p=1.0,
+        sampled = [run(e, Request((), SamplingSettings(temperature=1.0, top_k=0, top_p=1.0,
                                                    min_p=0.0), max_tokens=16, seed=s)).tokens
                    for s in (1, 2, 3)]
     _, ref, full_argmax = _reference_rows([(heavy_tail, 1.0), (tiny.arm, 0.5)], ids,
@@ -237,26 +241,31 @@ def test_several_sequences_in_one_batch_match_one_at_a_time(tiny):
             np.testing.assert_allclose(nxt[i], alone_next, atol=1e-4)
 
 
-def test_a_second_prompt_reuses_the_cached_prefix(tiny):
-    with make_engine(tiny.base, [(tiny.arm, 0.5)]) as e:
-        seq = e.new_sequence()
+def test_a_copied_prefix_gives_what_decoding_it_again_gives(tiny):
+    """copy_prefix hands a sequence another's cache (each context as far as it holds it); the
+    ARM that never saw the prefix catches up, and the next logits equal a fresh decode."""
+    with make_engine(tiny.base, [(tiny.arm, 0.5)], n_seq_max=3) as e:
         first = prompt(e, "Hello world, this is a test")
-        e.advance([seq], [e.reuse_prefix(seq, first)])
         second = first + prompt(e, " and more")[1:]
-        todo = e.reuse_prefix(seq, second)
-        assert todo == second[len(first):]
-        reused = np.array(e.advance([seq], [todo]))
-        fresh_seq = e.new_sequence(0)
-        fresh = e.advance([fresh_seq], [second])
+        donor = e.new_sequence(0)
+        e.step([donor], [first], np.zeros((1, 1), dtype=np.float32))  # the ARM is not stepped
+        assert donor.behind(e.arms[0].context) == 0
+        copy = e.new_sequence(1)
+        e.copy_prefix(donor, copy, len(first))
+        assert copy.behind(e.base) == len(first) and copy.behind(e.arms[0].context) == 0
+        before = e.base.n_decoded
+        reused = np.array(e.advance([copy], [second[len(first):]]))
+        assert e.base.n_decoded - before == len(second) - len(first)
+        fresh = e.advance([e.new_sequence(2)], [second])
         np.testing.assert_allclose(reused, fresh, atol=1e-4)
 
 
 def test_same_seed_same_text_and_other_seed_other_text(tiny):
     sampled = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     with make_engine(tiny.base, [(tiny.arm, 0.5)]) as e:
-        a = run(e, Request(sampled, max_tokens=12, seed=11))
-        b = run(e, Request(sampled, max_tokens=12, seed=11))
-        c = run(e, Request(sampled, max_tokens=12, seed=12))
+        a = run(e, Request((), sampled, max_tokens=12, seed=11))
+        b = run(e, Request((), sampled, max_tokens=12, seed=11))
+        c = run(e, Request((), sampled, max_tokens=12, seed=12))
     assert a.tokens == b.tokens and a.text == b.text
     assert a.tokens != c.tokens
 
@@ -264,7 +273,7 @@ def test_same_seed_same_text_and_other_seed_other_text(tiny):
 def test_full_context_ends_the_answer_with_a_reason(tiny):
     with make_engine(tiny.base, n_ctx=32) as e:
         ids = prompt(e)
-        result = generate(e, ids, Request(SamplingSettings(greedy=True), max_tokens=100))
+        result = run(e, Request((), SamplingSettings(greedy=True), max_tokens=100), ids=ids)
     assert result.finish_reason == "context_full"
     assert len(ids) + len(result.tokens) == 33  # the window is full, and one token sampled last
 

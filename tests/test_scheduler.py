@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import make_engine, reference_log_softmax
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import UserError
+from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 
@@ -240,3 +242,27 @@ def test_submit_and_cancel_from_another_thread_while_stepping(engine):
     thread.join(timeout=10)
     assert len(handles) == 6 and all(h.done for h in handles)
     assert {r for h, r in finished if h is not handles[2]} <= {"length", "stop"}
+
+
+def test_kv_cells_shared_by_all_sequences_admit_what_fits(tiny):
+    """A cache of 256 cells for 4 sequences of up to 128 tokens (llama.cpp rounds cells up to a
+    multiple of 256): requests that may grow to 100 tokens each run two at a time, never three,
+    and all finish."""
+    settings = ContextSettings(n_ctx=128, n_seq_max=4, n_cells=256, exact=True)
+    config = EngineConfig(tiny.base, [ArmSpec(tiny.lora, 0.0, "lora")], settings)
+    with Engine.load(config) as engine:
+        scheduler = Scheduler(engine)
+        prompt = ids(engine, "Hello world")
+        assert engine.base.n_cells == 256
+        requests = [Request(prompt, sampling(1.0), max_tokens=100 - len(prompt), seed=k,
+                            arms={"lora": 1.0}) for k in range(4)]
+        handles = [scheduler.submit(r) for r in requests]
+        most = 0
+        for _ in range(200):
+            scheduler.step()
+            most = max(most, len(scheduler._slots))
+            if all(h.done for h in handles):
+                break
+        assert all(h.done for h in handles) and most == 2
+        with pytest.raises(UserError, match="need more KV cells than the cache holds"):
+            scheduler.submit(Request(prompt, max_tokens=120, n=3))

@@ -3,7 +3,7 @@
 import pytest
 
 from edge_genarm.errors import UserError
-from edge_genarm.generation import StopMatcher
+from edge_genarm.text import StopMatcher
 from edge_genarm.templates import build_messages, render_chat
 
 

@@ -19,7 +19,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TOPICS = ["my morning routine", "learning to cook", "a rainy weekend", "my first job", "moving to a "
@@ -55,47 +54,36 @@ def prompts() -> tuple[list[str], list[str]]:
 def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int = 200,
                      temperature: float = 0.9, seed: int = 0, group: int = 4
                      ) -> list[list[tuple[str, bool]]]:
-    """k sampled (answer, finished) per prompt; `group` prompts x k answers decode in one batch.
+    """k sampled (answer, finished) per prompt, `group` prompts x k answers decoding together.
 
-    `finished` is False for an answer cut at max_tokens. Each answer has its own seeded RNG, so
-    the samples do not depend on the grouping.
+    `finished` is False for an answer cut at max_tokens. Each prompt is one scheduler request
+    with n = k (the prompt decoded once, then forked); answer j of prompt i samples with seed
+    seed * 10**6 + i * k + j, so the samples do not depend on the grouping.
     """
     from ..engine import Engine, EngineConfig
     from ..generation import encode_prompt
     from ..llama import ContextSettings
-    from ..sampling import SamplingSettings, make_sampler
+    from ..sampling import SamplingSettings
+    from ..scheduler import Request, Scheduler
 
-    sampler = make_sampler(SamplingSettings(temperature=temperature, top_k=0, top_p=0.95,
-                                            min_p=0.0))
-    n_seq = group * k
-    out = []
-    settings = ContextSettings(n_ctx=max_tokens + 64, n_seq_max=n_seq)
+    sampling = SamplingSettings(temperature=temperature, top_k=0, top_p=0.95, min_p=0.0)
+    settings = ContextSettings(n_ctx=max_tokens + 64, n_seq_max=group * k)
     with Engine.load(EngineConfig(base, [], settings)) as e:
-        for first in range(0, len(texts), group):
-            jobs = [(n, j) for n in range(first, min(first + group, len(texts))) for j in range(k)]
-            rngs = [np.random.default_rng([seed, n, j]) for n, j in jobs]
-            seqs = [e.new_sequence(i) for i in range(len(jobs))]
-            prompt_ids = {n: encode_prompt(e, texts[n]) for n, _ in jobs}
-            rows = e.advance(seqs, [prompt_ids[n] for n, _ in jobs])
-            rows = rows if rows.ndim == 2 else rows[None]
-            tokens: list[list[int]] = [[] for _ in jobs]
-            ended = [False] * len(jobs)
-            live = list(range(len(jobs)))
-            while live:
-                nxt = {i: sampler(rows[r], rngs[i]) for r, i in enumerate(live)}
-                for i, tok in nxt.items():
-                    ended[i] = e.model.is_eog(tok)
-                    if not ended[i]:
-                        tokens[i].append(tok)
-                live = [i for i in live if not ended[i] and len(tokens[i]) < max_tokens]
-                if live:
-                    rows = e.advance([seqs[i] for i in live], [[nxt[i]] for i in live])
-                    rows = rows if rows.ndim == 2 else rows[None]
-            for n in sorted({n for n, _ in jobs}):
-                out.append([(_text(e, tokens[i]), ended[i])
-                            for i, (m, _) in enumerate(jobs) if m == n])
-            print(f"sampled {len(out)}/{len(texts)} prompts", flush=True)
-    return out
+        scheduler = Scheduler(e)
+        handles = [scheduler.submit(Request(tuple(encode_prompt(e, t)), sampling, max_tokens,
+                                            seed=seed * 10**6 + i * k, n=k))
+                   for i, t in enumerate(texts)]
+        tokens = {(h, j): [] for h in handles for j in range(k)}
+        ended = {}
+        for event in scheduler.run(handles):
+            if event.token is not None and not e.model.is_eog(event.token):
+                tokens[(event.handle, event.index)].append(event.token)
+            if event.finish_reason:
+                ended[(event.handle, event.index)] = event.finish_reason == "stop"
+                if sum(h.done for h in handles) % 20 == 0 and event.handle.done:
+                    print(f"sampled {sum(h.done for h in handles)}/{len(texts)} prompts",
+                          flush=True)
+        return [[(_text(e, tokens[(h, j)]), ended[(h, j)]) for j in range(k)] for h in handles]
 
 
 def _text(engine, tokens: list[int]) -> str:
