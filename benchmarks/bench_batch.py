@@ -1,6 +1,8 @@
 """Batch generation throughput: generated tokens/s against K, by weight type, and how often a
 batched greedy text differs from the one-at-a-time text.
 
+0. Shared prefixes: prompt tokens decoded and generated tokens/s at K = 1 and K = 8, with and
+   without copying a prompt's prefix from a sequence that holds it.
 1. Curve: the demo preset (SmolLM2-135M-Instruct as Q8_0 + the `positive` LoRA ARM; `concise`
    at alpha 0 is not stepped), the 40 held-out prompts, sampling with a fixed seed, `--max-tokens`
    each; generated tokens / wall time for K = 1, 2, 4, 8, 16 (runs in the order 1..16 then 16..1,
@@ -34,15 +36,17 @@ from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
 from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
+from edge_genarm.scheduler import Scheduler  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
 PROMPTS = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
 
 
 def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool = False,
-        exact: bool = False) -> tuple[float, dict]:
-    """(generated tokens per second, id -> tokens) for the held-out prompts at K = k; `cfg`
-    holds --max-tokens, --prompts and --threads."""
+        exact: bool = False, share: bool = True) -> tuple[float, dict, int, int]:
+    """(generated tokens per second, id -> tokens, prompt tokens decoded, prompt tokens) for the
+    held-out prompts at K = k, with or without shared prefixes; `cfg` holds --max-tokens,
+    --prompts and --threads."""
     context = ContextSettings(n_ctx=512, n_seq_max=k, exact=exact, n_threads=cfg.threads)
     opts = GenerationOptions(base=base, arms=[arm], sampling=SamplingSettings(greedy=greedy),
                              max_tokens=cfg.max_tokens, seed=0, context=context)
@@ -50,9 +54,13 @@ def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool 
     out: dict = {}
     with Engine.load(EngineConfig(base, [arm], context)) as engine:
         t0 = time.perf_counter()
-        run_batch(engine, items, opts, 0, k, lambda r: out.__setitem__(r["id"], r["tokens"]))
+        run_batch(Scheduler(engine, share_prefixes=share), items, opts, 0,
+                  lambda r: out.__setitem__(r["id"], r))
         seconds = time.perf_counter() - t0
-    return sum(map(len, out.values())) / seconds, out
+    tokens = {i: r["tokens"] for i, r in out.items()}
+    prompt = sum(r["prompt_tokens"] for r in out.values())
+    decoded = prompt - sum(r["cached_tokens"] for r in out.values())
+    return sum(map(len, tokens.values())) / seconds, tokens, decoded, prompt
 
 
 def curve(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
@@ -66,6 +74,22 @@ def curve(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
     for k in ks:
         r = statistics.median(rates[k])
         print(f"| {k} | {r:.1f} | {r / one:.2f} |")
+
+
+def prefixes(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
+    """K = 1 and K = 8 with and without shared prefixes, in the order on, off, off, on so that
+    drift hits both alike; the median of the two runs."""
+    print("| K | shared prefixes | prompt tokens | prompt tokens decoded | generated tokens/s |")
+    print("|---|---|---|---|---|")
+    for k in (1, 8):
+        runs: dict[bool, list] = {True: [], False: []}
+        for share in (True, False, False, True):
+            runs[share].append(run(base, arm, k, cfg, share=share))
+        for share in (False, True):
+            rate = statistics.median(r[0] for r in runs[share])
+            _, _, decoded, prompt = runs[share][0]
+            print(f"| {k} | {'on' if share else 'off'} | {prompt} | {decoded} | {rate:.1f} |",
+                  flush=True)
 
 
 def weight_types(base: Path, arm: ArmSpec, cfg: argparse.Namespace, types: list[str]) -> None:
@@ -135,6 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-types", action="store_true")
+    ap.add_argument("--skip-curve", action="store_true", help="only the shared-prefix table")
     ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q4_K_M")
     ap.add_argument("--split", action="store_true", help="also time prefill against steps")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS),
@@ -149,7 +174,9 @@ def main() -> None:
     arm = ArmSpec(reg.resolve(positive.model), positive.alpha, positive.name)
     print(f"demo preset: {base.name} + LoRA ARM {arm.name} (alpha {arm.alpha:g}); "
           f"{len(PROMPTS[:args.prompts])} held-out prompts, at most {args.max_tokens} tokens each")
-    curve(base, arm, args)
+    prefixes(base, arm, args)
+    if not args.skip_curve:
+        curve(base, arm, args)
     if not args.skip_types:
         weight_types(reg.resolve("@smollm2"), arm, args, args.types.upper().split(","))
     invariance(base, arm, args)

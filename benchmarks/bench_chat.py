@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import print_header  # noqa: E402
 from edge_genarm.chat import ChatSession  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import Request, encode_messages, generate  # noqa: E402
+from edge_genarm.generation import encode_messages, generate  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
+from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
 MESSAGES = ["Hi! I want to start a small garden on my balcony.",
             "Which vegetables grow well in pots?",
@@ -54,7 +55,9 @@ def fresh_first_token_time(engine: Engine, session: ChatSession) -> tuple[float,
     turns[-1].reply = ""  # the prompt as it was before the reply
     ids = encode_messages(engine, session.messages(turns), session.template)
     turns[-1].reply = pending
-    generate(engine, ids, Request(SamplingSettings(greedy=True), max_tokens=1))
+    scheduler = Scheduler(engine)  # a new scheduler starts from empty caches
+    generate(scheduler, scheduler.submit(Request(tuple(ids), SamplingSettings(greedy=True),
+                                                 max_tokens=1)))
     return time.perf_counter() - t0, len(ids)
 
 
@@ -77,8 +80,7 @@ def main() -> None:
     rows: list[list[tuple[int, int, float, float]]] = []
     with Engine.load(config) as chat_engine, Engine.load(config) as fresh_engine:
         for _ in range(args.repeats):
-            session = ChatSession(chat_engine, opts)
-            session.seq = chat_engine.new_sequence()
+            session = ChatSession(chat_engine, opts)  # its own scheduler: empty caches
             run = []
             for text in MESSAGES[:args.turns]:
                 cached = first_token_time(session, text)

@@ -40,13 +40,15 @@ from machine import print_header  # noqa: E402
 from convert.gguf_out import write_lora_adapter  # noqa: E402
 from convert.synthetic import random_lora_pairs  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import generate_step  # noqa: E402
+from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 from edge_genarm.gguf_file import inspect_gguf  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
-from edge_genarm.sampling import SamplingSettings, make_sampler  # noqa: E402
+from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# Raw text that greedy decoding carries on for hundreds of tokens: the guided loop runs a real
+# request, which would end at an end-of-generation token.
+PROMPT = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 def make_lora(base: Path, out: Path, rank: int = 8) -> Path:
@@ -73,10 +75,10 @@ def bare_loop(ctx, prompt_ids, n_tokens, seq_id=0) -> float:
 def guided_loop(engine, prompt_ids, n_tokens) -> tuple[float, float]:
     """Seconds per token of edge-genarm's guided step (greedy), prefill excluded, and of that
     the seconds spent outside llama.cpp's decode calls (the glue)."""
-    sampler = make_sampler(SamplingSettings(greedy=True))
-    steps = generate_step(engine, engine.new_sequence(), prompt_ids, sampler,
-                          np.random.default_rng(0))
-    next(steps)  # prefill and the first token
+    scheduler = Scheduler(engine)
+    handle = scheduler.submit(Request(tuple(prompt_ids), SamplingSettings(greedy=True),
+                             max_tokens=n_tokens + 8, stop=(), seed=0))
+    scheduler.step()  # prefill and the first token
     in_decode = [0.0]
     contexts = [engine.base] + [a.context for a in engine.arms]
     for ctx in contexts:  # time each decode call, on the instance only
@@ -87,9 +89,11 @@ def guided_loop(engine, prompt_ids, n_tokens) -> tuple[float, float]:
             return out
         ctx.decode = timed
     t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        next(steps)
+    for _ in range(n_tokens):  # one scheduler step: decodes, combination, sampling, text
+        scheduler.step()
     total = time.perf_counter() - t0
+    if handle.done:  # an end-of-generation token would leave later steps with nothing to do
+        raise SystemExit("the guided answer ended before --tokens; use a prompt that goes on")
     for ctx in contexts:
         del ctx.decode
     return total / n_tokens, (total - in_decode[0]) / n_tokens
@@ -117,8 +121,9 @@ from pathlib import Path
 import llama_cpp
 from edge_genarm import llama
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
-from edge_genarm.generation import Request, generate
+from edge_genarm.generation import generate
 from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
 llama.set_verbose(True)
 outputs, base, n_ctx = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 arms = [ArmSpec(Path(p), 1.0) for p in sys.argv[4:]]
@@ -132,7 +137,8 @@ if outputs == "llama-default":
     llama._context_params = default_outputs
 with Engine.load(EngineConfig(base, arms, llama.ContextSettings(n_ctx=n_ctx))) as e:
     ids = e.model.tokenize("Hello " * (n_ctx // 2), add_special=True)
-    generate(e, ids, Request(SamplingSettings(greedy=True), max_tokens=32))
+    s = Scheduler(e)
+    generate(s, s.submit(Request(tuple(ids), SamplingSettings(greedy=True), max_tokens=32)))
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would inherit ours
     print("PEAK_KIB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """
