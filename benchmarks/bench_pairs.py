@@ -32,12 +32,8 @@ from edge_genarm.demo.build import TRAINING  # noqa: E402
 from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
+from edge_genarm.train.base import gguf_encoder  # noqa: E402
 from edge_genarm.train.data import load_pairs  # noqa: E402
-
-try:
-    from edge_genarm.train.base import gguf_encoder  # noqa: E402
-except ImportError:  # the trainer before its base module: the same encoder, in its CLI module
-    from edge_genarm.train.cli import _gguf_encoder as gguf_encoder  # noqa: E402
 
 K = 8  # sequences decoded together
 
