@@ -36,8 +36,9 @@ FORMS = ["Tell me about {}.", "Give me advice on {}.", "What do you think of {}?
 HELD_OUT = 40
 
 # `edge-genarm train` options per objective. Concise pairs differ mostly in length, so summed
-# log-probs separate them before any training (median margin 144 nats: the loss is saturated and
-# nothing is learned); the mean per token leaves the ARM something to learn.
+# log-probs separate them before any training (median margin 142 nats, benchmarks/bench_pairs.py:
+# the loss is saturated and nothing is learned); the mean per token leaves the ARM something to
+# learn.
 COMMON = ["--lr", "5e-4", "--batch-size", "4", "--lora-r", "8", "--max-length", "192",
           "--eval-fraction", "0.1"]
 TRAINING = {"positive": COMMON + ["--epochs", "2", "--beta", "0.1"],
