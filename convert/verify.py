@@ -29,7 +29,8 @@ PROBES = (
 
 # Largest log-prob difference accepted, by storage type (see the README for measured figures).
 # For the likely-token difference: f32 at 1e-3, as for any float32 port; the others about
-# 2.5 times what benchmarks/bench_convert.py measures on the real SmolLM2 (small models are the touchy ones).
+# 2.5 times what benchmarks/bench_convert.py measures on the real SmolLM2 (small models are
+# the touchy ones).
 # A conversion bug (a lost permutation, a wrong LoRA scale) moves log-probs by whole nats and
 # breaks top-1 agreement, hence the floor on that too. llama.cpp's K-quants are reported,
 # never failed: how far they may move a model is the user's call.
