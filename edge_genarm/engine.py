@@ -220,14 +220,30 @@ class Engine:
                 guidance.add_weighted(guided, rows, weights[rows, i], logits)
         return guided
 
-    def _catch_up(self, ctx: Context, seqs: Seq[Sequence]) -> np.ndarray:
+    def score(self, seq: Sequence, tokens: Seq[int], weights: np.ndarray | None = None
+              ) -> np.ndarray:
+        """Append tokens to seq; guided scores after each of them (len(tokens) rows), from one
+        decode per context: teacher-forced scoring, or checking drafted tokens at once."""
+        weights = self.weights() if weights is None else weights
+        if len(seq.tokens) + len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{len(seq.tokens) + len(tokens)} tokens do not fit the "
+                                   f"context of {self.n_ctx}")
+        seq.tokens.extend(tokens)
+        n = len(tokens)
+        guided = np.array(self._catch_up(self.base, [seq], n)[:, :self.n_vocab], dtype=np.float32)
+        for arm, w in zip(self.arms, weights):
+            if w:
+                guided += np.float32(w) * self._catch_up(arm.context, [seq], n)[:, :self.n_vocab]
+        return guided
+
+    def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out: int = 1) -> np.ndarray:
         entries = []
         for seq in seqs:
             start = seq.behind(ctx)
             if start >= len(seq.tokens):  # nothing new: re-read the last token's logits
                 ctx.seq_remove(seq.seq_id, start - 1, -1)
                 start -= 1
-            entries.append((seq.seq_id, seq.tokens[start:], start))
+            entries.append((seq.seq_id, seq.tokens[start:], start, n_out))
         logits = ctx.decode(entries)
         for seq in seqs:
             seq.n_past[id(ctx)] = len(seq.tokens)

@@ -243,6 +243,7 @@ class ContextSettings:
     n_batch: int = 512
     exact: bool = False         # F32 KV cache and flash attention off, for PyTorch comparisons
     n_cells: int = 0            # KV cells shared by all sequences; 0: n_ctx x n_seq_max
+    n_logits: int = 1           # most positions of one sequence whose logits a decode returns
 
     @property
     def cells(self) -> int:
@@ -266,10 +267,10 @@ def _context_params(settings: ContextSettings):
     params.n_batch = min(settings.n_batch, settings.n_ctx)
     params.n_ubatch = params.n_batch
     params.n_seq_max = settings.n_seq_max
-    # Only the last position of each sequence is read: reserving room for n_batch rows of
-    # logits would cost n_batch * n_vocab floats of compute buffer.
-    params.n_outputs_max = settings.n_seq_max
-    params.n_outputs_max_per_seq = 1
+    # Logits are reserved for what is read (the last position of each sequence, or n_logits of
+    # them): room for n_batch rows would cost n_batch * n_vocab floats of compute buffer.
+    params.n_outputs_max = min(settings.n_seq_max * settings.n_logits, params.n_batch)
+    params.n_outputs_max_per_seq = settings.n_logits
     threads = settings.n_threads or default_threads()
     params.n_threads = threads
     params.n_threads_batch = threads
@@ -375,14 +376,15 @@ class Context:
         C.llama_memory_clear(self.memory, True)
 
     # -- decoding -------------------------------------------------------------------------------
-    def decode(self, entries: Sequence[tuple[int, Sequence[int], int]]) -> np.ndarray:
-        """Feed each (seq_id, tokens, first position) entry; return one logits row per entry.
+    def decode(self, entries: Sequence[tuple]) -> np.ndarray:
+        """Feed each (seq_id, tokens, first position[, n]) entry; return the logits rows of each
+        entry's last n positions (1 by default; at most the settings' n_logits), in order.
 
         Entries are packed into batches of at most n_batch tokens. The result is a view of
         llama.cpp's buffer when all entries end in the last batch (the usual case), else a copy.
         """
-        flat = [(seq, tok, pos + j, j == len(toks) - 1)
-                for seq, toks, pos in entries for j, tok in enumerate(toks)]
+        flat = [(e[0], tok, e[2] + j, j >= len(e[1]) - (e[3] if len(e) > 3 else 1))
+                for e in entries for j, tok in enumerate(e[1])]
         if not flat:
             raise ValueError("decode needs at least one token")
         self.n_decoded += len(flat)

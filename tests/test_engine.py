@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import make_engine, reference_log_softmax
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError
 from edge_genarm.generation import generate
+from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from tiny_models import TinySpec, tiny_weights, write_tiny_model
@@ -286,3 +288,21 @@ def test_logits_come_back_as_views_of_llama_cpp_memory(tiny):
         assert not view.flags.owndata
         ptr = llama_cpp.llama_get_logits_ith(e.base.ptr, -1)
         assert view.ctypes.data == ctypes.addressof(ptr.contents)
+
+
+def test_one_decode_returns_the_logits_of_several_positions(tiny):
+    """score() feeds a continuation at once and returns the guided rows after each token, as
+    feeding it one token at a time does; the output buffer holds only what is asked."""
+    settings = ContextSettings(n_ctx=256, exact=True, n_logits=6)
+    config = EngineConfig(tiny.base, [ArmSpec(tiny.lora, 0.7)], settings)
+    with Engine.load(config) as e:
+        ids = prompt(e)
+        cont = e.model.tokenize(" and the sea is calm", add_special=False)[:6]
+        seq = e.new_sequence()
+        e.advance([seq], [ids])
+        rows = e.score(seq, cont)
+        assert rows.shape == (len(cont), e.n_vocab)
+        one = e.new_sequence(0)
+        e.advance([one], [ids])
+        singly = [np.array(e.advance([one], [[t]])) for t in cont]
+    np.testing.assert_allclose(rows, np.stack(singly), atol=1e-4)
