@@ -269,7 +269,7 @@ def _context_params(settings: ContextSettings):
     params.n_seq_max = settings.n_seq_max
     # Logits are reserved for what is read (the last position of each sequence, or n_logits of
     # them): room for n_batch rows would cost n_batch * n_vocab floats of compute buffer.
-    params.n_outputs_max = min(settings.n_seq_max * settings.n_logits, params.n_batch)
+    params.n_outputs_max = settings.n_seq_max * settings.n_logits
     params.n_outputs_max_per_seq = settings.n_logits
     threads = settings.n_threads or default_threads()
     params.n_threads = threads
