@@ -242,8 +242,9 @@ class Scheduler:
         n_ctx, total = self.engine.n_ctx, self.engine.base.n_cells
         live = sum(_cells(s.handle.request, n_ctx, 1 + len(s.forks)) for s in self._slots)
 
-        def fits() -> bool:
-            return live + cells + sum(len(q.tokens) for q in self._idle.values()) <= total
+        def fits() -> bool:  # the donor's cells become the new answer's: counted in `cells`
+            idle = sum(len(q.tokens) for q in self._idle.values() if q is not keep)
+            return live + cells + idle <= total
 
         for seq_id in list(self._idle):
             if fits():
