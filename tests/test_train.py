@@ -358,8 +358,8 @@ REFUSALS = [
      "supported; supported: "),
     (_with(base="{d}/no_weights"), 1, "{d}/no_weights has no weights (model.safetensors, "
      "pytorch_model.bin or a sharded index)"),
-    (_with(base="{d}/damaged_weights"), 1, "--base {d}/damaged_weights: its weights do not load "
-     "("),
+    (_with(base="{d}/damaged_weights"), 1, "{d}/damaged_weights/model.safetensors is not a "
+     "readable safetensors file ("),
     (_with(base="{d}/no_tokenizer"), 1, "--base {d}/no_tokenizer has no tokenizer (tokenizer.json "
      "or tokenizer.model); copy the base's tokenizer files into it"),
     (_with(base="{not_gguf}"), 1, "{not_gguf} is not a GGUF file"),
