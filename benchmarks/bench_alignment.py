@@ -125,7 +125,7 @@ def generate(engine: Engine, prompts: list[list[int]], seeds: list[int], tempera
     out = [dict(tokens=[], entropy=[], logprob=[]) for _ in prompts]
     for first in range(0, len(prompts), k):
         chunk = list(range(first, min(first + k, len(prompts))))
-        seqs = {i: engine.new_sequence(j) for j, i in enumerate(chunk)}
+        seqs = {i: engine.new_sequence() for i in chunk}
         rngs = {i: np.random.default_rng(seeds[i]) for i in chunk}
         live, feed = chunk, [prompts[i] for i in chunk]
         while live:
@@ -142,6 +142,8 @@ def generate(engine: Engine, prompts: list[list[int]], seeds: list[int], tempera
             live = [i for i in live if len(out[i]["tokens"]) < max_tokens
                     and not engine.model.is_eog(out[i]["tokens"][-1])]
             feed = [[out[i]["tokens"][-1]] for i in live]
+        for seq in seqs.values():
+            engine.release(seq)
     for rec in out:
         ended = engine.model.is_eog(rec["tokens"][-1])
         rec["finish"] = "stop" if ended else "length"

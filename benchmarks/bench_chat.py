@@ -55,9 +55,9 @@ def fresh_first_token_time(engine: Engine, session: ChatSession) -> tuple[float,
     turns[-1].reply = ""  # the prompt as it was before the reply
     ids = encode_messages(engine, session.messages(turns), session.template)
     turns[-1].reply = pending
-    scheduler = Scheduler(engine)  # a new scheduler starts from empty caches
-    generate(scheduler, scheduler.submit(Request(tuple(ids), SamplingSettings(greedy=True),
-                                                 max_tokens=1)))
+    with Scheduler(engine) as scheduler:
+        generate(scheduler, scheduler.submit(Request(tuple(ids), SamplingSettings(greedy=True),
+                                                     max_tokens=1)))
     return time.perf_counter() - t0, len(ids)
 
 

@@ -96,6 +96,7 @@ def guided_loop(engine, prompt_ids, n_tokens) -> tuple[float, float]:
         raise SystemExit("the guided answer ended before --tokens; use a prompt that goes on")
     for ctx in contexts:
         del ctx.decode
+    scheduler.close()
     return total / n_tokens, (total - in_decode[0]) / n_tokens
 
 

@@ -141,7 +141,7 @@ def teacher_forced(engine: Engine, prompts: list[list[int]], answers: list[list[
     step; `measure(logprobs_row, next_token)` is called at every answer position (the row is the
     model's normalised log-probs there, alone, with the engine's current alphas) and the
     results come back per sequence. At most n_seq_max sequences at once."""
-    seqs = [engine.new_sequence(j) for j in range(len(prompts))]
+    seqs = [engine.new_sequence() for _ in prompts]
     out: list[list] = [[] for _ in prompts]
     live = [i for i in range(len(prompts)) if answers[i]]
     rows = engine.advance([seqs[i] for i in live], [prompts[i] for i in live])
@@ -154,4 +154,6 @@ def teacher_forced(engine: Engine, prompts: list[list[int]], answers: list[list[
         live = [i for i in live if t < len(answers[i])]
         if live:
             rows = engine.advance([seqs[i] for i in live], [[answers[i][t - 1]] for i in live])
+    for seq in seqs:
+        engine.release(seq)
     return out

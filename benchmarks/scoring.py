@@ -25,7 +25,7 @@ def answer_logprobs(engine: Engine, prompts: list[list[int]], answers: list[list
     with engine.alphas_zeroed():
         for first in range(0, len(prompts), k):
             chunk = list(range(first, min(first + k, len(prompts))))
-            seqs = {i: engine.new_sequence(j) for j, i in enumerate(chunk)}
+            seqs = {i: engine.new_sequence() for i in chunk}
             scores = {i: np.empty(len(answers[i])) for i in chunk}
             rows = engine.advance([seqs[i] for i in chunk], [prompts[i] for i in chunk])
             live, t = chunk, 0
@@ -40,4 +40,6 @@ def answer_logprobs(engine: Engine, prompts: list[list[int]], answers: list[list
                     rows = engine.advance([seqs[i] for i in live],
                                           [[answers[i][t - 1]] for i in live])
             out += [scores[i] for i in chunk]
+            for seq in seqs.values():
+                engine.release(seq)
     return out

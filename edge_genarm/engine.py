@@ -11,6 +11,9 @@ Contract:
   up on what it missed) and returns guided scores, one row per sequence, each row with its own
   ARM weights. `advance` is `step` with the ARMs' own alphas for every row. Every model step
   happens in `step`.
+- Sequence ids are the engine's: `new_sequence()` takes one from a pool of `n_seq_max` ids
+  sized at load, `release(seq)` forgets its cache in every context and returns the id, so two
+  conversations on one engine never share a cache.
 - `fork(src, dsts)` and `copy_prefix(src, dst, n)` give sequences the cache of another without
   decoding it again (llama_memory_seq_cp in every context that holds it).
 """
@@ -26,7 +29,8 @@ from typing import Iterator, Sequence as Seq
 import numpy as np
 
 from . import guidance, memory
-from .errors import ContextFullError, IncompatibleModelsError, ModelFileError, UserError
+from .errors import (ContextFullError, EngineError, IncompatibleModelsError, ModelFileError,
+                     UserError)
 from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 
@@ -79,6 +83,7 @@ class Engine:
             [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
         self.n_ctx = base.n_ctx
         self.n_seq_max = base.settings.n_seq_max
+        self._free_ids = list(reversed(range(self.n_seq_max)))  # a stack: id 0 is taken first
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -140,13 +145,25 @@ class Engine:
     def active_arms(self) -> list[Arm]:
         return [a for a in self.arms if a.alpha != 0.0]
 
-    def new_sequence(self, seq_id: int = 0) -> Sequence:
-        for ctx in self._contexts():
-            ctx.seq_remove(seq_id)
-        return Sequence(seq_id)
+    @property
+    def free_sequences(self) -> int:
+        """Sequence ids not in use."""
+        return len(self._free_ids)
+
+    def new_sequence(self) -> Sequence:
+        """An empty sequence on an id from the pool."""
+        if not self._free_ids:
+            raise EngineError(f"all {self.n_seq_max} sequence ids are in use; release one or "
+                              "load the engine with more parallel sequences")
+        return Sequence(self._free_ids.pop())
 
     def release(self, seq: Sequence) -> None:
-        """Forget a sequence's cache in every context (its id may then serve another)."""
+        """Forget a sequence's cache in every context and return its id to the pool."""
+        self._clear(seq)
+        if seq.seq_id not in self._free_ids:
+            self._free_ids.append(seq.seq_id)
+
+    def _clear(self, seq: Sequence) -> None:
         for ctx in self._contexts():
             ctx.seq_remove(seq.seq_id)
         seq.tokens.clear()
@@ -155,7 +172,7 @@ class Engine:
     def copy_prefix(self, src: Sequence, dst: Sequence, n: int) -> None:
         """Make dst's first n tokens those of src, copying whatever part of them each context
         holds; a context that holds fewer catches up when dst is next stepped."""
-        self.release(dst)
+        self._clear(dst)
         dst.tokens = list(src.tokens[:n])
         for ctx in self._contexts():
             held = min(n, src.behind(ctx))
@@ -229,11 +246,12 @@ class Engine:
             raise ContextFullError(f"{len(seq.tokens) + len(tokens)} tokens do not fit the "
                                    f"context of {self.n_ctx}")
         seq.tokens.extend(tokens)
-        n = len(tokens)
+        n, rows = len(tokens), np.arange(len(tokens))
         guided = np.array(self._catch_up(self.base, [seq], n)[:, :self.n_vocab], dtype=np.float32)
         for arm, w in zip(self.arms, weights):
             if w:
-                guided += np.float32(w) * self._catch_up(arm.context, [seq], n)[:, :self.n_vocab]
+                logits = self._catch_up(arm.context, [seq], n)
+                guidance.add_weighted(guided, rows, np.full(n, w, dtype=np.float32), logits)
         return guided
 
     def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out: int = 1) -> np.ndarray:

@@ -8,7 +8,8 @@ The guided next-token scores are
 over the vocabulary range that base and ARMs share, so that softmax(guided) is exactly
 p_base * prod_i p_arm_i ** alpha_i (renormalised). Each log_softmax is its model's logits less
 one number per row (its log-sum-exp over its own full vocabulary), so the sum differs from
-base + sum_i alpha_i * arm_i by a constant per row only; `combine` returns that plain sum.
+base + sum_i alpha_i * arm_i by a constant per row only: the engine adds raw logits, each ARM's
+with `add_weighted`.
 softmax, argmax, top-k, top-p and min-p are all blind to the constant, and skipping the two
 log-sum-exps saves most of the per-token NumPy time. `log_softmax(guided)` gives the normalised
 guided log-probabilities when they are wanted.
@@ -42,26 +43,6 @@ def first_token_mismatch(base_tokens: Sequence[str], arm_tokens: Sequence[str]) 
         if base_tokens[i] != arm_tokens[i]:
             return i
     return None
-
-
-def combine(base_logits: np.ndarray, arm_logits: Sequence[np.ndarray],
-            alphas: Sequence[float], n_vocab: int | None = None) -> np.ndarray:
-    """Guided scores over the common vocabulary: base + sum alpha_i * arm_i on raw logits.
-
-    Equal to log_softmax(base) + sum alpha_i * log_softmax(arm_i) up to a constant per row (see
-    the module docstring). `base_logits` and each of `arm_logits` are 1-D (one position) or 2-D
-    (one row per sequence); ARMs with alpha 0 may be left out, and contribute nothing anyway.
-    """
-    if len(arm_logits) != len(alphas):
-        raise ValueError(f"{len(arm_logits)} ARM logit arrays but {len(alphas)} alphas")
-    sizes = [base_logits.shape[-1]] + [a.shape[-1] for a in arm_logits]
-    n = common_vocab_size(sizes) if n_vocab is None else n_vocab
-    # One new array, updated in place: this runs once per token on ~50k-entry rows.
-    guided = np.array(base_logits[..., :n], dtype=np.float32)
-    for logits, alpha in zip(arm_logits, alphas):
-        if alpha != 0.0:
-            guided += np.float32(alpha) * logits[..., :n]
-    return guided
 
 
 def add_weighted(guided: np.ndarray, rows: np.ndarray, weights: np.ndarray,

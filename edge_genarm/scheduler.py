@@ -1,12 +1,14 @@
 """The request scheduler: requests in, events out, one llama.cpp batch per context per step.
 
 Contract:
-- `Scheduler(engine)` owns the engine's sequence ids (`engine.n_seq_max` of them). `submit`
+- `Scheduler(engine)` takes sequences from the engine's id pool and gives them back (all of
+  them at `close()`, so that another scheduler can use the engine after it). `submit`
   checks a `Request` at once (an unknown ARM name, a bad value, a prompt that leaves no room in
   the context raise `UserError`) and returns a `Handle`; `cancel(handle)` ends a request, its
   sequences freed at the start of the next step. Both are safe from other threads while one
   thread calls `step()`.
-- `step()` admits waiting requests (first come, first served) while sequence ids are free, then
+- `step()` admits waiting requests (first come, first served) while the engine has sequence
+  ids free (or idle ones to give up) and KV cells to spare, then
   decodes every live sequence's new tokens in one batch per context: each row with its own
   request's ARM weights (an ARM context decodes only the rows that use it), sampled with its
   own request's sampler and random generator. It returns that step's `Event`s: one per new
@@ -119,9 +121,6 @@ class Scheduler:
         self._waiting: deque[Handle] = deque()
         self._cancelled: dict[Handle, str] = {}  # handle -> finish reason
         self._slots: list[_Slot] = []
-        self._free = [Sequence(i) for i in reversed(range(engine.n_seq_max))]
-        for seq in self._free:  # the ids are this scheduler's alone from now on
-            engine.release(seq)
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self._samplers: dict[SamplingSettings, object] = {}
 
@@ -165,9 +164,24 @@ class Scheduler:
     def forget(self) -> None:
         """Free the sequences kept for their prefixes (from the stepping thread)."""
         while self._idle:
-            _, seq = self._idle.popitem()
-            self.engine.release(seq)
-            self._free.append(seq)
+            self.engine.release(self._idle.popitem()[1])
+
+    def close(self) -> None:
+        """Give every sequence back to the engine, live ones too (from the stepping thread):
+        the engine may then serve another scheduler."""
+        for slot in list(self._slots):
+            self._finish(slot, "cancelled", [], keep=False)
+        with self._lock:
+            for handle in self._waiting:
+                handle.finished = handle.request.n
+            self._waiting.clear()
+        self.forget()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def waiting(self) -> int:
@@ -226,7 +240,7 @@ class Scheduler:
                 if not self._waiting:
                     return
                 handle = self._waiting[0]
-                if handle.request.n > len(self._free) + len(self._idle):
+                if handle.request.n > self.engine.free_sequences + len(self._idle):
                     return
                 donor, shared = self._best_prefix(list(handle.request.prompt_ids))
                 if donor is not None and donor.behind(self.engine.base) < shared:
@@ -250,9 +264,7 @@ class Scheduler:
             if fits():
                 break
             if self._idle[seq_id] is not keep:
-                seq = self._idle.pop(seq_id)
-                self.engine.release(seq)
-                self._free.append(seq)
+                self.engine.release(self._idle.pop(seq_id))
         return fits()
 
     def _start(self, handle: Handle, donor: Sequence | None, shared: int,
@@ -290,11 +302,9 @@ class Scheduler:
         return best, best_n
 
     def _acquire(self) -> Sequence:
-        if not self._free:  # the least recently finished idle sequence gives its id up
-            _, seq = self._idle.popitem(last=False)
-            self.engine.release(seq)
-            return seq
-        return self._free.pop()
+        if not self.engine.free_sequences:  # the least recently finished idle one gives way
+            self.engine.release(self._idle.popitem(last=False)[1])
+        return self.engine.new_sequence()
 
     def _children(self, slot: _Slot) -> list[_Slot]:
         """Slots for answers 1..n-1, on the sequences held for them."""
@@ -355,7 +365,6 @@ class Scheduler:
                 self._idle[seq.seq_id] = seq
             else:
                 self.engine.release(seq)
-                self._free.append(seq)
         slot.forks = []
 
 

@@ -66,7 +66,9 @@ def test_greedy_batch_of_four_equals_one_at_a_time_up_to_kernel_near_ties(tmp_pa
             t1, t4 = r1[key]["tokens"], r4[key]["tokens"]
             d = next(i for i, (a, b) in enumerate(zip(t1, t4)) if a != b)
             ids = encode_prompt(engine, r1[key]["prompt"])
-            row = engine.advance([engine.new_sequence()], [ids + t1[:d]])
+            seq = engine.new_sequence()
+            row = engine.advance([seq], [ids + t1[:d]])
+            engine.release(seq)
             margin = float(row[t1[d]] - row[t4[d]])  # this replay has noise of its own too
             assert abs(margin) < 1.0, (key, d, margin)
     rec = r4["p1"]

@@ -26,9 +26,10 @@ def prompt(engine, text="Hello world, this is a test"):
 
 
 def run(engine, req=GREEDY, text="Hello world, this is a test", ids=None):
-    scheduler = Scheduler(engine)
     ids = prompt(engine, text) if ids is None else ids
-    return generate(scheduler, scheduler.submit(dataclasses.replace(req, prompt_ids=tuple(ids))))
+    with Scheduler(engine) as scheduler:
+        return generate(scheduler,
+                        scheduler.submit(dataclasses.replace(req, prompt_ids=tuple(ids))))
 
 
 def guided_trace(engine, ids, n):
@@ -231,7 +232,7 @@ def test_arm_with_alpha_zero_is_not_stepped_and_catches_up_when_switched_on(tiny
 def test_several_sequences_in_one_batch_match_one_at_a_time(tiny):
     texts = ["Hello world", "The weather today is"]
     with make_engine(tiny.base, [(tiny.lora, 1.0)], n_seq_max=2) as e:
-        seqs = [e.new_sequence(0), e.new_sequence(1)]
+        seqs = [e.new_sequence(), e.new_sequence()]
         together = e.advance(seqs, [prompt(e, t) for t in texts]).copy()
         nxt = e.advance(seqs, [[int(np.argmax(r))] for r in together]).copy()
     for i, text in enumerate(texts):
@@ -249,16 +250,16 @@ def test_a_copied_prefix_gives_what_decoding_it_again_gives(tiny):
     with make_engine(tiny.base, [(tiny.arm, 0.5)], n_seq_max=3) as e:
         first = prompt(e, "Hello world, this is a test")
         second = first + prompt(e, " and more")[1:]
-        donor = e.new_sequence(0)
+        donor = e.new_sequence()
         e.step([donor], [first], np.zeros((1, 1), dtype=np.float32))  # the ARM is not stepped
         assert donor.behind(e.arms[0].context) == 0
-        copy = e.new_sequence(1)
+        copy = e.new_sequence()
         e.copy_prefix(donor, copy, len(first))
         assert copy.behind(e.base) == len(first) and copy.behind(e.arms[0].context) == 0
         before = e.base.n_decoded
         reused = np.array(e.advance([copy], [second[len(first):]]))
         assert e.base.n_decoded - before == len(second) - len(first)
-        fresh = e.advance([e.new_sequence(2)], [second])
+        fresh = e.advance([e.new_sequence()], [second])
         np.testing.assert_allclose(reused, fresh, atol=1e-4)
 
 
@@ -302,7 +303,8 @@ def test_one_decode_returns_the_logits_of_several_positions(tiny):
         e.advance([seq], [ids])
         rows = e.score(seq, cont)
         assert rows.shape == (len(cont), e.n_vocab)
-        one = e.new_sequence(0)
+        e.release(seq)
+        one = e.new_sequence()
         e.advance([one], [ids])
         singly = [np.array(e.advance([one], [[t]])) for t in cont]
     np.testing.assert_allclose(rows, np.stack(singly), atol=1e-4)

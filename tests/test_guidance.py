@@ -26,10 +26,20 @@ def test_log_softmax_works_row_by_row():
                                rtol=1e-6)
 
 
-def test_combine_is_the_product_of_experts():
+def guide(base, arms, weights, rows=None):
+    """The engine's combination: base rows, then each ARM's rows added with their weights."""
+    guided = np.array(np.atleast_2d(base), dtype=np.float32)
+    rows = np.arange(guided.shape[0]) if rows is None else np.asarray(rows)
+    for arm, w in zip(arms, weights):
+        guidance.add_weighted(guided, rows, np.broadcast_to(np.float32(w), rows.shape),
+                              np.atleast_2d(arm))
+    return guided if np.ndim(base) == 2 else guided[0]
+
+
+def test_weighted_arms_give_the_product_of_experts():
     base = np.log(np.array([0.5, 0.25, 0.25], dtype=np.float32))
     arm = np.log(np.array([0.1, 0.1, 0.8], dtype=np.float32))
-    guided = guidance.combine(base, [arm], [2.0])
+    guided = guide(base, [arm], [2.0])
     p = np.array([0.5 * 0.01, 0.25 * 0.01, 0.25 * 0.64])
     np.testing.assert_allclose(np.exp(guidance.log_softmax(guided)), p / p.sum(), rtol=1e-5)
 
@@ -39,10 +49,10 @@ def differs_by_a_constant(a, b, atol=1e-5):
     return np.allclose(d, d.flat[0], atol=atol)
 
 
-def test_combine_normalises_each_model_over_its_own_vocabulary_then_slices():
+def test_a_padded_arm_is_normalised_over_its_own_vocabulary_then_sliced():
     base = np.array([0.0, 1.0, 2.0], dtype=np.float32)
     arm = np.array([0.0, 3.0, 0.0, 5.0], dtype=np.float32)  # a padded ARM: one extra token
-    guided = guidance.combine(base, [arm], [1.0])
+    guided = guide(base, [arm], [1.0])
     assert guided.shape == (3,)
     expected = guidance.log_softmax(base) + guidance.log_softmax(arm)[:3]
     assert differs_by_a_constant(guided, expected)
@@ -50,11 +60,11 @@ def test_combine_normalises_each_model_over_its_own_vocabulary_then_slices():
                                atol=1e-6)
 
 
-def test_alpha_zero_contributes_nothing_and_negative_alpha_steers_away():
+def test_weight_zero_contributes_nothing_and_a_negative_weight_steers_away():
     base = np.log(np.array([0.5, 0.5], dtype=np.float32))
     arm = np.log(np.array([0.9, 0.1], dtype=np.float32))
-    np.testing.assert_allclose(guidance.combine(base, [arm], [0.0]), base, rtol=1e-6)
-    away = guidance.combine(base, [arm], [-1.0])
+    np.testing.assert_allclose(guide(base, [arm], [0.0]), base, rtol=1e-6)
+    away = guide(base, [arm], [-1.0])
     assert away[1] > away[0]
 
 
@@ -62,27 +72,25 @@ def test_several_arms_add_with_their_weights():
     base = np.array([0.5, 0, 0, 2], dtype=np.float32)
     a1 = np.array([0, 1, 2, 3], dtype=np.float32)
     a2 = np.array([3, 2, 1, 0], dtype=np.float32)
-    g = guidance.combine(base, [a1, a2], [0.5, 1.5])
+    g = guide(base, [a1, a2], [0.5, 1.5])
     expected = (guidance.log_softmax(base) + 0.5 * guidance.log_softmax(a1)
                 + 1.5 * guidance.log_softmax(a2))
     assert differs_by_a_constant(g, expected)
     assert not differs_by_a_constant(g, guidance.log_softmax(base) + guidance.log_softmax(a1))
 
 
-def test_combine_works_row_by_row_and_leaves_its_inputs_alone():
-    base = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.float32)
-    arm = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
-    kept = base.copy()
-    g = guidance.combine(base, [arm], [2.0])
-    for row in range(2):
-        expected = guidance.log_softmax(base[row]) + 2 * guidance.log_softmax(arm[row])
-        assert differs_by_a_constant(g[row], expected)
-    np.testing.assert_array_equal(base, kept)
-
-
-def test_combine_refuses_mismatched_alphas():
-    with pytest.raises(ValueError):
-        guidance.combine(np.zeros(3), [np.zeros(3)], [1.0, 2.0])
+def test_each_row_takes_its_own_weight_and_only_the_rows_given():
+    base = np.array([[0, 1, 2], [2, 1, 0], [1, 1, 1]], dtype=np.float32)
+    arm_rows = np.array([[1, 0, 0, 9], [0, 0, 1, 9]], dtype=np.float32)  # rows 0 and 2 only
+    kept = arm_rows.copy()
+    guided = base.copy()
+    guidance.add_weighted(guided, np.array([0, 2]), np.array([2.0, -0.5]), arm_rows)
+    assert differs_by_a_constant(guided[0], guidance.log_softmax(base[0])
+                                 + 2 * guidance.log_softmax(arm_rows[0])[:3])
+    np.testing.assert_array_equal(guided[1], base[1])
+    assert differs_by_a_constant(guided[2], guidance.log_softmax(base[2])
+                                 - 0.5 * guidance.log_softmax(arm_rows[1])[:3])
+    np.testing.assert_array_equal(arm_rows, kept)
 
 
 def test_common_vocab_size_and_first_mismatch():

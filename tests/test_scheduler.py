@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_engine, reference_log_softmax
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
-from edge_genarm.errors import UserError
+from edge_genarm.errors import EngineError, UserError
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
@@ -179,7 +179,7 @@ def test_logprobs_are_the_guided_distributions(engine):
     handle = scheduler.submit(request)
     events = [e for e in scheduler.run([handle]) if e.token is not None]
     weights = engine.weights({"lora": 1.5})
-    seq = engine.new_sequence(7)
+    seq = engine.new_sequence()
     row = engine.step([seq], [list(prompt)], weights[None])[0]
     lp = reference_log_softmax(row)
     first = events[0].logprob
@@ -268,3 +268,26 @@ def test_kv_cells_shared_by_all_sequences_admit_what_fits(tiny):
         assert all(h.done for h in handles) and most == 2
         with pytest.raises(UserError, match="need more KV cells than the cache holds"):
             scheduler.submit(Request(prompt, max_tokens=120, n=3))
+
+
+def test_sequence_ids_come_from_the_engine_and_go_back(engine):
+    """The engine's pool of n_seq_max ids: a request takes one per answer, cancelling gives
+    them back at once, a finished answer keeps its id idle (its cache a prefix for later
+    prompts) until the scheduler closes, and an empty pool is refused, not shared."""
+    prompt = ids(engine, "Hello world")
+    assert engine.free_sequences == 8
+    with Scheduler(engine) as scheduler:
+        handle = scheduler.submit(Request(prompt, GREEDY, max_tokens=8, n=3))
+        scheduler.step()
+        assert engine.free_sequences == 5
+        scheduler.cancel(handle)
+        scheduler.step()
+        assert engine.free_sequences == 8 and handle.done
+        answers(scheduler, [scheduler.submit(Request(prompt, GREEDY, max_tokens=4))])
+        assert engine.free_sequences == 7
+        held = [engine.new_sequence() for _ in range(7)]
+        with pytest.raises(EngineError, match="all 8 sequence ids are in use"):
+            engine.new_sequence()
+        for seq in held:
+            engine.release(seq)
+    assert engine.free_sequences == 8
