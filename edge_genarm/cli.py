@@ -42,7 +42,8 @@ class _Group(click.Group):
 
     lazy = {"generate": "edge_genarm.generate:generate", "chat": "edge_genarm.chat:chat",
             "convert": "convert.cli:convert",
-            "models": "edge_genarm.models:models", "train": "edge_genarm.train.cli:train"}
+            "models": "edge_genarm.models:models", "serve": "edge_genarm.serve.cli:serve",
+            "train": "edge_genarm.train.cli:train"}
 
     def list_commands(self, ctx):
         return sorted(self.lazy)

@@ -25,10 +25,9 @@ from .sampling import SamplingSettings
 _SAMPLING = SamplingSettings()  # the defaults live in one place
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
 
+_PRESET_HELP = ("A preset from models.toml: base, ARMs, alphas, sampling; explicit options "
+                "override it [env EDGE_GENARM_PRESET].")
 _OPTIONS = [
-    click.option("--preset", "-p", default=None, envvar="EDGE_GENARM_PRESET", metavar="NAME",
-                 help="A preset from models.toml: base, ARMs, alphas, sampling; explicit options "
-                 "override it [env EDGE_GENARM_PRESET]."),
     click.option("--models-file", default=None, envvar="EDGE_GENARM_MODELS_FILE",
                  metavar="PATH", help="A models.toml merged over the shipped and user ones "
                  "[env EDGE_GENARM_MODELS_FILE]."),
@@ -77,11 +76,18 @@ _OPTIONS = [
 ]
 
 
-def generation_options(command):
-    """Decorator: add every shared option to a click command."""
+def generation_options(command=None, *, many_presets: bool = False):
+    """Decorator: add every shared option to a click command (`--preset` repeatable with
+    `many_presets`, for a command that serves several)."""
+    if command is None:
+        return lambda c: generation_options(c, many_presets=many_presets)
     for option in reversed(_OPTIONS):
         command = option(command)
-    return command
+    preset = click.option("--preset", "-p", default=None, envvar="EDGE_GENARM_PRESET",
+                          metavar="NAME", multiple=many_presets,
+                          help=_PRESET_HELP + (" Repeatable: each preset is a model id."
+                                               if many_presets else ""))
+    return preset(command)
 
 
 def _number(text: str, where: str, example: str) -> float:

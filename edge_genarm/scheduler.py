@@ -34,7 +34,7 @@ import numpy as np
 
 from . import guidance
 from .engine import Engine, Sequence
-from .errors import UserError
+from .errors import ContextFullError, UserError
 from .text import TextStream
 from .sampling import SamplingSettings, make_sampler
 
@@ -131,8 +131,9 @@ class Scheduler:
         if not request.prompt_ids:
             raise UserError("the prompt is empty")
         if len(request.prompt_ids) >= engine.n_ctx:
-            raise UserError(f"the prompt is {len(request.prompt_ids)} tokens but the context "
-                            f"holds {engine.n_ctx}; shorten the prompt or raise --ctx-size")
+            raise ContextFullError(f"the prompt is {len(request.prompt_ids)} tokens but the "
+                                   f"context holds {engine.n_ctx}; shorten the prompt or raise "
+                                   "--ctx-size")
         if not 1 <= request.n <= engine.n_seq_max:
             raise UserError(f"n must be between 1 and {engine.n_seq_max} (the parallel "
                             f"sequences), got {request.n}")
@@ -188,6 +189,12 @@ class Scheduler:
         """Requests submitted and not yet started."""
         with self._lock:
             return len(self._waiting)
+
+    @property
+    def cells_in_use(self) -> int:
+        """KV cells that live and idle sequences hold (read it from the stepping thread)."""
+        return sum(len(s.seq.tokens) for s in self._slots) + \
+            sum(len(seq.tokens) for seq in self._idle.values())
 
     @property
     def busy(self) -> bool:

@@ -1,0 +1,131 @@
+"""`edge-genarm serve`: an OpenAI-compatible server where every request brings its own alignment.
+
+The socket is bound first (a port in use is one line, before any model loads); the models load
+on a thread while `/health` answers 503; uvicorn serves the app from `app.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import sys
+
+import click
+
+from .. import llama
+from ..engine import Engine
+from ..errors import UserError
+from ..generation import chat_template
+from ..options import GenerationOptions, generation_options
+from ..scheduler import Scheduler
+from .app import ServeConfig, create_app
+from .worker import Served
+
+
+@click.command()
+@generation_options(many_presets=True)
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="EDGE_GENARM_HOST",
+              help="Address to listen on; anything but loopback wants --api-key "
+              "[env EDGE_GENARM_HOST].")
+@click.option("--port", type=int, default=8080, show_default=True, envvar="EDGE_GENARM_PORT",
+              help="Port to listen on (0: any free one) [env EDGE_GENARM_PORT].")
+@click.option("--parallel", "-np", type=int, default=4, show_default=True,
+              envvar="EDGE_GENARM_PARALLEL", help="Sequences decoded together, per model "
+              "[env EDGE_GENARM_PARALLEL].")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              envvar="EDGE_GENARM_MAX_QUEUE", help="Requests that may wait beyond --parallel; "
+              "more are answered 503 [env EDGE_GENARM_MAX_QUEUE].")
+@click.option("--api-key", default=None, envvar="EDGE_GENARM_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on every route but /health "
+              "[env EDGE_GENARM_API_KEY].")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Allow browser pages from ORIGIN (e.g. http://localhost:3000; * for any). "
+              "Repeatable; off by default.")
+@click.option("--max-body", type=int, default=1 << 20, show_default=True, metavar="BYTES",
+              help="Largest request body; larger ones are answered 413.")
+def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
+          cors_origins: tuple[str, ...], max_body: int, **kwargs) -> None:
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) with guided
+    generation: each request may set its own ARM weights ("arms": {"positive": 1.5})."""
+    import uvicorn
+
+    if not 1 <= parallel <= llama.max_parallel_sequences():
+        raise UserError(f"--parallel must be between 1 and {llama.max_parallel_sequences()}, "
+                        f"got {parallel}")
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if max_body < 1024:
+        raise UserError(f"--max-body must be at least 1024 bytes, got {max_body}")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key, or drop the option")
+    presets = kwargs.pop("preset") or (None,)
+    if len(set(presets)) != len(presets):
+        raise UserError("a --preset is named twice; name each once")
+    options = {}
+    for name in presets:  # each preset is checked now, before anything binds or loads
+        opts = GenerationOptions.from_kwargs(dict(kwargs, preset=name))
+        opts.context = dataclasses.replace(opts.context, n_seq_max=parallel)
+        options[name or opts.base.stem] = opts
+    llama.set_verbose(next(iter(options.values())).verbose)
+    sock = _bind(host, port)
+    if not _is_loopback(host) and api_key is None:
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach "
+                   "this machine can use the models", err=True)
+    failure: list[BaseException] = []
+
+    def load() -> dict[str, Served]:
+        models = {}
+        try:
+            for name, opts in options.items():
+                engine = Engine.load(opts.engine_config())
+                models[name] = Served(name, opts, engine, Scheduler(engine),
+                                      chat_template(engine, opts.chat_template), parallel,
+                                      max_queue)
+        except BaseException:
+            for m in models.values():
+                m.engine.close()
+            raise
+        click.echo(f"edge-genarm: serving {', '.join(models)} on http://{_url_host(host)}:"
+                   f"{sock.getsockname()[1]}/v1", err=True)
+        return models
+
+    def fatal(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(ServeConfig(api_key, list(cors_origins), max_body), load, fatal)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    if failure:
+        exc = failure[0]
+        raise exc if isinstance(exc, (UserError, KeyboardInterrupt)) else \
+            UserError(f"loading the models failed: {exc}")
+    sys.stderr.flush()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+                        "--port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

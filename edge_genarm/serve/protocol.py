@@ -1,0 +1,231 @@
+"""OpenAI's wire format: request bodies in, scheduler requests out, response bodies and chunks back.
+
+Contract:
+- `parse(kind, raw)` validates a JSON body (bytes) for "chat" or "completion" and returns its
+  pydantic model. Malformed JSON, a wrong type or an out-of-range value raises `ApiError` 400
+  with `param` naming the field. Fields that would change the result and are not implemented
+  (`UNSUPPORTED`) are refused by name; other unknown fields are ignored.
+- `settings(body, opts)` merges a body over the server's `GenerationOptions` into the fields of
+  a scheduler `Request` (sampling, seed, stops, max tokens, ARM weights, n, log-probs).
+- `Answer` gathers one choice's events; the builders return plain dicts in OpenAI's shapes, with
+  the ARM weights and seed used as extension fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..scheduler import MAX_TOP_LOGPROBS, Event, TokenLogprob, Usage
+
+MAX_STOPS = 16
+MAX_SEED = 2**63 - 1
+# The scheduler's reasons, as OpenAI names them: a stop string is a stop, a full context a length.
+FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "context_full": "length",
+          "cancelled": "stop", "interrupted": "stop"}
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+# -- request bodies ----------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class _Common(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)           # extension
+    min_p: float | None = Field(None, ge=0, le=1)   # extension
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    arms: dict[str, float] | None = None            # extension: ARM weights by name
+
+
+class ChatBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+def _off(value: Any) -> bool:
+    return value in (None, False, 0, "", [], {}, "none", "auto")
+
+
+# Fields that change the answer and are not implemented: refused, never silently dropped.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": _off, "tool_choice": _off, "functions": _off, "function_call": _off,
+    "logit_bias": _off, "presence_penalty": _off, "frequency_penalty": _off,
+    "repetition_penalty": lambda v: v in (None, 1, 1.0),
+    "repeat_penalty": lambda v: v in (None, 1, 1.0),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "audio": _off, "prediction": _off, "web_search_options": _off,
+    "modalities": lambda v: v in (None, ["text"]),
+    "echo": _off, "suffix": _off, "best_of": lambda v: v in (None, 1),
+    "grammar": _off, "json_schema": _off,
+}
+
+
+def parse(kind: str, raw: bytes) -> ChatBody | CompletionBody:
+    model = ChatBody if kind == "chat" else CompletionBody
+    try:
+        body = model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    refused = [name for name, harmless in UNSUPPORTED.items()
+               if name in (body.model_extra or {}) and not harmless(body.model_extra[name])]
+    if refused:
+        raise ApiError(400, f"{', '.join(refused)}: not supported by this server (edge-genarm); "
+                       "remove " + ("it" if len(refused) == 1 else "them"), param=refused[0],
+                       code="unsupported_parameter")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    if kind == "completion" and isinstance(body.prompt, list) and not body.prompt:
+        raise ApiError(400, "prompt is empty", "prompt")
+    return body
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    # the deepest error: of a union's branches, the one that got furthest into the value
+    err = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON ({err['msg']}); send a JSON object",
+                        code="invalid_json")
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "list[", "function-"))]
+    param = ".".join(loc) or None
+    if err["type"] == "missing":
+        return ApiError(400, f"{param} is required", param, "missing_required_parameter")
+    got = f" (got {json.dumps(err['input'])[:80]})" if "input" in err and loc else ""
+    return ApiError(400, f"{param or 'the body'}: {err['msg'][:1].lower()}{err['msg'][1:]}{got}",
+                    param, "invalid_value")
+
+
+# -- the body as scheduler settings --------------------------------------------------------------
+def settings(body: ChatBody | CompletionBody, opts) -> dict:
+    """Request fields (all but prompt_ids) from a body over the server's options."""
+    sampling = opts.sampling
+    for name in ("temperature", "top_p", "top_k", "min_p"):
+        value = getattr(body, name)
+        if value is not None:
+            sampling = dataclasses.replace(sampling, **{name: value})
+    if body.temperature is not None:  # an explicit temperature decides greedy or not
+        sampling = dataclasses.replace(sampling, greedy=body.temperature == 0)
+    if body.seed is not None:
+        seed = body.seed
+    else:
+        seed = opts.seed if opts.seed_given else secrets.randbelow(2**31)
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or \
+        opts.max_tokens
+    stop = opts.stop if body.stop is None else \
+        tuple([body.stop] if isinstance(body.stop, str) else body.stop)
+    if isinstance(body, ChatBody):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    return dict(sampling=sampling, seed=seed, max_tokens=max_tokens, stop=stop,
+                arms=dict(body.arms or {}), n=body.n, logprobs=logprobs)
+
+
+# -- answers and responses ---------------------------------------------------------------------
+@dataclass
+class Answer:
+    """One choice: its text, its tokens' log-probs and, once finished, its usage."""
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    usage: Usage | None = None
+
+    def add(self, event: Event) -> None:
+        self.text.append(event.text)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        self.usage = event.usage or self.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH.get(self.usage.finish_reason) if self.usage else None
+
+
+def usage_body(answers: list[Answer], n: int) -> dict:
+    """Prompt tokens once per prompt (answer 0 of each), completion tokens of every answer."""
+    firsts = [a.usage for a in answers if a.index % n == 0 and a.usage]
+    prompt = sum(u.prompt_tokens for u in firsts)
+    completion = sum(a.usage.completion_tokens for a in answers if a.usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in firsts)}}
+
+
+def token_entry(token_bytes: Callable[[int], bytes], token: int, logprob: float) -> dict:
+    raw = token_bytes(token)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+            "bytes": list(raw)}
+
+
+def chat_logprobs(token_bytes, items: list[TokenLogprob]) -> dict:
+    return {"content": [token_entry(token_bytes, t.token, t.logprob) | {
+        "top_logprobs": [token_entry(token_bytes, i, v) for i, v in t.top]} for t in items]}
+
+
+def completion_logprobs(token_bytes, items: list[TokenLogprob], offset: int = 0) -> dict:
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in items:
+        text = token_bytes(t.token).decode("utf-8", errors="replace")
+        out["tokens"].append(text)
+        out["token_logprobs"].append(t.logprob)
+        out["top_logprobs"].append({token_bytes(i).decode("utf-8", errors="replace"): v
+                                    for i, v in t.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out

@@ -1,0 +1,143 @@
+"""The stepping thread: every served model's scheduler stepped on one thread, events routed to
+the asyncio queue of the HTTP request that asked for them.
+
+Contract:
+- `Served` is one model id (a preset): its options, engine, scheduler and chat template.
+- `Worker.submit(model, requests, loop)` submits a request's scheduler requests (one per prompt)
+  and returns their handles and one `asyncio.Queue` that receives their `Event`s, in order, and,
+  if llama.cpp fails, the `EngineError` (the request is then cancelled). A request beyond the
+  model's `--parallel` running and `--max-queue` waiting raises `QueueFull`; a bad request
+  raises `UserError` and nothing is submitted. Both are safe from any thread.
+- `cancel(handles)` ends requests at once (a client that went away); their sequences are free
+  at the next step. `stop()` ends the thread and closes every scheduler and engine.
+- llama.cpp releases the GIL in its calls, so the event loop keeps serving while a step runs;
+  models are stepped one after another, as contexts are, since their threads share the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..engine import Engine
+from ..errors import EngineError, UserError
+from ..scheduler import Handle, Request, Scheduler
+
+
+class QueueFull(Exception):
+    """More requests than --parallel running and --max-queue waiting."""
+
+
+@dataclass
+class Served:
+    name: str
+    opts: object              # GenerationOptions
+    engine: Engine
+    scheduler: Scheduler
+    template: str | None
+    parallel: int
+    max_queue: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    active: int = 0           # requests submitted and not done
+    cells_in_use: int = 0     # KV cells held, as of the last step
+
+
+@dataclass
+class _Route:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    model: Served
+
+
+class Worker:
+    def __init__(self, models: dict[str, Served]):
+        self.models = models
+        self._routes: dict[Handle, _Route] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="edge-genarm-steps", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        for model in self.models.values():
+            model.scheduler.close()
+            model.engine.close()
+
+    # -- from the event loop -------------------------------------------------------------------
+    def submit(self, model: Served, requests: list[Request],
+               loop: asyncio.AbstractEventLoop) -> tuple[list[Handle], asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if model.active + len(requests) > model.parallel + model.max_queue:
+                raise QueueFull(f"{model.active} requests are running or waiting for "
+                                f"{model.name}, the most it takes ({model.parallel} running, "
+                                f"{model.max_queue} waiting); retry shortly")
+            handles: list[Handle] = []
+            try:
+                for request in requests:
+                    handles.append(model.scheduler.submit(request))
+            except UserError:
+                for handle in handles:
+                    model.scheduler.cancel(handle)
+                raise
+            for handle in handles:
+                self._routes[handle] = _Route(loop, queue, model)
+            model.active += len(handles)
+        self._wake.set()
+        return handles, queue
+
+    def cancel(self, handles: list[Handle]) -> None:
+        with self._lock:
+            for handle in handles:
+                route = self._routes.pop(handle, None)
+                if route is not None:
+                    route.model.active -= 1
+                    route.model.scheduler.cancel(handle)
+        self._wake.set()
+
+    # -- the stepping thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            busy = [m for m in self.models.values() if m.scheduler.busy]
+            if not busy:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            for model in busy:
+                try:
+                    events = model.scheduler.step()
+                except EngineError as exc:
+                    self._fail(model, exc)
+                    continue
+                model.cells_in_use = model.scheduler.cells_in_use
+                self._route(events)
+
+    def _route(self, events) -> None:
+        with self._lock:
+            for event in events:
+                route = self._routes.get(event.handle)
+                if route is not None:  # else cancelled: nobody is listening
+                    route.loop.call_soon_threadsafe(route.queue.put_nowait, event)
+            # a handle is done once the step ends: only then are all its events routed
+            for handle in {e.handle for e in events if e.handle.done}:
+                route = self._routes.pop(handle, None)
+                if route is not None:
+                    route.model.active -= 1
+
+    def _fail(self, model: Served, exc: EngineError) -> None:
+        """A failed decode fails every request of that model: each is told, and cancelled."""
+        with self._lock:
+            failed = [h for h, r in self._routes.items() if r.model is model]
+            for handle in failed:
+                route = self._routes.pop(handle)
+                route.loop.call_soon_threadsafe(route.queue.put_nowait, exc)
+                model.active -= 1
+                model.scheduler.cancel(handle)
