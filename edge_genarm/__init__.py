@@ -1,8 +1,9 @@
 """edge-genarm: GenARM guided decoding on llama.cpp (see README.md).
 
 Layers, each depending only on those below it:
-  cli, generate              commands
-  options, generation        shared options; step -> stream -> result generators
+  cli, generate, chat, serve, models, train   commands
+  options, generation        shared options; the stream -> result generators
+  scheduler                  requests in, events out: one batch per context per step
   engine                     base and ARM contexts, sequences, the guided step
   llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
   guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
