@@ -203,6 +203,13 @@ def test_twenty_concurrent_streams_each_equal_to_their_request_alone(client, acl
         assert same_or_near_tie(a, b), r["messages"]
 
 
+def wait_until_idle(http, url: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while 'edge_genarm_requests_active{model="demo"} 0.0' not in http.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, "requests whose clients left kept running"
+        time.sleep(0.1)
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_sequence(server, client):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server}/v1/chat/completions", json={
@@ -210,11 +217,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server, client):
                 "max_tokens": 200, "stream": True}) as response:
             lines = response.iter_lines()
             assert [next(lines) for _ in range(6)]
-        deadline = time.monotonic() + 10
-        while 'edge_genarm_requests_active{model="demo"} 0.0' not in \
-                http.get(f"{server}/metrics").text:
-            assert time.monotonic() < deadline, "the abandoned request kept running"
-            time.sleep(0.1)
+        # the other 190-odd tokens would take seconds: gone within one means it was cancelled
+        wait_until_idle(http, server, seconds=1.0)
     out = client.chat.completions.create(**ask("Hi!"))
     assert out.choices[0].message.content
 
@@ -222,7 +226,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server, client):
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["demo"]
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/made/up/path").status_code == 404
     text = httpx.get(f"{server}/metrics").text
+    assert 'endpoint="other",status="404"' in text and "made/up" not in text
     for name in ("edge_genarm_requests_total", "edge_genarm_completion_tokens_total",
                  "edge_genarm_queue_depth", "edge_genarm_kv_cells_used",
                  "edge_genarm_time_to_first_token_seconds_bucket"):
@@ -340,6 +346,7 @@ def test_queue_limit_and_api_key():
                 refused = http.post(f"{url}/v1/chat/completions", json=body)
                 assert refused.status_code == 503 and "Retry-After" in refused.headers
                 assert refused.json()["error"]["code"] == "queue_full"
+            wait_until_idle(http, url)  # the two streams' cancels reach the server first
             ok = http.post(f"{url}/v1/chat/completions", json=body | {"stream": False,
                                                                      "max_tokens": 4})
             assert ok.status_code == 200

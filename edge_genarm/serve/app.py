@@ -140,7 +140,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        metrics.requests.labels(_endpoint(request), str(exc.status)).inc()
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
@@ -184,7 +184,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
         model = state.model(body.model)
         call = _Call(kind, body, model, state.worker, metrics)
         call.submit(_prompts(kind, body, model))
-        metrics.requests.labels(request.url.path, "200").inc()
+        metrics.requests.labels(_endpoint(request), "200").inc()
         if body.stream:
             return EventSourceResponse(call.chunks(), ping=15, sep="\n")
         response = await call.collect(request)
@@ -192,6 +192,15 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
 
     app.include_router(router)
     return app
+
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/health")
+
+
+def _endpoint(request: Request) -> str:
+    """The metrics label of a path: any other path is "other", so that a scan of made-up paths
+    cannot grow the metrics without bound."""
+    return request.url.path if request.url.path in ENDPOINTS else "other"
 
 
 def _authorize(api_key: str | None):
