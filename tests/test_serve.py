@@ -408,3 +408,23 @@ def test_a_port_in_use_is_one_line():
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ")
     assert "another --port" in result.output
+
+
+def test_an_answer_that_outgrows_the_context_ends_with_length(client):
+    """The server's context is 256 tokens: an answer that reaches it ends there, as "length",
+    while a request beside it goes on to its own end."""
+    long_prompt = "one two three four five six seven eight nine ten " * 23
+
+    async def both():
+        async with openai.AsyncOpenAI(base_url=client.base_url, api_key="unused",
+                                      max_retries=0, timeout=120) as ac:
+            return await asyncio.gather(
+                ac.completions.create(model="demo", prompt=long_prompt, max_tokens=200,
+                                      temperature=0),
+                ac.chat.completions.create(**ask("Hi!")))
+    full, other = asyncio.run(both())
+    assert full.choices[0].finish_reason == "length"
+    # every one of the 256 positions decoded, and one last token sampled from the last logits
+    assert full.usage.prompt_tokens + full.usage.completion_tokens == 257
+    assert full.usage.completion_tokens < 200
+    assert other.choices[0].message.content and other.usage.completion_tokens > 0
