@@ -130,7 +130,7 @@ def split(base: Path, arm: ArmSpec, cfg: argparse.Namespace) -> None:
     decode = llama.Context.decode
 
     def timed(self, entries):  # the benchmark's own probe around the adapter's decode
-        kind = "prefill" if any(len(toks) > 1 for _, toks, _ in entries) else "one token each"
+        kind = "prefill" if any(len(e[1]) > 1 for e in entries) else "one token each"
         t0 = time.perf_counter()
         try:
             return decode(self, entries)
