@@ -27,8 +27,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from machine import print_header  # noqa: E402
 
-from convert.from_gguf import gguf_to_hf  # noqa: E402
-from convert.verify import verify  # noqa: E402
+from edge_genarm.convert.from_gguf import gguf_to_hf  # noqa: E402
+from edge_genarm.convert.verify import verify  # noqa: E402
 from edge_genarm.cli import main as cli  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
 

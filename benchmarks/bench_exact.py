@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
-from convert.verify import PROBES  # noqa: E402
+from edge_genarm.convert.verify import PROBES  # noqa: E402
 from edge_genarm import guidance  # noqa: E402
 from edge_genarm.llama import Context, ContextSettings, Model, quantize_model  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
-from convert.gguf_out import write_lora_adapter  # noqa: E402
-from convert.synthetic import random_lora_pairs  # noqa: E402
+from edge_genarm.convert.gguf_out import write_lora_adapter  # noqa: E402
+from edge_genarm.convert.synthetic import random_lora_pairs  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 from edge_genarm.gguf_file import inspect_gguf  # noqa: E402

@@ -1,4 +1,4 @@
-"""`edge-genarm convert` and `python -m convert`: trained ARM checkpoints to GGUF.
+"""`edge-genarm convert` and `python -m edge_genarm.convert`: trained ARM checkpoints to GGUF.
 
 SOURCE is a Hugging Face model directory (-> a full GGUF model) or a PEFT LoRA adapter
 directory (-> a GGUF LoRA adapter, or with --merge a full model). Every argument is checked first
@@ -179,4 +179,4 @@ def _progress():
 def main() -> None:
     from edge_genarm.cli import run_command
 
-    run_command(convert, prog_name="python -m convert")
+    run_command(convert, prog_name="python -m edge_genarm.convert")

@@ -8,8 +8,9 @@ Layers, each depending only on those below it:
   llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
   guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
 
-The top-level package `convert` (checkpoints to GGUF, torch as an optional extra) depends on
-edge_genarm; nothing here imports it except the CLI, lazily, when `convert` is invoked.
+`edge_genarm.convert` (checkpoints to GGUF, torch as an optional extra; its source is the
+repository's top-level convert/) depends on the rest; nothing else imports it except the CLI
+and `train`, lazily, when they are invoked.
 """
 
 __version__ = "0.1.0"

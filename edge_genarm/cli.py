@@ -41,7 +41,7 @@ class _Group(click.Group):
     """Commands are imported when used, so that `convert` (torch) costs nothing to chat."""
 
     lazy = {"generate": "edge_genarm.generate:generate", "chat": "edge_genarm.chat:chat",
-            "convert": "convert.cli:convert",
+            "convert": "edge_genarm.convert.cli:convert",
             "models": "edge_genarm.models:models", "serve": "edge_genarm.serve.cli:serve",
             "train": "edge_genarm.train.cli:train"}
 

@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from convert.gguf_out import write_lora_adapter  # noqa: E402
-from convert.synthetic import random_lora_pairs  # noqa: E402
+from edge_genarm.convert.gguf_out import write_lora_adapter  # noqa: E402
+from edge_genarm.convert.synthetic import random_lora_pairs  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.gguf_file import inspect_gguf  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_engine, reference_log_softmax
-from convert.synthetic import DEFAULT_TARGETS
-from convert.verify import PROBES, TOLERANCE, verify
+from edge_genarm.convert.synthetic import DEFAULT_TARGETS
+from edge_genarm.convert.verify import PROBES, TOLERANCE, verify
 from edge_genarm.cli import main
 from edge_genarm.gguf_file import inspect_gguf
 from edge_genarm.llama import Model
@@ -235,13 +235,17 @@ def test_real_smollm2_tokenizer_round_trips(hf, tmp_path, smollm2):
         m.close()
 
 
-def test_python_dash_m_convert_has_the_same_command(tmp_path):
+def test_python_dash_m_convert_has_the_same_command_and_no_top_level_package(tmp_path):
+    """Run outside the checkout, so that only what is installed can be imported."""
     import subprocess
 
-    res = subprocess.run([sys.executable, "-m", "convert", "--help"], capture_output=True,
-                         text=True, cwd=Path(__file__).parent.parent)
-    assert res.returncode == 0
-    assert "Usage: python -m convert [OPTIONS] SOURCE" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "edge_genarm.convert", "--help"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Usage: python -m edge_genarm.convert [OPTIONS] SOURCE" in res.stdout
+    top = subprocess.run([sys.executable, "-c", "import convert"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert top.returncode == 1 and "No module named 'convert'" in top.stderr
 
 
 def _bad_files(hf, base_gguf, d: Path, perm: Path) -> None:
@@ -448,7 +452,7 @@ def test_every_bad_argument_is_refused_in_one_line_and_changes_nothing(hf, tiny,
 
 
 def test_an_existing_out_is_refused_before_any_work_and_replaced_with_force(hf, tmp_path):
-    from convert.cli import convert
+    from edge_genarm.convert.cli import convert
     from edge_genarm.errors import ConversionError
 
     out = tmp_path / "arm.gguf"
@@ -482,7 +486,7 @@ def test_an_existing_out_is_refused_before_any_work_and_replaced_with_force(hf, 
 def test_every_option_of_convert_is_described():
     import click
 
-    from convert.cli import convert
+    from edge_genarm.convert.cli import convert
 
     res = CliRunner().invoke(main, ["convert", "--help"])
     assert res.exit_code == 0
@@ -496,7 +500,7 @@ def test_every_option_of_convert_is_described():
 
 def test_real_smollm2_weights_round_trip_through_pytorch(tmp_path, smollm2):
     """The real model: its GGUF dequantized to PyTorch, converted back, equal to 1e-3."""
-    from convert.from_gguf import gguf_to_hf
+    from edge_genarm.convert.from_gguf import gguf_to_hf
 
     hf_dir = gguf_to_hf(smollm2, tmp_path / "hf")
     out = converted(hf_dir, tmp_path / "smollm2-f32.gguf", "--outtype", "f32",
@@ -547,12 +551,12 @@ def test_a_killed_conversion_leaves_no_file_that_looks_finished(tmp_path, smollm
     import subprocess
     import time
 
-    from convert.from_gguf import gguf_to_hf
+    from edge_genarm.convert.from_gguf import gguf_to_hf
 
     hf_dir = gguf_to_hf(smollm2, tmp_path / "hf")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "convert", str(hf_dir), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "edge_genarm.convert", str(hf_dir), "--out",
                              str(out_dir / "arm.gguf"), "--outtype", "f32", "--tokenizer-from",
                              str(smollm2)], cwd=Path(__file__).parent.parent,
                             stderr=subprocess.DEVNULL)

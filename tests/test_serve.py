@@ -267,7 +267,8 @@ def msgs(text="Hi"):
 ERRORS = [  # (body, status, param, code, words in the message)
     (b'{"messages": [', 400, None, "invalid_json", "not valid JSON"),
     (b"[1, 2]", 400, None, "invalid_value", "the body"),
-    ({"messages": msgs(), "temperature": -1}, 400, "temperature", "invalid_value", "greater than or equal to 0 (got -1)"),
+    ({"messages": msgs(), "temperature": -1}, 400, "temperature", "invalid_value",
+     "greater than or equal to 0 (got -1)"),
     ({"messages": msgs(), "temperature": "hot"}, 400, "temperature", "invalid_value", "number"),
     ({"messages": msgs(), "top_p": 0}, 400, "top_p", "invalid_value", "greater than 0"),
     ({"messages": msgs(), "n": 0}, 400, "n", "invalid_value", "greater than or equal to 1"),

@@ -13,9 +13,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.gguf_out import PlannedTensor, write_gguf, write_lora_adapter
-from convert.model import HParams, add_hparams
-from convert.synthetic import DEFAULT_TARGETS, random_lora_pairs
+from edge_genarm.convert.gguf_out import PlannedTensor, write_gguf, write_lora_adapter
+from edge_genarm.convert.model import HParams, add_hparams
+from edge_genarm.convert.synthetic import DEFAULT_TARGETS, random_lora_pairs
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ def _gguf_base(path: Path) -> Base:
 
 
 def _hf_base(path: Path) -> Base:
-    from convert.checkpoint import Checkpoint, read_json
-    from convert.model import HParams, arch_of
+    from edge_genarm.convert.checkpoint import Checkpoint, read_json
+    from edge_genarm.convert.model import HParams, arch_of
 
     if not (path / "config.json").exists():
         raise UserError(f"--base {path} is a directory without config.json; pass a Hugging Face "
@@ -139,7 +139,7 @@ def torch_dir(base: Base, out: Path) -> Path:
     """A Hugging Face directory of the base's weights (for a GGUF, dequantized into out)."""
     if base.kind == "hf":
         return base.path
-    from convert.from_gguf import gguf_to_hf
+    from edge_genarm.convert.from_gguf import gguf_to_hf
 
     stat = base.path.stat()
     source = {"gguf": str(base.path.resolve()), "size": stat.st_size,

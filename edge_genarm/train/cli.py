@@ -137,7 +137,7 @@ def _clear(out: Path) -> None:
 
 
 def _write_arm(model, base: Path, base_dir: Path, out: Path, config: TrainConfig) -> None:
-    from convert.cli import convert
+    from edge_genarm.convert.cli import convert
 
     if config.full:
         saved = out / "model"
