@@ -15,6 +15,7 @@ for both servers: llama-cpp-python's stream has no usage chunk) and time to firs
 sending to the first chunk with content: median and 90th percentile), then the two ratios the
 targets name. Traffic goes to 127.0.0.1 only.
 
+    pip install pydantic-settings starlette-context   # llama-cpp-python's server extras
     python benchmarks/bench_server.py [--clients 1,4,16] [--max-tokens 64]
                                       [--requests-per-client 4] [--threads N] [--quick]
 """
