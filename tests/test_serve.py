@@ -386,6 +386,33 @@ def test_health_is_503_while_the_models_load(demo_base):
         assert http.get("/v1/models").json()["data"][0]["id"] == "base"
 
 
+def test_cors_is_off_unless_origins_are_named(demo_base):
+    from starlette.testclient import TestClient
+
+    from edge_genarm.engine import Engine, EngineConfig
+    from edge_genarm.llama import ContextSettings
+    from edge_genarm.options import GenerationOptions
+    from edge_genarm.sampling import SamplingSettings
+    from edge_genarm.scheduler import Scheduler
+    from edge_genarm.serve.app import ServeConfig, create_app
+    from edge_genarm.serve.worker import Served
+
+    opts = GenerationOptions(demo_base, [], SamplingSettings(), context=ContextSettings(128))
+
+    def load():
+        engine = Engine.load(EngineConfig(demo_base, [], opts.context))
+        return {"base": Served("base", opts, engine, Scheduler(engine), None, 1, 0)}
+
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in (([], None), (["http://localhost:3000"], "http://localhost:3000")):
+        with TestClient(create_app(ServeConfig(cors_origins=origins), load, print)) as http:
+            got = http.options("/v1/chat/completions", headers=preflight)
+            assert got.headers.get("access-control-allow-origin") == allowed
+            other = http.options("/v1/chat/completions", headers=preflight | {
+                "Origin": "http://evil.example"})
+            assert "access-control-allow-origin" not in other.headers
+
+
 @pytest.mark.parametrize("args,message", [
     (["--parallel", "0"], "Error: --parallel must be between 1 and"),
     (["--max-queue", "-1"], "Error: --max-queue must be >= 0, got -1"),
