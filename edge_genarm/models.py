@@ -37,6 +37,9 @@ def _source(entry: ModelEntry) -> str:
         return f"package {entry.package}/{entry.file}"
     if entry.kind == "derived":
         return f"{entry.source} as {entry.quantize.upper()} (made once, cached)"
+    if entry.kind == "parts":
+        return (f"{len(entry.parts)} package files joined (once, cached): "
+                f"{entry.parts[0].partition(':')[0]} .. {entry.parts[-1].partition(':')[0]}")
     return f"hub {entry.hub}/{entry.file}@{entry.revision}"
 
 
@@ -132,7 +135,7 @@ def pull(models_file, name) -> None:
         a.model for a in reg.preset(name).arms]
     for ref in refs:
         entry = reg.entry(ref)
-        if entry is not None and entry.kind == "derived":
+        if entry is not None and entry.kind in ("derived", "parts"):
             path = reg.resolve(ref)  # fetches its source if that is on the Hub, then makes it
             click.echo(f"{ref}: {path} ({_size(path)})", err=True)
             continue

@@ -1,4 +1,4 @@
-"""Where model files come from: models.toml, its presets, and four kinds of source.
+"""Where model files come from: models.toml, its presets, and five kinds of source.
 
 Contract: `Registry.load(extra)` merges the shipped models.toml, the user's file and an extra
 file (later ones win key by key) and refuses unknown keys by name. `registry.resolve(ref)` turns
@@ -6,8 +6,9 @@ what a user typed (a path, or @NAME of a [models] entry) into an existing local 
 file, a file inside an installed Python package (found through its file list, not imported), a
 Hugging Face Hub file fetched into the standard cache and checked against its sha256 (deleted
 from the cache if it fails), or a file derived from another entry by requantizing it (made once
-into the edge-genarm cache, keyed by the source file and the type). Offline and not cached, or a preset naming a missing file, each
-say which file and what to do.
+into the edge-genarm cache, keyed by the source file and the type), or the files of several
+packages joined in order into the cache once and checked against a pinned sha256. Offline and not
+cached, a missing package, or a preset naming a missing file, each say which file and what to do.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ DEFAULT_BASE = "@smollm2"
 # Every key a table may hold, and the TOML types its value may have.
 _TEXT, _NUMBER = (str,), (int, float)
 MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub", "revision",
-                                 "sha256", "from", "quantize")}
-SOURCE_KEYS = ("path", "package", "hub", "from")
+                                 "sha256", "from", "quantize")} | {"parts": (list,)}
+SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
                "chat_template": _TEXT, "sampling": (dict,)}
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER}
@@ -49,11 +50,14 @@ class ModelEntry:
     sha256: str | None = None
     source: str | None = None      # models.toml's `from`: the @model this one is derived from
     quantize: str | None = None    # ... by requantizing it to this llama.cpp type
+    parts: tuple[str, ...] = ()    # "package:file" pieces, joined in order into one file
 
     @property
     def kind(self) -> str:
         if self.source:
             return "derived"
+        if self.parts:
+            return "parts"
         return "path" if self.path else "package" if self.package else "hub"
 
 
@@ -153,14 +157,18 @@ class Registry:
         for name, entry in (data.get("models") or {}).items():
             _check_keys(f"[models.{name}]", entry, MODEL_KEYS)
             if sum(k in entry for k in SOURCE_KEYS) != 1:
-                raise UserError(f"[models.{name}]: give exactly one of path, package, hub or from")
+                raise UserError(f"[models.{name}]: give exactly one of path, package, hub, from "
+                                "or parts")
             if ("package" in entry or "hub" in entry) and "file" not in entry:
                 raise UserError(f"[models.{name}]: a package or hub source needs file = ...")
             if ("from" in entry) != ("quantize" in entry):
                 raise UserError(f"[models.{name}]: from = \"@model\" and quantize = \"TYPE\" "
                                 "go together")
-            fields = {k: v for k, v in entry.items() if k != "from"}
-            models[name] = ModelEntry(name=name, source=entry.get("from"), **fields)
+            if "parts" in entry:
+                _check_parts(name, entry)
+            fields = {k: v for k, v in entry.items() if k not in ("from", "parts")}
+            models[name] = ModelEntry(name=name, source=entry.get("from"),
+                                      parts=tuple(entry.get("parts", ())), **fields)
         presets = {}
         for name, entry in (data.get("presets") or {}).items():
             _check_keys(f"[presets.{name}]", entry, PRESET_KEYS)
@@ -210,6 +218,8 @@ class Registry:
             return package_file(entry.package, entry.file)
         if entry.kind == "derived":
             return self._derived_file(entry, download)
+        if entry.kind == "parts":
+            return joined_file(entry, download)
         return hub_file(entry, download)
 
     def _derived_file(self, entry: ModelEntry, make: bool) -> Path:
@@ -280,6 +290,65 @@ def package_file(distribution: str, filename: str) -> Path:
         pass
     raise ModelFileError(f"the package {distribution} has no file {filename}; "
                          f"reinstall it with pip install --force-reinstall {distribution}")
+
+
+def _check_parts(name: str, entry: dict) -> None:
+    parts = entry["parts"]
+    if not parts or not all(isinstance(p, str) and ":" in p for p in parts):
+        raise UserError(f"[models.{name}]: parts = [\"package:file\", ...] lists the pieces in "
+                        "order, each a file of an installed package")
+    if not entry.get("sha256"):
+        raise UserError(f"[models.{name}]: a source made of parts needs sha256 = ... (of the "
+                        "joined file)")
+
+
+def joined_path(entry: ModelEntry) -> Path:
+    return cache_dir() / "joined" / f"{entry.name}-{entry.sha256.lower()[:12]}.gguf"
+
+
+def joined_file(entry: ModelEntry, make: bool = True) -> Path:
+    """The pieces of `entry.parts` joined once into the cache, checked against its sha256
+    while they are copied; written beside and renamed, so a failure leaves no file."""
+    path = joined_path(entry)
+    if path.exists():
+        return path
+    pieces = [part.partition(":")[::2] for part in entry.parts]
+    missing = [dist for dist in dict.fromkeys(d for d, _ in pieces) if not _installed(dist)]
+    if missing:
+        raise ModelFileError(f"@{entry.name} is made of the files of {len(pieces)} packages; "
+                             f"{len(missing)} are not installed: pip install {' '.join(missing)}")
+    if not make:
+        raise ModelFileError(f"@{entry.name} is not joined yet")
+    files = [package_file(dist, name) for dist, name in pieces]
+    print(f"edge-genarm: joining @{entry.name} once from {len(files)} packages into "
+          f"{path.parent}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for piece in files:
+                with open(piece, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != entry.sha256.lower():
+            raise ModelFileError(
+                f"@{entry.name}: the joined parts have sha256 {digest.hexdigest()}, not the "
+                f"{entry.sha256} that models.toml expects; reinstall the packages with pip "
+                f"install --force-reinstall {' '.join(dict.fromkeys(d for d, _ in pieces))}")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def hub_file(entry: ModelEntry, download: bool = True) -> Path:

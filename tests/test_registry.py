@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from edge_genarm.cli import main
-from edge_genarm.errors import IncompatibleModelsError, UserError
-from edge_genarm.registry import Registry, sha256_of
+from edge_genarm.errors import IncompatibleModelsError, ModelFileError, UserError
+from edge_genarm.registry import Registry, package_file, sha256_of
 from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,12 @@ def test_user_file_then_models_file_override_key_by_key(tmp_path, monkeypatch):
     ('[models.x\n', "is not valid TOML"),
     ('[models.x]\nfrom = "@y"\n', '[models.x]: from = "@model" and quantize = "TYPE" go together'),
     ('[models.x]\npath = "a"\nfrom = "@y"\nquantize = "Q8_0"\n',
-     "[models.x]: give exactly one of path, package, hub or from"),
+     "[models.x]: give exactly one of path, package, hub, from or parts"),
+    ('[models.x]\nparts = ["a:b"]\n', "[models.x]: a source made of parts needs sha256 = ..."),
+    ('[models.x]\nparts = ["no-colon"]\nsha256 = "00"\n',
+     '[models.x]: parts = ["package:file", ...] lists the pieces in order'),
+    ('[models.x]\nparts = []\nsha256 = "00"\n',
+     '[models.x]: parts = ["package:file", ...] lists the pieces in order'),
 ])
 def test_unknown_keys_and_bad_entries_are_refused_by_name(tmp_path, text, message):
     f = tmp_path / "m.toml"
@@ -287,3 +292,38 @@ def test_derived_model_cycle_and_unknown_type_say_what_is_wrong(tmp_path, monkey
     assert res.exit_code == 1 and res.stderr.startswith(
         "Error: [models.c]: unknown quantization type Q9_9; choose one of ")
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_a_model_in_parts_is_joined_once_checked_and_never_left_half(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Pieces from installed packages (here the two demo ARMs of edge-genarm itself), joined in
+    order into the cache; a wrong sha256 or a missing package leaves no file and says what to
+    do."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pieces = [package_file("edge-genarm", f"demo/{n}.gguf") for n in ("positive", "concise")]
+    whole = b"".join(p.read_bytes() for p in pieces)
+    digest = hashlib.sha256(whole).hexdigest()
+    parts = '["edge-genarm:demo/positive.gguf", "edge-genarm:demo/concise.gguf"]'
+    f = tmp_path / "m.toml"
+    f.write_text(f'[models.j]\nparts = {parts}\nsha256 = "{"0" * 64}"\n'
+                 f'[models.gone]\nparts = ["edge-genarm:demo/positive.gguf", '
+                 f'"no-such-pkg-x:a.bin", "no-such-pkg-y:b.bin"]\nsha256 = "{digest}"\n')
+    joined = tmp_path / "cache" / "edge-genarm" / "joined"
+    with pytest.raises(ModelFileError, match="the joined parts have sha256 " + digest):
+        Registry.load(f).resolve("@j")
+    assert os.listdir(joined) == []  # nothing half-written, nothing wrong kept
+    with pytest.raises(ModelFileError) as info:
+        Registry.load(f).resolve("@gone")
+    assert str(info.value) == ("@gone is made of the files of 3 packages; 2 are not installed: "
+                               "pip install no-such-pkg-x no-such-pkg-y")
+    f.write_text(f'[models.j]\nparts = {parts}\nsha256 = "{digest}"\n')
+    assert "  @j: 2 package files joined (once, cached): edge-genarm .. edge-genarm [missing]" \
+        in cli("models", "list", "--models-file", f).stdout
+    capsys.readouterr()
+    path = Registry.load(f).resolve("@j")
+    assert path.read_bytes() == whole and os.listdir(joined) == [path.name]
+    assert capsys.readouterr().err == \
+        f"edge-genarm: joining @j once from 2 packages into {joined}\n"
+    stamp = path.stat().st_mtime_ns
+    assert Registry.load(f).resolve("@j") == path and path.stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err == ""
