@@ -1,7 +1,8 @@
-"""A GGUF llama model back to a Hugging Face checkpoint (dequantized, float32).
+"""A GGUF llama or qwen2 model back to a Hugging Face checkpoint (dequantized, float32).
 
 Contract: `gguf_to_hf(gguf_path, out_dir)` writes config.json and model.safetensors that
-transformers loads as LlamaForCausalLM, with the very weights llama.cpp runs (quantized types
+transformers loads as LlamaForCausalLM or Qwen2ForCausalLM (with the q/k/v biases), with the
+very weights llama.cpp runs (quantized types
 are dequantized by gguf-py). It is how tests and benchmarks get a real trained model in PyTorch
 form without a download, and how training starts from a GGUF base.
 """
@@ -27,48 +28,67 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(w.shape))
 
 
-def _hf_names(n_layer: int) -> list[str]:
+# GGUF architecture -> the Hugging Face class that runs it
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _hf_names(n_layer: int, qkv_bias: bool) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    per_layer = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
-                 "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj"]
-    return names + [f"model.layers.{i}.{p}.weight" for i in range(n_layer) for p in per_layer]
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
+                 "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight"]
+    if qkv_bias:
+        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    return names + [f"model.layers.{i}.{p}" for i in range(n_layer) for p in per_layer]
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def _weights(reader, arch, n_layer: int, n_head: int, n_head_kv: int, path) -> dict:
+    """Every tensor dequantized to float32 under its Hugging Face name; q and k rows put back
+    in Hugging Face's rotary layout where the converter reordered them."""
     import torch
-    from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(gguf_path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
-    if meta.get("general.architecture") != "llama":
-        raise ConversionError(f"{gguf_path}: only llama GGUFs convert back to PyTorch for now")
-    n_layer, n_head = meta["llama.block_count"], meta["llama.attention.head_count"]
-    n_head_kv = meta.get("llama.attention.head_count_kv", n_head)
-    names = gguf.get_tensor_name_map(ARCHS["LlamaForCausalLM"].gguf_arch, n_layer)
-    to_hf = {names.get_name(h, try_suffixes=(".weight",)): h for h in _hf_names(n_layer)}
+    names = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
+    to_hf = {names.get_name(hf, try_suffixes=(".weight", ".bias")): hf
+             for hf in _hf_names(n_layer, arch.qkv_bias)}
     weights = {}
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         data = data.reshape(tuple(reversed([int(d) for d in t.shape])))
         hf_name = to_hf.get(t.name)
         if hf_name is None:
-            raise ConversionError(f"{gguf_path}: no Hugging Face name for {t.name}")
-        if hf_name.endswith("q_proj.weight"):
+            raise ConversionError(f"{path}: no Hugging Face name for {t.name}")
+        if arch.permute_qk and ".q_proj." in hf_name:
             data = unpermute_rows(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch.permute_qk and ".k_proj." in hf_name:
             data = unpermute_rows(data, n_head_kv)
         weights[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
+    return weights
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(gguf_path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    name = meta.get("general.architecture")
+    if name not in HF_CLASS:
+        raise ConversionError(f"{gguf_path}: a {name} GGUF does not convert back to PyTorch; "
+                              f"the architectures that do: {', '.join(HF_CLASS)}")
+    arch = ARCHS[HF_CLASS[name]]
+    n_layer, n_head = meta[f"{name}.block_count"], meta[f"{name}.attention.head_count"]
+    n_head_kv = meta.get(f"{name}.attention.head_count_kv", n_head)
+    weights = _weights(reader, arch, n_layer, n_head, n_head_kv, gguf_path)
     n_vocab, n_embd = weights["model.embed_tokens.weight"].shape
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [HF_CLASS[name]], "model_type": name,
         "vocab_size": int(n_vocab), "hidden_size": int(n_embd),
-        "intermediate_size": int(meta["llama.feed_forward_length"]),
+        "intermediate_size": int(meta[f"{name}.feed_forward_length"]),
         "num_hidden_layers": int(n_layer), "num_attention_heads": int(n_head),
         "num_key_value_heads": int(n_head_kv),
-        "max_position_embeddings": int(meta["llama.context_length"]),
-        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta[f"{name}.context_length"]),
+        "rms_norm_eps": float(meta[f"{name}.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": float(meta.get(f"{name}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "lm_head.weight" not in weights, "torch_dtype": "float32",
     }
     out_dir = Path(out_dir)

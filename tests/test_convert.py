@@ -515,6 +515,30 @@ def test_real_smollm2_weights_round_trip_through_pytorch(tmp_path, smollm2):
             int(np.argmax(b.advance([b.new_sequence()], [ids])))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_gguf_converts_back_to_the_checkpoint_it_came_from(tmp_path, hf, name):
+    """HF -> GGUF (f32) -> HF gives the same tensors (q/k rows put back for llama, the q/k/v
+    biases of qwen2 kept) and a config transformers loads as the same class."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edge_genarm.convert.from_gguf import gguf_to_hf
+
+    out = converted(hf[name], tmp_path / "m.gguf", "--outtype", "f32")
+    back = gguf_to_hf(out, tmp_path / "back")
+    original = AutoModelForCausalLM.from_pretrained(hf[name], dtype=torch.float32).state_dict()
+    restored = load_file(str(back / "model.safetensors"))
+    if "lm_head.weight" not in restored:  # tied: the embedding serves both
+        original.pop("lm_head.weight", None)
+    assert sorted(restored) == sorted(original)
+    assert any(k.endswith("q_proj.bias") for k in restored) == (name == "qwen2")
+    for key, value in original.items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=1e-6, msg=key)
+    model = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
+
+
 def test_sentencepiece_llama2_style_checkpoint(tmp_path):
     """Llama 2 / Tulu 2 style: tokenizer.model (SentencePiece BPE with byte fallback)."""
     import sentencepiece as spm

@@ -366,8 +366,8 @@ REFUSALS = [
     (_with(base="{truncated}"), 1, "{truncated} is truncated: tensor "),
     (_with(base="{lora}"), 1, "--base {lora} is a LoRA adapter, not a model; pass the base model "
      "it belongs to"),
-    (_with(base="{qwen2}"), 1, "--base {qwen2} is a 'qwen2' GGUF; only llama GGUFs can be trained "
-     "from, so pass its Hugging Face directory instead"),
+    (_with(base="{phi3}"), 1, "--base {phi3} is a 'phi3' GGUF; only llama, qwen2 GGUFs can be "
+     "trained from, so pass its Hugging Face directory instead"),
     (_with(data="{d}/missing.jsonl"), 1, "--data {d}/missing.jsonl does not exist; pass a JSONL "
      "file of preference pairs"),
     (_with(data="{d}/folder"), 1, "--data {d}/folder is a directory; pass a JSONL file of "
@@ -436,7 +436,7 @@ def workspace(tmp_path_factory, tiny, tokenizer):
                                                                              "lr": 0.01}))
     (d / "other_data" / "checkpoint" / "settings.json").write_text(json.dumps(
         {**settings, "data_sha256": "0" * 64}))
-    write_tiny_model(d / "qwen2.gguf", TinySpec(architecture="qwen2"), tokenizer)
+    write_tiny_model(d / "phi3.gguf", TinySpec(architecture="phi3"), tokenizer)
     return d
 
 
@@ -449,7 +449,7 @@ def test_every_mistake_is_one_line_a_failing_status_and_no_file_changed(workspac
     """Each refusal: its exit status, one line `Error: ...`, no traceback, no file created or
     changed: out/ is not even made, so the base was not dequantized into it."""
     names = {"d": workspace, "base": tiny.base, "not_gguf": tiny.not_gguf, "lora": tiny.lora,
-             "truncated": tiny.truncated, "qwen2": workspace / "qwen2.gguf"}
+             "truncated": tiny.truncated, "phi3": workspace / "phi3.gguf"}
     before = _snapshot(workspace)
     failures = []
     for args, code, message in REFUSALS:

@@ -19,8 +19,6 @@ from pathlib import Path
 from ..errors import UserError
 from .data import Encoder
 
-# what gguf_to_hf reads back into PyTorch
-GGUF_ARCHS = ("llama",)
 # the projections a LoRA may adapt in every architecture convert/ handles
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_HF = "base-hf"
@@ -48,9 +46,11 @@ def _gguf_base(path: Path) -> Base:
     if info.is_adapter:
         raise UserError(f"--base {path} is a LoRA adapter, not a model; pass the base model it "
                         "belongs to")
-    if info.architecture not in GGUF_ARCHS:
+    from ..convert.from_gguf import HF_CLASS  # what gguf_to_hf reads back (gguf, no torch)
+
+    if info.architecture not in HF_CLASS:
         raise UserError(f"--base {path} is a '{info.architecture}' GGUF; only "
-                        f"{', '.join(GGUF_ARCHS)} GGUFs can be trained from, so pass its Hugging "
+                        f"{', '.join(HF_CLASS)} GGUFs can be trained from, so pass its Hugging "
                         "Face directory instead")
     embd = info.shapes.get("token_embd.weight")
     n_ctx = _vocab(path).meta(f"{info.architecture}.context_length")  # metadata, no weights
