@@ -1,0 +1,81 @@
+"""The coder objective on small answers, and the runner on a passing, a failing, a hanging and a
+crashing program (real subprocesses)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge_genarm.coder.judge import code_blocks, score
+from edge_genarm.coder.runner import run_program
+
+TYPED = '''Here you go:
+
+```python
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+```
+'''
+BARE = "```python\ndef add(a, b):\n    return a + b\n```"
+HALF = '''```py
+class Box:
+    def __init__(self, size: int) -> None:
+        """A box."""
+        self.size = size
+
+    def grow(self, by):
+        return self.size + by
+```'''
+
+
+@pytest.mark.parametrize("answer,expected", [
+    (TYPED, 1.0), (BARE, 0.0), (HALF, 0.5),
+    ("def f(x: int) -> int:\n    return x\n", 0.5),           # no fences, but Python
+    ("Just prose, no code at all.", None),
+    ("```python\nx = 1\n```", None),                             # code, but no function
+    ("```python\ndef broken(:\n```\n" + TYPED, 1.0),            # a block that does not parse
+    ("```js\nfunction f(a) { return a }\n```", None),           # not Python
+    ("```python\nasync def g(*args: int, **kw: str) -> None:\n    '''Doc.'''\n```", 1.0),
+])
+def test_documented_typed_score(answer, expected):
+    assert score(answer) == expected
+
+
+def test_code_blocks_takes_python_fences_only_and_an_unclosed_last_one():
+    answer = "```python\na = 1\n```\ntext\n```bash\nls\n```\n```\nb = 2\n```\n```python\nc = 3"
+    assert code_blocks(answer) == ["a = 1\n", "b = 2\n", "c = 3"]
+
+
+def test_a_passing_and_a_failing_program():
+    ok = run_program("def f(x):\n    return x * 2\nassert f(2) == 4\nprint('fine')\n")
+    assert ok.status == "passed" and ok.passed and "fine" in ok.output
+    bad = run_program("assert 1 + 1 == 3, 'arithmetic'\n")
+    assert bad.status == "failed" and bad.returncode == 1 and "arithmetic" in bad.output
+
+
+def test_a_hanging_program_is_killed_at_its_time_limit_with_its_children():
+    t0 = time.monotonic()
+    hung = run_program("import subprocess, sys\n"
+                       "subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+                       "while True:\n    pass\n", timeout=1.0)
+    assert hung.status == "timeout" and time.monotonic() - t0 < 10
+
+
+def test_a_crashing_program_is_reported_as_crashed():
+    crash = run_program("import ctypes\nctypes.string_at(0)\n")
+    assert crash.status == "crashed" and crash.returncode < 0
+
+
+def test_no_network_and_a_throwaway_directory(tmp_path):
+    net = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
+    assert net.status == "failed" and "network access is disabled" in net.output
+    where = run_program("import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd())\n")
+    assert where.passed
+    assert not __import__("os").path.exists(where.output.strip())
+    env = run_program("import os, sys\nprint(sys.flags.isolated, *sorted(os.environ))\n")
+    isolated, *names = env.output.split()
+    assert env.passed and isolated == "1"
+    # only what the runner passes (and the locale Python itself may set, PEP 538)
+    assert set(names) - {"LC_CTYPE"} == {"HOME", "PATH", "TMPDIR"}
