@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import llama_cpp
 import pytest
@@ -173,3 +174,16 @@ def test_unknown_option_is_one_line_with_exit_code_2():
     assert res.exit_code == 2
     assert res.stderr == ("Error: No such option '--bogus'. (Did you mean one of: '--base', "
                           "'--verbose'?) (see 'main generate --help')\n")
+
+
+def test_every_package_of_the_source_tree_is_installed_by_pyproject():
+    """pyproject lists its packages by name (convert/ is mapped into the namespace): a new
+    package folder that is not listed would be missing from a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "edge_genarm").rglob("__init__.py")} | {"edge_genarm.convert"}
+    assert listed == found and config["package-dir"] == {"edge_genarm.convert": "convert"}
