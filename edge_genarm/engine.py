@@ -37,13 +37,15 @@ from .llama import Context, ContextSettings, LoraAdapter, Model
 
 @dataclass
 class ArmSpec:
-    path: Path
+    path: Path                   # a full model, or a LoRA adapter of the base
     alpha: float = 1.0
     name: str = ""
+    adapter: Path | None = None  # a LoRA adapter of `path` (a full model other than the base)
 
     def __post_init__(self):
         self.path = Path(self.path)
-        self.name = self.name or self.path.stem
+        self.adapter = Path(self.adapter) if self.adapter else None
+        self.name = self.name or (self.adapter or self.path).stem
 
 
 @dataclass
@@ -93,6 +95,10 @@ class Engine:
             raise ModelFileError(
                 f"{config.base} is a LoRA adapter, not a model: pass a full GGUF model as --base "
                 f"and the adapter as --arm {config.base}")
+        for spec in config.arms:  # before memory.check prices each file as what it claims
+            if spec.adapter is not None and inspect_gguf(spec.path).is_adapter:
+                raise ModelFileError(f"{spec.path} is a LoRA adapter; an ARM's model+adapter "
+                                     "pair needs the full model first: MODEL.gguf+ADAPTER.gguf")
         memory.check(config)
         models: dict[Path, Model] = {}
         contexts: list[Context] = []
@@ -188,7 +194,7 @@ class Engine:
     def weights(self, overrides: dict[str, float] | None = None) -> np.ndarray:
         """ARM weights in the engine's ARM order: the ARMs' own alphas, with `overrides` by
         name; an unknown name or a weight that is not finite is refused."""
-        out = np.array([a.alpha for a in self.arms], dtype=np.float32)
+        out = np.array([a.alpha for a in self.arms], dtype=np.float64)  # as given; f32 at use
         for name, value in (overrides or {}).items():
             names = [a.name for a in self.arms]
             if name not in names:
@@ -282,6 +288,13 @@ def _load_model(models: dict[Path, Model], path: Path, n_gpu_layers: int) -> Mod
 def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
               models: dict[Path, Model], config: EngineConfig) -> Arm:
     info = inspect_gguf(spec.path)
+    if spec.adapter is not None:  # a LoRA of another model: a small ARM guiding a larger base
+        inspect_gguf(spec.adapter).check_adapter_fits(info)
+        model = _load_model(models, spec.path, config.n_gpu_layers)
+        check_vocab(base_model, model)
+        adapter = LoraAdapter(model, spec.adapter)
+        return Arm(spec.name, spec.alpha, Context(model, config.context, adapter), "lora",
+                   spec.adapter)
     if info.is_adapter:
         info.check_adapter_fits(base_info)
         adapter = LoraAdapter(base_model, spec.path)

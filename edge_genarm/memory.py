@@ -46,7 +46,11 @@ class Plan:
         self.adapters: list[Path] = []
         self.contexts: list[tuple[Path, bool]] = [(self.base, False)]  # (model file, is LoRA)
         for spec in config.arms:
-            if inspect_gguf(spec.path).is_adapter:
+            if getattr(spec, "adapter", None) is not None:  # a LoRA context of its own model
+                self.models.setdefault(Path(spec.path).resolve(), Path(spec.path))
+                self.adapters.append(Path(spec.adapter))
+                self.contexts.append((Path(spec.path), True))
+            elif inspect_gguf(spec.path).is_adapter:
                 self.adapters.append(Path(spec.path))
                 self.contexts.append((self.base, True))
             else:

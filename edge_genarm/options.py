@@ -35,8 +35,9 @@ _OPTIONS = [
                  metavar="PATH", help="Base model GGUF, or @NAME of a models.toml entry "
                  "[env EDGE_GENARM_BASE]."),
     click.option("--arm", "arms", multiple=True, envvar="EDGE_GENARM_ARMS", metavar="PATH[:ALPHA]",
-                 help="An ARM: a full GGUF model or a GGUF LoRA adapter of the base, with its "
-                 "weight ALPHA (default 1.0; negative steers away). Repeatable "
+                 help="An ARM: a full GGUF model, a GGUF LoRA adapter of the base, or "
+                 "MODEL+ADAPTER (a LoRA of another model: a small ARM for a large base), with "
+                 "its weight ALPHA (default 1.0; negative steers away). Repeatable "
                  "[env EDGE_GENARM_ARMS, space-separated]."),
     click.option("--alpha", "alpha_overrides", multiple=True, metavar="NAME=VALUE",
                  help="Set one ARM's weight by name (0 switches it off). Repeatable."),
@@ -102,14 +103,20 @@ def _number(text: str, where: str, example: str) -> float:
 
 
 def parse_arm(text: str, registry: Registry) -> ArmSpec:
-    """PATH[:ALPHA] -> ArmSpec; a path that itself contains ':' is taken whole if it exists."""
+    """PATH[:ALPHA] or MODEL+ADAPTER[:ALPHA] -> ArmSpec; a path that itself contains ':' or
+    '+' is taken whole if it exists."""
     if Path(text).expanduser().is_file() or ":" not in text:
         ref, alpha = text, 1.0
     else:
         ref, _, alpha_text = text.rpartition(":")
         alpha = _number(alpha_text, f"--arm {text}", "PATH:ALPHA, for example model.gguf:0.5")
-    name = ref[1:] if ref.startswith("@") else ""
-    return ArmSpec(registry.resolve(ref), alpha, name)
+    model, adapter = ref, None
+    if "+" in ref and not Path(ref).expanduser().is_file():
+        model, _, adapter = ref.partition("+")
+    named = adapter or model
+    name = named[1:] if named.startswith("@") else ""
+    return ArmSpec(registry.resolve(model), alpha, name,
+                   registry.resolve(adapter) if adapter else None)
 
 
 def apply_alphas(arms, overrides, flag: str = "--alpha") -> None:
@@ -159,7 +166,9 @@ class GenerationOptions:
             raise UserError(f"--{exc}") from None
         preset_arms = kw.pop("preset_arms", None)
         if preset_arms is not None:
-            arms = [ArmSpec(registry.resolve(a.model), a.alpha, a.name) for a in preset_arms]
+            arms = [ArmSpec(registry.resolve(a.model), a.alpha, a.name,
+                            registry.resolve(a.adapter) if a.adapter else None)
+                    for a in preset_arms]
         else:
             arms = [parse_arm(a, registry) for a in kw["arms"]]
         kw.pop("arms")

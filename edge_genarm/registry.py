@@ -32,7 +32,7 @@ MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub"
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
                "chat_template": _TEXT, "sampling": (dict,)}
-ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER}
+ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT}
 SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
@@ -66,6 +66,7 @@ class PresetArm:
     name: str
     model: str
     alpha: float = 1.0
+    adapter: str | None = None  # a LoRA of `model`, when model is not the base
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ class Registry:
                 if "name" not in arm or "model" not in arm:
                     raise UserError(f"[[presets.{name}.arms]]: every ARM needs name = ... and "
                                     "model = ...")
-                arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0))))
+                arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0)),
+                                      arm.get("adapter")))
             presets[name] = Preset(name=name, base=entry["base"], arms=tuple(arms),
                                    description=entry.get("description", ""),
                                    ctx_size=entry.get("ctx_size"),

@@ -187,3 +187,18 @@ def test_every_package_of_the_source_tree_is_installed_by_pyproject():
     found = {".".join(p.parent.relative_to(root).parts)
              for p in (root / "edge_genarm").rglob("__init__.py")} | {"edge_genarm.convert"}
     assert listed == found and config["package-dir"] == {"edge_genarm.convert": "convert"}
+
+
+def test_an_arm_given_as_model_plus_adapter(tiny):
+    """`--arm MODEL+ADAPTER:ALPHA`: a LoRA of a model other than the base; its name is the
+    adapter's, and it guides as the engine test shows (equal to the merged LoRA)."""
+    pair = cli_json("--base", tiny.arm, "--arm", f"{tiny.base}+{tiny.lora}:0.7", "--raw",
+                    "--greedy", "-n", 8, "Hello world")
+    merged = cli_json("--base", tiny.arm, "--arm", f"{tiny.merged}:0.7", "--raw", "--greedy",
+                      "-n", 8, "Hello world")
+    assert pair["alphas"] == {"lora": 0.7} and merged["alphas"] == {"merged": 0.7}
+    assert pair["tokens"] == merged["tokens"]
+    res = cli("--base", tiny.arm, "--arm", f"{tiny.lora}+{tiny.lora}", "--raw", "Hello")
+    assert res.exit_code == 1 and res.stderr == (
+        f"Error: {tiny.lora} is a LoRA adapter; an ARM's model+adapter pair needs the full model "
+        "first: MODEL.gguf+ADAPTER.gguf\n")

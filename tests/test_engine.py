@@ -61,6 +61,26 @@ def test_lora_arm_equals_the_same_arm_merged_into_a_full_model(tiny):
     assert diff.max() < 1e-4
 
 
+def test_a_lora_of_another_model_guides_as_that_lora_merged(tiny):
+    """MODEL+ADAPTER: an ARM that is a LoRA of a model other than the base (weak to strong with
+    a LoRA ARM) equals the same LoRA merged into that model, used as a full-model ARM."""
+    settings = ContextSettings(n_ctx=256, exact=True)
+    spec = ArmSpec(tiny.base, 1.0, adapter=tiny.lora)
+    assert spec.name == "lora"
+    with Engine.load(EngineConfig(tiny.arm, [spec], settings)) as e:
+        assert e.arms[0].kind == "lora" and e.arms[0].context.model is not e.base.model
+        pair_tokens, pair_rows = guided_trace(e, prompt(e), 16)
+    with make_engine(tiny.arm, [(tiny.merged, 1.0)]) as e:
+        merged_tokens, merged_rows = guided_trace(e, prompt(e), 16)
+    assert pair_tokens == merged_tokens
+    top = np.argsort(-merged_rows, axis=1)[:, :50]
+    diff = np.abs(np.take_along_axis(pair_rows, top, 1) - np.take_along_axis(merged_rows, top, 1))
+    assert diff.max() < 1e-4
+    with pytest.raises(ModelFileError, match="needs the full model first"):
+        Engine.load(EngineConfig(tiny.arm, [ArmSpec(tiny.lora, 1.0, adapter=tiny.lora)],
+                                 settings))
+
+
 def _reference_guided_greedy(base, arms, ids, n):
     """Independent computation: separately driven llama-cpp-python contexts, maths in float64."""
     def open_ctx(path, lora=None):
