@@ -53,8 +53,8 @@ def prompts() -> tuple[list[str], list[str]]:
 
 
 def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int = 200,
-                     temperature: float = 0.9, seed: int = 0, group: int = 4
-                     ) -> list[list[tuple[str, bool]]]:
+                     temperature: float = 0.9, seed: int = 0, group: int = 4,
+                     system: str | None = None) -> list[list[tuple[str, bool]]]:
     """k sampled (answer, finished) per prompt, `group` prompts x k answers decoding together.
 
     `finished` is False for an answer cut at max_tokens. Each prompt is one scheduler request
@@ -71,7 +71,7 @@ def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int =
     settings = ContextSettings(n_ctx=max_tokens + 64, n_seq_max=group * k)
     with Engine.load(EngineConfig(base, [], settings)) as e:
         scheduler = Scheduler(e)
-        handles = [scheduler.submit(Request(tuple(encode_prompt(e, t)), sampling, max_tokens,
+        handles = [scheduler.submit(Request(tuple(encode_prompt(e, t, system)), sampling, max_tokens,
                                             seed=seed * 10**6 + i * k, n=k))
                    for i, t in enumerate(texts)]
         tokens = {(h, j): [] for h in handles for j in range(k)}
