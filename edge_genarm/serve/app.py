@@ -314,8 +314,7 @@ class _Call:
         return item
 
     def _extras(self) -> dict:
-        return {"system_fingerprint": FINGERPRINT, "seed": self.body.seed if self.body.seed
-                is not None else self.handles[0].request.seed,
+        return {"system_fingerprint": FINGERPRINT, "seed": self.handles[0].request.seed,
                 "arms": {a.name: float(w) for a, w in zip(self.model.engine.arms, self.weights)}}
 
     def _finished(self) -> dict:
