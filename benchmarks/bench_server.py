@@ -26,10 +26,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
+from edge_genarm.serve.launch import ServerStartError, local_server  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
 
 PROMPTS = ["Give me three tips for a good morning.", "What is a healthy breakfast?",
@@ -53,40 +51,14 @@ PROMPTS = ["Give me three tips for a good morning.", "What is a healthy breakfas
 OFF = {"positive": 0.0, "concise": 0.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(command: list[str], ready_path: str):
     """A server subprocess on a free loopback port, until `ready_path` answers 200."""
-    port = free_port()
-    proc = subprocess.Popen(command + ["--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{command[2]} exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{command[2]} did not start in 300 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with local_server(command, ready_path, timeout=300, cwd=ROOT) as url:
+            yield url
+    except ServerStartError as e:
+        raise SystemExit(str(e)) from None
 
 
 async def one_request(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,46 +24,19 @@ import pytest
 from click.testing import CliRunner
 
 from edge_genarm.cli import main as cli
+from edge_genarm.serve.launch import local_server
 
 MAX_TOKENS = 24
 NEAR_TIE = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def running_server(*args: str, env: dict | None = None):
     """`edge-genarm serve ARGS` on a free loopback port until /health says 200 (at most 120 s);
     stopped (SIGINT, then kill) when the block ends."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_genarm", "serve", "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy in 120 s"
-            time.sleep(0.2)
+    with local_server([sys.executable, "-m", "edge_genarm", "serve", *args], "/health",
+                      timeout=120, env=env, stop_timeout=20) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
