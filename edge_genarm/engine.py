@@ -41,6 +41,7 @@ class ArmSpec:
     alpha: float = 1.0
     name: str = ""
     adapter: Path | None = None  # a LoRA adapter of `path` (a full model other than the base)
+    n_gpu_layers: int | None = None  # its own model's GPU layers (None: the base's setting)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -54,6 +55,7 @@ class EngineConfig:
     arms: list[ArmSpec] = field(default_factory=list)
     context: ContextSettings = field(default_factory=ContextSettings)
     n_gpu_layers: int = 0
+    base_adapter: Path | None = None  # a LoRA adapter the base runs with (MODEL+ADAPTER)
 
 
 @dataclass
@@ -95,16 +97,19 @@ class Engine:
             raise ModelFileError(
                 f"{config.base} is a LoRA adapter, not a model: pass a full GGUF model as --base "
                 f"and the adapter as --arm {config.base}")
+        if config.base_adapter is not None:
+            inspect_gguf(config.base_adapter).check_adapter_fits(base_info)
         for spec in config.arms:  # before memory.check prices each file as what it claims
             if spec.adapter is not None and inspect_gguf(spec.path).is_adapter:
                 raise ModelFileError(f"{spec.path} is a LoRA adapter; an ARM's model+adapter "
                                      "pair needs the full model first: MODEL.gguf+ADAPTER.gguf")
         memory.check(config)
-        models: dict[Path, Model] = {}
+        models: dict = {}
         contexts: list[Context] = []
         try:
             base_model = _load_model(models, config.base, config.n_gpu_layers)
-            base = Context(base_model, config.context)
+            base = Context(base_model, config.context, config.base_adapter and
+                           LoraAdapter(base_model, config.base_adapter))
             contexts.append(base)
             arms = []
             for spec in config.arms:
@@ -277,30 +282,36 @@ class Engine:
         return [self.base] + [a.context for a in self.arms]
 
 
-def _load_model(models: dict[Path, Model], path: Path, n_gpu_layers: int) -> Model:
-    """Each distinct file is loaded once; an ARM that is the base file shares its weights."""
-    key = Path(path).resolve()
+def _load_model(models: dict, path: Path, n_gpu_layers: int) -> Model:
+    """Each distinct file is loaded once per placement; an ARM that is the base file, placed
+    alike, shares its weights."""
+    key = (Path(path).resolve(), n_gpu_layers)
     if key not in models:
         models[key] = Model(path, n_gpu_layers=n_gpu_layers)
     return models[key]
 
 
 def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
-              models: dict[Path, Model], config: EngineConfig) -> Arm:
+              models: dict, config: EngineConfig) -> Arm:
     info = inspect_gguf(spec.path)
+    layers = config.n_gpu_layers if spec.n_gpu_layers is None else spec.n_gpu_layers
     if spec.adapter is not None:  # a LoRA of another model: a small ARM guiding a larger base
         inspect_gguf(spec.adapter).check_adapter_fits(info)
-        model = _load_model(models, spec.path, config.n_gpu_layers)
+        model = _load_model(models, spec.path, layers)
         check_vocab(base_model, model)
         adapter = LoraAdapter(model, spec.adapter)
         return Arm(spec.name, spec.alpha, Context(model, config.context, adapter), "lora",
                    spec.adapter)
     if info.is_adapter:
         info.check_adapter_fits(base_info)
+        if layers != config.n_gpu_layers:
+            raise IncompatibleModelsError(
+                f"the ARM {spec.name!r} is a LoRA of the base and runs where the base's layers "
+                f"run; its GPU layers follow the base's ({config.n_gpu_layers}), not {layers}")
         adapter = LoraAdapter(base_model, spec.path)
         return Arm(spec.name, spec.alpha, Context(base_model, config.context, adapter), "lora",
                    spec.path)
-    model = _load_model(models, spec.path, config.n_gpu_layers)
+    model = _load_model(models, spec.path, layers)
     check_vocab(base_model, model)
     return Arm(spec.name, spec.alpha, Context(model, config.context), "model", spec.path)
 

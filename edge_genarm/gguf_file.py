@@ -32,10 +32,14 @@ class GGUFInfo:
 
     def check_adapter_fits(self, base: "GGUFInfo") -> None:
         """Refuse a LoRA adapter that llama.cpp could not attach to `base`."""
+        if not self.is_adapter:
+            raise IncompatibleModelsError(
+                f"{self.path} is a full model, not a LoRA adapter; after '+' name the adapter "
+                "GGUF (MODEL+ADAPTER)")
         if self.adapter_type != "lora":
             raise IncompatibleModelsError(
                 f"{self.path} is a {self.adapter_type or 'unknown'} adapter; only LoRA adapters "
-                "(adapter.type = lora) can be used as ARMs")
+                "(adapter.type = lora) can be attached to a model")
         if self.architecture != base.architecture:
             raise IncompatibleModelsError(
                 f"the LoRA adapter {self.path} is for architecture '{self.architecture}' but the "

@@ -43,8 +43,10 @@ class Plan:
         self.config = config
         self.base = Path(config.base)
         self.models = {self.base.resolve(): self.base}
-        self.adapters: list[Path] = []
-        self.contexts: list[tuple[Path, bool]] = [(self.base, False)]  # (model file, is LoRA)
+        base_adapter = getattr(config, "base_adapter", None)
+        self.adapters: list[Path] = [Path(base_adapter)] if base_adapter else []
+        # (model file, is LoRA)
+        self.contexts: list[tuple[Path, bool]] = [(self.base, base_adapter is not None)]
         for spec in config.arms:
             if getattr(spec, "adapter", None) is not None:  # a LoRA context of its own model
                 self.models.setdefault(Path(spec.path).resolve(), Path(spec.path))
@@ -73,8 +75,8 @@ def available() -> int:
 
 def check(config, free: int | None = None) -> None:
     """Refuse, with sizes and a setting that fits, what would not fit in `free` bytes."""
-    if config.n_gpu_layers != 0:
-        return
+    if config.n_gpu_layers != 0 or any(a.n_gpu_layers for a in config.arms):
+        return  # llama.cpp's dry run prices host memory only
     free = available() if free is None else free
     plan = Plan(config)
     settings = config.context

@@ -32,7 +32,8 @@ _OPTIONS = [
                  metavar="PATH", help="A models.toml merged over the shipped and user ones "
                  "[env EDGE_GENARM_MODELS_FILE]."),
     click.option("--base", default=DEFAULT_BASE, show_default=True, envvar="EDGE_GENARM_BASE",
-                 metavar="PATH", help="Base model GGUF, or @NAME of a models.toml entry "
+                 metavar="PATH", help="Base model GGUF, or @NAME of a models.toml entry; "
+                 "MODEL+ADAPTER runs the base with a LoRA adapter of it (not merged) "
                  "[env EDGE_GENARM_BASE]."),
     click.option("--arm", "arms", multiple=True, envvar="EDGE_GENARM_ARMS", metavar="PATH[:ALPHA]",
                  help="An ARM: a full GGUF model, a GGUF LoRA adapter of the base, or "
@@ -41,6 +42,9 @@ _OPTIONS = [
                  "[env EDGE_GENARM_ARMS, space-separated]."),
     click.option("--alpha", "alpha_overrides", multiple=True, metavar="NAME=VALUE",
                  help="Set one ARM's weight by name (0 switches it off). Repeatable."),
+    click.option("--arm-gpu-layers", "arm_gpu_layers", multiple=True, metavar="NAME=N",
+                 help="Layers of one ARM's own model to offload to the GPU (-1: all; default: "
+                 "as --n-gpu-layers), so that a small ARM can stay on the CPU. Repeatable."),
     click.option("--temperature", "-t", type=float, default=_SAMPLING.temperature,
                  show_default=True, help="Sampling temperature; 0 takes the argmax."),
     click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True,
@@ -110,13 +114,20 @@ def parse_arm(text: str, registry: Registry) -> ArmSpec:
     else:
         ref, _, alpha_text = text.rpartition(":")
         alpha = _number(alpha_text, f"--arm {text}", "PATH:ALPHA, for example model.gguf:0.5")
-    model, adapter = ref, None
-    if "+" in ref and not Path(ref).expanduser().is_file():
-        model, _, adapter = ref.partition("+")
+    model, adapter = split_adapter(ref)
     named = adapter or model
     name = named[1:] if named.startswith("@") else ""
     return ArmSpec(registry.resolve(model), alpha, name,
                    registry.resolve(adapter) if adapter else None)
+
+
+def split_adapter(ref: str) -> tuple[str, str | None]:
+    """MODEL+ADAPTER -> (MODEL, ADAPTER); anything else (an existing file whose name has a '+'
+    included) -> (ref, None)."""
+    if "+" in ref and not Path(ref).expanduser().is_file():
+        model, _, adapter = ref.partition("+")
+        return model, adapter
+    return ref, None
 
 
 def apply_alphas(arms, overrides, flag: str = "--alpha") -> None:
@@ -133,6 +144,20 @@ def apply_alphas(arms, overrides, flag: str = "--alpha") -> None:
                                    "positive=0.5")
 
 
+def apply_gpu_layers(arms: list[ArmSpec], settings) -> None:
+    """NAME=N GPU layers of one ARM's own model, by name."""
+    for text in settings:
+        name, sep, value = text.partition("=")
+        matches = [a for a in arms if a.name == name.strip()]
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise UserError(f"--arm-gpu-layers {text}: write NAME=N, for example small=0")
+        if not matches:
+            known = ", ".join(a.name for a in arms) or "none"
+            raise UserError(f"--arm-gpu-layers {text}: no ARM named {name.strip()!r}; the ARMs "
+                            f"are {known}")
+        matches[0].n_gpu_layers = int(value)
+
+
 @dataclass
 class GenerationOptions:
     base: Path
@@ -145,6 +170,7 @@ class GenerationOptions:
     raw: bool = False
     context: ContextSettings = field(default_factory=ContextSettings)
     n_gpu_layers: int = 0
+    base_adapter: Path | None = None  # a LoRA the base runs with (--base MODEL+ADAPTER)
     verbose: bool = False
     chat_template: str | None = None  # the preset's, for a base GGUF that has none
     seed_given: bool = False          # --seed was passed (not a fresh random one)
@@ -167,14 +193,17 @@ class GenerationOptions:
         preset_arms = kw.pop("preset_arms", None)
         if preset_arms is not None:
             arms = [ArmSpec(registry.resolve(a.model), a.alpha, a.name,
-                            registry.resolve(a.adapter) if a.adapter else None)
+                            registry.resolve(a.adapter) if a.adapter else None, a.n_gpu_layers)
                     for a in preset_arms]
         else:
             arms = [parse_arm(a, registry) for a in kw["arms"]]
         kw.pop("arms")
         apply_alphas(arms, kw.pop("alpha_overrides"))
+        apply_gpu_layers(arms, kw.pop("arm_gpu_layers"))
+        base, base_adapter = split_adapter(kw.pop("base"))
         opts = cls(
-            base=registry.resolve(kw.pop("base")),
+            base=registry.resolve(base),
+            base_adapter=registry.resolve(base_adapter) if base_adapter else None,
             arms=arms,
             sampling=sampling,
             max_tokens=kw.pop("max_tokens"),
@@ -204,7 +233,7 @@ class GenerationOptions:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(base=self.base, arms=self.arms, context=self.context,
-                            n_gpu_layers=self.n_gpu_layers)
+                            n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter)
 
     def request(self, prompt_ids=(), **changes) -> Request:
         """A scheduler request with these options, for prompt_ids; `changes` override fields."""
@@ -220,13 +249,17 @@ def _check_resources(opts: "GenerationOptions") -> None:
     if not 0 <= opts.context.n_threads <= MAX_THREADS:
         raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got "
                         f"{opts.context.n_threads}")
-    if opts.n_gpu_layers < -1:
-        raise UserError(f"--n-gpu-layers must be -1 (all), 0 (none) or a number of layers, got "
-                        f"{opts.n_gpu_layers}")
-    if opts.n_gpu_layers != 0 and not llama.supports_gpu_offload():
-        raise UserError(f"--n-gpu-layers {opts.n_gpu_layers}: this llama-cpp-python build has no "
-                        "GPU support; drop the option, or install a CUDA or Metal build (see "
-                        "llama-cpp-python's install notes)")
+    placements = [("--n-gpu-layers", f"--n-gpu-layers {opts.n_gpu_layers}", opts.n_gpu_layers)]
+    placements += [(f"--arm-gpu-layers {a.name}", f"--arm-gpu-layers {a.name}={a.n_gpu_layers}",
+                    a.n_gpu_layers) for a in opts.arms if a.n_gpu_layers is not None]
+    for flag, shown, layers in placements:
+        if layers < -1:
+            raise UserError(f"{flag} must be -1 (all), 0 (none) or a number of layers, got "
+                            f"{layers}")
+        if layers != 0 and not llama.supports_gpu_offload():
+            raise UserError(f"{shown}: this llama-cpp-python build has no GPU support; drop the "
+                            "option, or install a CUDA or Metal build (see llama-cpp-python's "
+                            "install notes)")
 
 
 def _explicit(kw: dict) -> set[str]:

@@ -32,7 +32,8 @@ MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub"
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
                "chat_template": _TEXT, "sampling": (dict,)}
-ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT}
+ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
+            "n_gpu_layers": (int,)}
 SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
@@ -67,6 +68,7 @@ class PresetArm:
     model: str
     alpha: float = 1.0
     adapter: str | None = None  # a LoRA of `model`, when model is not the base
+    n_gpu_layers: int | None = None  # None: where the base runs
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class Registry:
                     raise UserError(f"[[presets.{name}.arms]]: every ARM needs name = ... and "
                                     "model = ...")
                 arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0)),
-                                      arm.get("adapter")))
+                                      arm.get("adapter"), arm.get("n_gpu_layers")))
             presets[name] = Preset(name=name, base=entry["base"], arms=tuple(arms),
                                    description=entry.get("description", ""),
                                    ctx_size=entry.get("ctx_size"),

@@ -25,6 +25,16 @@ GENERATE = [
      "number of layers, got -7"),
     (["--n-gpu-layers", "5", "hi"], None, 1, "--n-gpu-layers 5: this llama-cpp-python build has "
      "no GPU support; drop the option, or install a CUDA or Metal build"),
+    (["-p", "demo", "--arm-gpu-layers", "positive=-2", "hi"], None, 1, "--arm-gpu-layers "
+     "positive must be -1 (all), 0 (none) or a number of layers, got -2"),
+    (["-p", "demo", "--arm-gpu-layers", "positive=3", "hi"], None, 1, "--arm-gpu-layers "
+     "positive=3: this llama-cpp-python build has no GPU support; drop the option"),
+    (["-p", "demo", "--arm-gpu-layers", "positive", "hi"], None, 1, "--arm-gpu-layers positive: "
+     "write NAME=N, for example small=0"),
+    (["-p", "demo", "--arm-gpu-layers", "positive=all", "hi"], None, 1, "--arm-gpu-layers "
+     "positive=all: write NAME=N, for example small=0"),
+    (["-p", "demo", "--arm-gpu-layers", "nosuch=0", "hi"], None, 1, "--arm-gpu-layers nosuch=0: "
+     "no ARM named 'nosuch'; the ARMs are positive, concise"),
     (["--ctx-size", "0", "hi"], None, 1, "--ctx-size must be at least 16 tokens, got 0"),
     (["--ctx-size", "-5", "hi"], None, 1, "--ctx-size must be at least 16 tokens, got -5"),
     (["--ctx-size", "99999999999", "hi"], None, 1, "99999999999 KV cells (1 sequence of "

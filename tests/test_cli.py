@@ -202,3 +202,22 @@ def test_an_arm_given_as_model_plus_adapter(tiny):
     assert res.exit_code == 1 and res.stderr == (
         f"Error: {tiny.lora} is a LoRA adapter; an ARM's model+adapter pair needs the full model "
         "first: MODEL.gguf+ADAPTER.gguf\n")
+
+
+def test_a_base_given_as_model_plus_adapter(tiny):
+    """`--base MODEL+ADAPTER`: the base runs with its LoRA (not merged), as the merged model."""
+    pair = cli_json("--base", f"{tiny.base}+{tiny.lora}", "--raw", "--greedy", "-n", 8,
+                    "Hello world")
+    merged = cli_json("--base", tiny.merged, "--raw", "--greedy", "-n", 8, "Hello world")
+    plain = cli_json("--base", tiny.base, "--raw", "--greedy", "-n", 8, "Hello world")
+    assert pair["tokens"] == merged["tokens"] != plain["tokens"]
+    for adapter, message in [
+            (tiny.arm, f"{tiny.arm} is a full model, not a LoRA adapter; after '+' name the "
+             "adapter GGUF (MODEL+ADAPTER)"),
+            (tiny.lora_qwen, f"the LoRA adapter {tiny.lora_qwen} is for architecture 'qwen2' but "
+             f"the base {tiny.base} is 'llama'; pass the base it was trained on"),
+            (tiny.dir / "missing.gguf", f"{tiny.dir / 'missing.gguf'} does not exist; check the "
+             "path")]:
+        res = cli("--base", f"{tiny.base}+{adapter}", "--raw", "Hello")
+        assert res.exit_code == 1 and res.stdout == ""
+        assert res.stderr == f"Error: {message}\n"

@@ -81,6 +81,31 @@ def test_a_lora_of_another_model_guides_as_that_lora_merged(tiny):
                                  settings))
 
 
+def test_a_base_with_an_adapter_runs_as_that_adapter_merged(tiny):
+    """--base MODEL+ADAPTER: the base context carries the LoRA; equal to the merged model, and
+    an ARM still guides it."""
+    settings = ContextSettings(n_ctx=256, exact=True)
+    config = EngineConfig(tiny.base, [ArmSpec(tiny.arm, 0.5)], settings, base_adapter=tiny.lora)
+    with Engine.load(config) as e:
+        assert e.base.adapter is not None
+        pair_tokens, pair_rows = guided_trace(e, prompt(e), 16)
+    with make_engine(tiny.merged, [(tiny.arm, 0.5)]) as e:
+        merged_tokens, merged_rows = guided_trace(e, prompt(e), 16)
+    with make_engine(tiny.base, [(tiny.arm, 0.5)]) as e:
+        plain_tokens, _ = guided_trace(e, prompt(e), 16)
+    assert pair_tokens == merged_tokens != plain_tokens
+    top = np.argsort(-merged_rows, axis=1)[:, :50]
+    diff = np.abs(np.take_along_axis(pair_rows, top, 1) - np.take_along_axis(merged_rows, top, 1))
+    assert diff.max() < 1e-4
+    for adapter, error, message in [
+            (tiny.lora_qwen, IncompatibleModelsError, "is for architecture 'qwen2'"),
+            (tiny.lora_small, IncompatibleModelsError, "does not fit blk.0"),
+            (tiny.arm, IncompatibleModelsError, "is a full model, not a LoRA adapter; after '\\+' "
+             "name the adapter GGUF")]:
+        with pytest.raises(error, match=message):
+            Engine.load(EngineConfig(tiny.base, [], settings, base_adapter=adapter))
+
+
 def _reference_guided_greedy(base, arms, ids, n):
     """Independent computation: separately driven llama-cpp-python contexts, maths in float64."""
     def open_ctx(path, lora=None):
@@ -228,6 +253,21 @@ def test_adapter_checks(tiny):
         make_engine(tiny.base, [(tiny.lora_qwen, 1.0)])
     with pytest.raises(IncompatibleModelsError, match="does not fit blk.0"):
         make_engine(tiny.base, [(tiny.lora_small, 1.0)])
+
+
+def test_an_arm_model_is_placed_on_its_own_and_a_lora_of_the_base_follows_the_base(tiny):
+    """An ARM's own model loads once per placement (the base file as an ARM placed alike shares
+    the base's weights); a LoRA of the base cannot be placed apart from the base."""
+    settings = ContextSettings(n_ctx=64)
+    with Engine.load(EngineConfig(tiny.base, [ArmSpec(tiny.base, 1.0, "same")],
+                                  settings)) as e:
+        assert len(e._models) == 1
+    config = EngineConfig(tiny.base, [ArmSpec(tiny.base, 1.0, "apart", n_gpu_layers=1)], settings)
+    with Engine.load(config) as e:  # a CPU build runs the layers on the CPU all the same
+        assert len(e._models) == 2 and e.arms[0].context.model is not e.base.model
+    with pytest.raises(IncompatibleModelsError, match="the ARM 'lora' is a LoRA of the base and "
+                       r"runs where the base's layers run; its GPU layers follow the base's \(0\)"):
+        Engine.load(EngineConfig(tiny.base, [ArmSpec(tiny.lora, 1.0, n_gpu_layers=2)], settings))
 
 
 def test_arm_with_alpha_zero_is_not_stepped_and_catches_up_when_switched_on(tiny):
