@@ -1,9 +1,10 @@
 """A GGUF llama or qwen2 model back to a Hugging Face checkpoint (dequantized, float32).
 
-Contract: `gguf_to_hf(gguf_path, out_dir)` writes config.json and model.safetensors that
-transformers loads as LlamaForCausalLM or Qwen2ForCausalLM (with the q/k/v biases), with the
-very weights llama.cpp runs (quantized types
-are dequantized by gguf-py). It is how tests and benchmarks get a real trained model in PyTorch
+Contract: `gguf_to_hf(gguf_path, out_dir, adapter=None)` writes config.json and
+model.safetensors that transformers loads as LlamaForCausalLM or Qwen2ForCausalLM (with the q/k/v
+biases), with the very weights llama.cpp runs (quantized types are dequantized by gguf-py); a
+LoRA adapter GGUF of that model, when given, is merged in as llama.cpp applies it
+(W + alpha / r * B @ A). It is how tests and benchmarks get a real trained model in PyTorch
 form without a download, and how training starts from a GGUF base.
 """
 
@@ -43,9 +44,31 @@ def _hf_names(n_layer: int, qkv_bias: bool) -> list[str]:
     return names + [f"model.layers.{i}.{p}" for i in range(n_layer) for p in per_layer]
 
 
-def _weights(reader, arch, n_layer: int, n_head: int, n_head_kv: int, path) -> dict:
-    """Every tensor dequantized to float32 under its Hugging Face name; q and k rows put back
-    in Hugging Face's rotary layout where the converter reordered them."""
+def _lora_deltas(path: Path, architecture: str) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> alpha / r * B @ A of a LoRA adapter GGUF, in the GGUF's own layout."""
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise ConversionError(f"{path} is not a LoRA adapter GGUF")
+    if fields.get("general.architecture") != architecture:
+        raise ConversionError(f"the adapter {path} is for {fields.get('general.architecture')!r}"
+                              f" but the model is {architecture!r}")
+    factors = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        target, _, part = t.name.rpartition(".")
+        factors.setdefault(target, {})[part] = data.reshape(tuple(reversed(
+            [int(d) for d in t.shape])))
+    alpha = float(fields["adapter.lora.alpha"])
+    return {target: (alpha / f["lora_a"].shape[0]) * (f["lora_b"] @ f["lora_a"])
+            for target, f in factors.items()}
+
+
+def _weights(reader, arch, n_layer: int, n_head: int, n_head_kv: int, path,
+             deltas: dict[str, np.ndarray]) -> dict:
+    """Every tensor dequantized to float32 under its Hugging Face name, an adapter's delta
+    added; q and k rows put back in Hugging Face's rotary layout where the converter reordered
+    them."""
     import torch
 
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
@@ -55,6 +78,12 @@ def _weights(reader, arch, n_layer: int, n_head: int, n_head_kv: int, path) -> d
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         data = data.reshape(tuple(reversed([int(d) for d in t.shape])))
+        if t.name in deltas:
+            delta = deltas.pop(t.name)
+            if delta.shape != data.shape:
+                raise ConversionError(f"the adapter's {t.name} is {delta.shape}, the model's "
+                                      f"is {data.shape}: the adapter is for another model")
+            data = (data + delta).astype(np.float32)
         hf_name = to_hf.get(t.name)
         if hf_name is None:
             raise ConversionError(f"{path}: no Hugging Face name for {t.name}")
@@ -63,10 +92,14 @@ def _weights(reader, arch, n_layer: int, n_head: int, n_head_kv: int, path) -> d
         elif arch.permute_qk and ".k_proj." in hf_name:
             data = unpermute_rows(data, n_head_kv)
         weights[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
+    if deltas:
+        raise ConversionError(f"the adapter adapts {', '.join(sorted(deltas))}, which {path} "
+                              "does not have")
     return weights
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path,
+               adapter: str | Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     reader = gguf.GGUFReader(gguf_path)
@@ -78,7 +111,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     arch = ARCHS[HF_CLASS[name]]
     n_layer, n_head = meta[f"{name}.block_count"], meta[f"{name}.attention.head_count"]
     n_head_kv = meta.get(f"{name}.attention.head_count_kv", n_head)
-    weights = _weights(reader, arch, n_layer, n_head, n_head_kv, gguf_path)
+    deltas = _lora_deltas(Path(adapter), name) if adapter is not None else {}
+    weights = _weights(reader, arch, n_layer, n_head, n_head_kv, gguf_path, deltas)
     n_vocab, n_embd = weights["model.embed_tokens.weight"].shape
     config = {
         "architectures": [HF_CLASS[name]], "model_type": name,

@@ -539,6 +539,36 @@ def test_a_gguf_converts_back_to_the_checkpoint_it_came_from(tmp_path, hf, name)
     assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
 
 
+def test_a_lora_gguf_merges_back_into_pytorch_as_peft_applies_it(hf, base_gguf, tmp_path):
+    """gguf_to_hf(base, adapter=LoRA GGUF): the adapter's delta lands on the right rows (q and k
+    reordered back for llama) and the model equals PEFT's own adapter on the same base."""
+    import transformers as tf
+
+    from edge_genarm.convert.from_gguf import gguf_to_hf
+
+    lora = converted(hf["patterns"], tmp_path / "lora.gguf", "--base", base_gguf)
+    merged = tf.AutoModelForCausalLM.from_pretrained(
+        gguf_to_hf(base_gguf, tmp_path / "merged", adapter=lora), dtype="float32")
+    reference = load_peft(hf["llama"], hf["patterns"])
+    ids = [1, 504, 3458, 6357, 282, 260, 2103, 30, 378]
+    ours, peft = torch_logprobs(merged, ids), torch_logprobs(reference, ids)
+    assert np.abs(ours - peft).max() < 1e-4
+    with reference.disable_adapter():
+        assert np.abs(torch_logprobs(reference, ids) - peft).max() > 0.1
+
+
+def test_an_adapter_that_does_not_fit_is_refused_before_writing(tiny, tmp_path):
+    from edge_genarm.convert.from_gguf import gguf_to_hf
+    from edge_genarm.errors import ConversionError
+
+    for adapter, message in [(tiny.arm, "is not a LoRA adapter GGUF"),
+                             (tiny.lora_qwen, "is for 'qwen2' but the model is 'llama'"),
+                             (tiny.lora_small, "the adapter is for another model")]:
+        with pytest.raises(ConversionError, match=message):
+            gguf_to_hf(tiny.base, tmp_path / "out", adapter=adapter)
+        assert not (tmp_path / "out").exists()
+
+
 def test_sentencepiece_llama2_style_checkpoint(tmp_path):
     """Llama 2 / Tulu 2 style: tokenizer.model (SentencePiece BPE with byte fallback)."""
     import sentencepiece as spm
