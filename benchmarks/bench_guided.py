@@ -189,7 +189,7 @@ def memory_table(base: Path, lora: Path, full: Path, n_ctx: int) -> None:
 
 
 def outputs_table(base: Path, n_ctx: int) -> None:
-    print(f"\nthe base alone, a fresh process each (as above): the logits rows a context reserves")
+    print("\nthe base alone, a fresh process each (as above): the logits rows a context reserves")
     print("| output reservation | n_outputs_max | compute MiB | peak RSS MiB |")
     print("|---|---|---|---|")
     for label, outputs in (("edge-genarm: one row per sequence", "project"),

@@ -1,7 +1,11 @@
-"""Teacher-forced log-probs of given answers under a model, for the benchmarks that score text.
+"""Greedy answers, and teacher-forced log-probs of given answers, for the benchmarks that score
+text.
 
-Contract: `answer_logprobs(engine, prompts, answers, k)` feeds each prompt's ids, then its
-answer's ids one at a time, `k` sequences decoded together, and returns per answer a float64
+Contract: `greedy_answers(engine, texts, weight, max_tokens, stop=())` answers every request
+(chat template applied) greedily through one scheduler, every ARM at `weight`, all requests at
+once, each ending at a stop string if one is given, and returns ([(token ids, text) per
+request], generated tokens/s). `answer_logprobs(engine, prompts, answers, k)` feeds each
+prompt's ids, then its answer's ids one at a time, `k` sequences decoded together, and returns per answer a float64
 array of log p(answer[t] | prompt, answer[:t]) for every t, from the engine's base model alone
 (every ARM at alpha 0 meanwhile). A prompt must be non-empty; an answer may not be.
 """
@@ -9,6 +13,7 @@ array of log p(answer[t] | prompt, answer[:t]) for every t, from the engine's ba
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_genarm import guidance  # noqa: E402
 from edge_genarm.engine import Engine  # noqa: E402
+from edge_genarm.generation import encode_prompt  # noqa: E402
+from edge_genarm.sampling import SamplingSettings  # noqa: E402
+from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
+
+
+def greedy_answers(engine: Engine, texts: list[str], weight: float,
+                   max_tokens: int, stop: tuple[str, ...] = ()
+                   ) -> tuple[list[tuple[list[int], str]], float]:
+    arms = {a.name: weight for a in engine.arms}
+    out: dict = {}
+    with Scheduler(engine) as scheduler:
+        t0 = time.perf_counter()
+        handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t)),
+                                            SamplingSettings(greedy=True), max_tokens,
+                                            stop=stop, arms=arms)) for t in texts]
+        for event in scheduler.run(handles):
+            tokens, pieces = out.setdefault(event.handle, ([], []))
+            if event.token is not None:
+                tokens.append(event.token)
+            pieces.append(event.text)
+        seconds = time.perf_counter() - t0
+    rows = [(out[h][0], "".join(out[h][1])) for h in handles]
+    return rows, sum(len(t) for t, _ in rows) / seconds
 
 
 def answer_logprobs(engine: Engine, prompts: list[list[int]], answers: list[list[int]],
