@@ -131,3 +131,38 @@ def write_lora_adapter(path: str | Path, architecture: str, alpha: float,
             w.add_name(name)
 
     return write_gguf(path, architecture, metadata, tensors, progress, staged=staged)
+
+
+def with_reward_head(src: str | Path, dst: str | Path, weight: np.ndarray, bias: float,
+                     objective: str) -> Path:
+    """Write `dst`: the GGUF `src` (a model or a LoRA adapter, every field and tensor as it is)
+    with a reward head in its metadata, so that it runs as a reward model."""
+    from edge_genarm.reward import head_metadata
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    skip = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT)
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        for f in reader.fields.values():
+            if f.name in skip or f.name.startswith("GGUF.") or f.name.startswith("reward."):
+                continue
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        head_metadata(w, weight, bias, objective)
+
+    tensors = [_Stored(t) for t in reader.tensors]
+    return write_gguf(dst, arch, metadata, tensors)
+
+
+class _Stored:
+    """A tensor of a GGUF being read, written again byte for byte."""
+
+    def __init__(self, tensor):
+        self.name, self.qtype, self.data = tensor.name, tensor.tensor_type, tensor.data
+
+    def byte_info(self):
+        return self.data.shape, self.data.dtype, self.data.nbytes
+
+    def encoded(self) -> np.ndarray:
+        return self.data

@@ -32,7 +32,7 @@ import click
 from . import llama
 from .engine import Engine
 from .errors import UserError, plural
-from .generation import chat_template, encode_messages, encode_prompt
+from .generation import chat_template, encode_messages, encode_prompt, method_of
 from .options import GenerationOptions
 from .scheduler import Handle, Request, Scheduler
 
@@ -254,9 +254,10 @@ def _record(item: Item, request: Request | None, engine: Engine | None) -> dict:
     """The fields every record has; `run_job` adds the run-wide ones."""
     given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
     used = {} if request is None else {
-        "seed": request.seed, "alphas": {a.name: float(w) for a, w in
-                                         zip(engine.arms, engine.weights(dict(request.arms)))},
-        "sampling": dataclasses.asdict(request.sampling), "max_tokens": request.max_tokens,
+        "seed": request.seed, "alphas": {a.name: float(w) if request.method == "genarm" else 0.0
+                                         for a, w in zip(engine.arms,
+                                                         engine.weights(dict(request.arms)))},
+        **method_of(request), "sampling": dataclasses.asdict(request.sampling), "max_tokens": request.max_tokens,
         "n": request.n}
     return {"id": item.id, **given, **used, "text": None, "tokens": [], "finish_reason": None,
             "error": None}

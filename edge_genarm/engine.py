@@ -33,6 +33,8 @@ from .errors import (ContextFullError, EngineError, IncompatibleModelsError, Mod
                      UserError)
 from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
+from .reward import RewardModel, read_head
+from .reward import context_settings as reward_context
 
 
 @dataclass
@@ -56,6 +58,18 @@ class EngineConfig:
     context: ContextSettings = field(default_factory=ContextSettings)
     n_gpu_layers: int = 0
     base_adapter: Path | None = None  # a LoRA adapter the base runs with (MODEL+ADAPTER)
+    reward: RewardSpec | None = None  # a scalar reward model, for tokenwise methods (PARGS)
+
+
+@dataclass
+class RewardSpec:
+    path: Path                   # a full model with a reward head, or a LoRA of the base with one
+    candidates: int = 10         # the most candidate tokens one step scores per sequence
+    adapter: Path | None = None  # a LoRA with the head, of `path` (a model other than the base)
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self.adapter = Path(self.adapter) if self.adapter else None
 
 
 @dataclass
@@ -79,9 +93,11 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, base: Context, arms: list[Arm], models: list[Model]):
+    def __init__(self, base: Context, arms: list[Arm], models: list[Model],
+                 reward: RewardModel | None = None):
         self.base = base
         self.arms = arms
+        self.reward = reward
         self._models = models
         self.n_vocab = guidance.common_vocab_size(
             [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
@@ -103,6 +119,8 @@ class Engine:
             if spec.adapter is not None and inspect_gguf(spec.path).is_adapter:
                 raise ModelFileError(f"{spec.path} is a LoRA adapter; an ARM's model+adapter "
                                      "pair needs the full model first: MODEL.gguf+ADAPTER.gguf")
+        if config.reward is not None:  # before the dry runs price its context
+            reward_context(config.context, config.reward.candidates)
         memory.check(config)
         models: dict = {}
         contexts: list[Context] = []
@@ -116,16 +134,20 @@ class Engine:
                 arm = _load_arm(spec, base_model, base_info, models, config)
                 contexts.append(arm.context)
                 arms.append(arm)
+            reward = config.reward and _load_reward(config.reward, base_model, base_info,
+                                                    models, config)
+            if reward is not None:
+                contexts.append(reward.context)
         except BaseException:
             for ctx in contexts:
                 ctx.close()
             for model in models.values():
                 model.close()
             raise
-        return cls(base, arms, list(models.values()))
+        return cls(base, arms, list(models.values()), reward)
 
     def close(self) -> None:
-        for ctx in [self.base] + [a.context for a in self.arms]:
+        for ctx in self._contexts():
             ctx.close()
         for model in self._models:
             model.close()
@@ -177,6 +199,8 @@ class Engine:
     def _clear(self, seq: Sequence) -> None:
         for ctx in self._contexts():
             ctx.seq_remove(seq.seq_id)
+        if self.reward is not None:
+            self.reward.forget(seq.seq_id)
         seq.tokens.clear()
         seq.n_past.clear()
 
@@ -279,7 +303,8 @@ class Engine:
         return logits if logits.ndim == 2 else logits[None]
 
     def _contexts(self) -> list[Context]:
-        return [self.base] + [a.context for a in self.arms]
+        reward = [self.reward.context] if self.reward is not None else []
+        return [self.base] + [a.context for a in self.arms] + reward
 
 
 def _load_model(models: dict, path: Path, n_gpu_layers: int) -> Model:
@@ -316,23 +341,45 @@ def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
     return Arm(spec.name, spec.alpha, Context(model, config.context), "model", spec.path)
 
 
-def check_vocab(base: Model, arm: Model) -> None:
-    """Refuse an ARM whose tokens differ from the base's over their common range."""
+def check_vocab(base: Model, arm: Model, role: str = "an ARM") -> None:
+    """Refuse an ARM (or another model of `role`) whose tokens differ from the base's over
+    their common range."""
     if base is arm:
         return
     if base.vocab_type != arm.vocab_type:
         raise IncompatibleModelsError(
             f"{arm.path} uses another tokenizer type than the base {base.path} "
-            f"({arm.vocab_type} vs {base.vocab_type}); an ARM must share the base's tokenizer")
+            f"({arm.vocab_type} vs {base.vocab_type}); {role} must share the base's tokenizer")
     for kind in ("bos", "eos", "eot"):
         if base.special_token(kind) != arm.special_token(kind):
             raise IncompatibleModelsError(
                 f"{arm.path} has another {kind} token than the base {base.path} "
-                f"({arm.special_token(kind)} vs {base.special_token(kind)}); an ARM must share "
+                f"({arm.special_token(kind)} vs {base.special_token(kind)}); {role} must share "
                 "the base's tokenizer")
     mismatch = guidance.first_token_mismatch(base.token_texts, arm.token_texts)
     if mismatch is not None:
         raise IncompatibleModelsError(
             f"{arm.path} has another vocabulary than the base {base.path}: token {mismatch} is "
             f"{base.token_texts[mismatch]!r} in the base and {arm.token_texts[mismatch]!r} "
-            "in the ARM; an ARM must share the base's tokenizer")
+            f"in the {role.removeprefix('an ').removeprefix('a ')}; {role} must share the base's tokenizer")
+
+
+
+def _load_reward(spec: RewardSpec, base_model: Model, base_info: GGUFInfo, models: dict,
+                 config: EngineConfig) -> RewardModel:
+    """The reward model's context: hidden states out, k candidate sequence ids per sequence."""
+    n, k = config.context.n_seq_max, spec.candidates
+    info = inspect_gguf(spec.path)
+    head_file = spec.adapter or spec.path
+    head = read_head(head_file)  # before any weights load: a file without a head is refused
+    settings = reward_context(config.context, k)
+    if spec.adapter is not None:
+        inspect_gguf(spec.adapter).check_adapter_fits(info)
+    elif info.is_adapter:
+        info.check_adapter_fits(base_info)
+        return RewardModel(Context(base_model, settings, LoraAdapter(base_model, spec.path)),
+                           head, n, k)
+    model = _load_model(models, spec.path, config.n_gpu_layers)
+    check_vocab(base_model, model, "a reward model")
+    adapter = LoraAdapter(model, spec.adapter) if spec.adapter is not None else None
+    return RewardModel(Context(model, settings, adapter), head, n, k)

@@ -65,10 +65,11 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
         scheduler = Scheduler(engine)
         request = opts.request(prompt_ids)
         if compare:
-            unguided = dataclasses.replace(request, arms={a.name: 0.0 for a in engine.arms})
+            unguided = dataclasses.replace(request, arms={a.name: 0.0 for a in engine.arms},
+                                           method="genarm")
             base = _run(scheduler, unguided, as_json, "base (unguided)")
             scheduler.forget()  # the guided answer decodes its prompt afresh, as it would alone
-            guided = _run(scheduler, request, as_json, f"guided ({_describe(engine)})")
+            guided = _run(scheduler, request, as_json, f"guided ({_describe(engine, request)})")
             if as_json:
                 _print_json({"base": base.to_dict(), "guided": guided.to_dict()})
         else:
@@ -95,7 +96,10 @@ def _stream_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def _describe(engine: Engine) -> str:
+def _describe(engine: Engine, request: Request) -> str:
+    if request.method != "genarm":
+        return (f"{request.method}: reward model x {request.reward_weight:g} over the top "
+                f"{request.candidates}")
     arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in engine.arms)
     return arms or "no ARM"
 

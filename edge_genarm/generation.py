@@ -13,7 +13,7 @@ finish reason "interrupted" (its cache is kept for the next turn).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .engine import Engine
@@ -30,6 +30,7 @@ class Result:
     seed: int
     alphas: dict[str, float]
     usage: Usage
+    method: dict = field(default_factory=lambda: {"method": "genarm"})  # and its settings
 
     @property
     def finish_reason(self) -> str:
@@ -42,7 +43,7 @@ class Result:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "prompt_ids": self.prompt_ids,
-                "seed": self.seed, "alphas": self.alphas, **self.usage.to_dict()}
+                "seed": self.seed, "alphas": self.alphas, **self.method, **self.usage.to_dict()}
 
 
 def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
@@ -111,4 +112,15 @@ def generate(scheduler: Scheduler, handle: Handle, on_text=None,
     weights = handle.weights
     return Result(text="".join(texts), tokens=tokens, prompt_ids=list(request.prompt_ids),
                   seed=request.seed, alphas={a.name: float(w) for a, w in
-                                             zip(engine.arms, weights)}, usage=usage)
+                                             zip(engine.arms, weights)}, usage=usage,
+                  method=method_of(request))
+
+
+def method_of(request) -> dict:
+    """How a request was guided, for its record: the method, and a tokenwise one's settings."""
+    if request.method == "genarm":
+        return {"method": "genarm"}
+    if request.method == "best-of-n":
+        return {"method": "best-of-n", "samples": request.samples}
+    return {"method": request.method, "reward_weight": request.reward_weight,
+            "candidates": request.candidates}

@@ -163,6 +163,7 @@ class Model:
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
         self.vocab_type = int(C.llama_vocab_type(self.vocab))
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
+        self.n_embd = int(C.llama_model_n_embd(ptr))
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None when the key is absent."""
@@ -244,6 +245,7 @@ class ContextSettings:
     exact: bool = False         # F32 KV cache and flash attention off, for PyTorch comparisons
     n_cells: int = 0            # KV cells shared by all sequences; 0: n_ctx x n_seq_max
     n_logits: int = 1           # most positions of one sequence whose logits a decode returns
+    hidden: bool = False        # decode returns final-norm hidden states, not logits
 
     @property
     def cells(self) -> int:
@@ -276,6 +278,14 @@ def _context_params(settings: ContextSettings):
     params.n_threads_batch = threads
     params.no_perf = True
     params.kv_unified = True
+    if settings.hidden:  # per-token hidden states, no pooling
+        params.embeddings = True
+        params.pooling_type = C.LLAMA_POOLING_TYPE_NONE
+        # with embeddings on, llama.cpp outputs every token of a batch (logits too): room for
+        # n_batch rows (and one per sequence, which it reserves at creation); a reward model's
+        # context keeps n_batch small for that reason
+        params.n_outputs_max = max(params.n_batch, settings.n_seq_max)
+        params.n_outputs_max_per_seq = params.n_batch
     if settings.exact:
         params.type_k = C.GGML_TYPE_F32
         params.type_v = C.GGML_TYPE_F32
@@ -377,8 +387,9 @@ class Context:
 
     # -- decoding -------------------------------------------------------------------------------
     def decode(self, entries: Sequence[tuple]) -> np.ndarray:
-        """Feed each (seq_id, tokens, first position[, n]) entry; return the logits rows of each
-        entry's last n positions (1 by default; at most the settings' n_logits), in order.
+        """Feed each (seq_id, tokens, first position[, n]) entry; return the logits rows (the
+        hidden-state rows, with settings.hidden) of each entry's last n positions (1 by default;
+        at most the settings' n_logits), in order.
 
         Entries are packed into batches of at most n_batch tokens. The result is a view of
         llama.cpp's buffer when all entries end in the last batch (the usual case), else a copy.
@@ -406,15 +417,16 @@ class Context:
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     def _output_rows(self, batch_indices: np.ndarray) -> np.ndarray:
-        n_vocab = self.model.n_vocab
-        first = C.llama_get_logits_ith(self.ptr, int(batch_indices[0]))
-        view = np.ctypeslib.as_array(first, shape=(len(batch_indices), n_vocab))
+        get, width = ((C.llama_get_embeddings_ith, self.model.n_embd) if self.settings.hidden
+                      else (C.llama_get_logits_ith, self.model.n_vocab))
+        first = get(self.ptr, int(batch_indices[0]))
+        view = np.ctypeslib.as_array(first, shape=(len(batch_indices), width))
         if len(batch_indices) > 1:
-            last = C.llama_get_logits_ith(self.ptr, int(batch_indices[-1]))
+            last = get(self.ptr, int(batch_indices[-1]))
             step = ctypes.addressof(last.contents) - ctypes.addressof(first.contents)
-            if step != 4 * n_vocab * (len(batch_indices) - 1):  # rows not contiguous: copy
-                rows = [np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, int(i)),
-                                              shape=(n_vocab,)).copy() for i in batch_indices]
+            if step != 4 * width * (len(batch_indices) - 1):  # rows not contiguous: copy
+                rows = [np.ctypeslib.as_array(get(self.ptr, int(i)), shape=(width,)).copy()
+                        for i in batch_indices]
                 return np.stack(rows)
         return view
 

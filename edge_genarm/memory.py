@@ -17,6 +17,7 @@ import psutil
 from .errors import UserError
 from .gguf_file import inspect_gguf
 from .llama import ContextMemory, ContextSettings, context_memory
+from .reward import context_settings as reward_context
 
 # What the Python process itself takes besides llama.cpp's buffers (interpreter, NumPy, Jinja).
 PROCESS_RESERVE = 256 * 2**20
@@ -45,25 +46,39 @@ class Plan:
         self.models = {self.base.resolve(): self.base}
         base_adapter = getattr(config, "base_adapter", None)
         self.adapters: list[Path] = [Path(base_adapter)] if base_adapter else []
-        # (model file, is LoRA)
-        self.contexts: list[tuple[Path, bool]] = [(self.base, base_adapter is not None)]
+        # (model file, is LoRA, candidates: a reward model's context, or 0)
+        self.contexts: list[tuple[Path, bool, int]] = [(self.base, base_adapter is not None, 0)]
         for spec in config.arms:
             if getattr(spec, "adapter", None) is not None:  # a LoRA context of its own model
                 self.models.setdefault(Path(spec.path).resolve(), Path(spec.path))
                 self.adapters.append(Path(spec.adapter))
-                self.contexts.append((Path(spec.path), True))
+                self.contexts.append((Path(spec.path), True, 0))
             elif inspect_gguf(spec.path).is_adapter:
                 self.adapters.append(Path(spec.path))
-                self.contexts.append((self.base, True))
+                self.contexts.append((self.base, True, 0))
             else:
                 self.models.setdefault(Path(spec.path).resolve(), Path(spec.path))
-                self.contexts.append((Path(spec.path), False))
+                self.contexts.append((Path(spec.path), False, 0))
+        reward = getattr(config, "reward", None)
+        if reward is not None:
+            self._add_reward(reward)
+
+    def _add_reward(self, spec) -> None:
+        """A reward model: a model of its own (with its LoRA, if any), or a LoRA of the base."""
+        lora_of_base = spec.adapter is None and inspect_gguf(spec.path).is_adapter
+        model = self.base if lora_of_base else Path(spec.path)
+        self.models.setdefault(model.resolve(), model)
+        adapter = spec.path if lora_of_base else spec.adapter
+        if adapter is not None:
+            self.adapters.append(Path(adapter))
+        self.contexts.append((model, adapter is not None, spec.candidates))
 
     def need(self, settings: ContextSettings) -> Need:
         weights = sum(p.stat().st_size for p in list(self.models.values()) + self.adapters)
         kv = buffers = 0
-        for path, lora in self.contexts:
-            mem: ContextMemory = context_memory(str(path), path.stat().st_mtime_ns, settings)
+        for path, lora, k in self.contexts:
+            own = reward_context(settings, k) if k else settings
+            mem: ContextMemory = context_memory(str(path), path.stat().st_mtime_ns, own)
             kv += mem.kv
             buffers += mem.output + mem.compute * (LORA_COMPUTE_FACTOR if lora else 1)
         return Need(weights, kv, buffers)

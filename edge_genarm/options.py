@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
 
 from . import llama
-from .engine import ArmSpec, EngineConfig
+from .engine import ArmSpec, EngineConfig, RewardSpec
 from .errors import UserError
-from .scheduler import Request
+from .scheduler import METHODS, Request
 from .llama import ContextSettings
 from .registry import DEFAULT_BASE, Registry
+from .reward import MAX_CANDIDATES
 from .sampling import SamplingSettings
 
 _SAMPLING = SamplingSettings()  # the defaults live in one place
@@ -45,6 +46,22 @@ _OPTIONS = [
     click.option("--arm-gpu-layers", "arm_gpu_layers", multiple=True, metavar="NAME=N",
                  help="Layers of one ARM's own model to offload to the GPU (-1: all; default: "
                  "as --n-gpu-layers), so that a small ARM can stay on the CPU. Repeatable."),
+    click.option("--method", type=click.Choice(METHODS), default="genarm", show_default=True,
+                 envvar="EDGE_GENARM_METHOD", help="How to guide: genarm (the ARMs); or with "
+                 "the reward model: pargs (the base's top K tokens scored log-prob + w * r), "
+                 "args (logit + w * r), best-of-n (N whole answers, the best kept) "
+                 "[env EDGE_GENARM_METHOD]."),
+    click.option("--reward-model", default=None, envvar="EDGE_GENARM_REWARD_MODEL",
+                 metavar="PATH", help="A reward model GGUF (a model or LoRA of the base with a "
+                 "reward head), @NAME or MODEL+ADAPTER, for pargs and args "
+                 "[env EDGE_GENARM_REWARD_MODEL]."),
+    click.option("--candidates", type=int, default=10, show_default=True, metavar="K",
+                 help="pargs, args: the base's top K tokens the reward model scores each step."),
+    click.option("--reward-weight", type=float, default=1.0, show_default=True, metavar="W",
+                 help="pargs, args: the reward's weight w."),
+    click.option("--samples", type=int, default=4, show_default=True, metavar="N",
+                 help="best-of-n: whole answers sampled from the base (at most --n-parallel, or "
+                 "4 sequences for generate and chat)."),
     click.option("--temperature", "-t", type=float, default=_SAMPLING.temperature,
                  show_default=True, help="Sampling temperature; 0 takes the argmax."),
     click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True,
@@ -174,6 +191,10 @@ class GenerationOptions:
     verbose: bool = False
     chat_template: str | None = None  # the preset's, for a base GGUF that has none
     seed_given: bool = False          # --seed was passed (not a fresh random one)
+    method: str = "genarm"
+    reward: RewardSpec | None = None  # loaded for a tokenwise method, or when given
+    reward_weight: float = 1.0
+    samples: int = 4
 
     @classmethod
     def from_kwargs(cls, kw: dict) -> "GenerationOptions":
@@ -201,6 +222,16 @@ class GenerationOptions:
         apply_alphas(arms, kw.pop("alpha_overrides"))
         apply_gpu_layers(arms, kw.pop("arm_gpu_layers"))
         base, base_adapter = split_adapter(kw.pop("base"))
+        method, candidates = kw.pop("method"), kw.pop("candidates")
+        reward_ref = kw.pop("reward_model")
+        if method != "genarm" and reward_ref is None:
+            raise UserError(f"--method {method} needs a reward model: pass --reward-model RM.gguf "
+                            "(or a preset that names one)")
+        reward = None
+        if reward_ref is not None:
+            model, adapter = split_adapter(reward_ref)
+            reward = RewardSpec(registry.resolve(model), candidates,
+                                registry.resolve(adapter) if adapter else None)
         opts = cls(
             base=registry.resolve(base),
             base_adapter=registry.resolve(base_adapter) if base_adapter else None,
@@ -216,6 +247,10 @@ class GenerationOptions:
             n_gpu_layers=kw.pop("n_gpu_layers"),
             verbose=kw.pop("verbose"),
             chat_template=preset.chat_template if preset else None,
+            method=method,
+            reward=reward,
+            reward_weight=kw.pop("reward_weight"),
+            samples=kw.pop("samples"),
         )
         opts.seed_given = opts.seed is not None
         if opts.seed is None:
@@ -228,17 +263,24 @@ class GenerationOptions:
             raise UserError(f"--kv-size must be 0 (every sequence a full --ctx-size) or at least "
                             f"--ctx-size ({opts.context.n_ctx}), got {opts.context.n_cells}")
         _check_resources(opts)
+        _check_reward(opts, candidates)
         _dedupe_arm_names(opts.arms)
         return opts
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(base=self.base, arms=self.arms, context=self.context,
-                            n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter)
+        context = self.context
+        if self.method == "best-of-n":  # one request's samples decode side by side
+            context = replace(context, n_seq_max=max(context.n_seq_max, self.samples))
+        return EngineConfig(base=self.base, arms=self.arms, context=context,
+                            n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter,
+                            reward=self.reward)
 
     def request(self, prompt_ids=(), **changes) -> Request:
         """A scheduler request with these options, for prompt_ids; `changes` override fields."""
         fields = dict(prompt_ids=tuple(prompt_ids), sampling=self.sampling,
-                      max_tokens=self.max_tokens, stop=self.stop, seed=self.seed)
+                      max_tokens=self.max_tokens, stop=self.stop, seed=self.seed,
+                      method=self.method, reward_weight=self.reward_weight, samples=self.samples,
+                      candidates=self.reward.candidates if self.reward else 10)
         return Request(**(fields | changes))
 
 
@@ -262,6 +304,15 @@ def _check_resources(opts: "GenerationOptions") -> None:
                             "install notes)")
 
 
+def _check_reward(opts: "GenerationOptions", candidates: int) -> None:
+    if not 1 <= candidates <= MAX_CANDIDATES:
+        raise UserError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {candidates}")
+    if not math.isfinite(opts.reward_weight):
+        raise UserError(f"--reward-weight must be a finite number, got {opts.reward_weight}")
+    if opts.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {opts.samples}")
+
+
 def _explicit(kw: dict) -> set[str]:
     """The options the user gave (command line or environment), not defaults."""
     ctx = click.get_current_context(silent=True)
@@ -277,6 +328,8 @@ def _apply_preset(kw: dict, preset, explicit: set[str]) -> None:
         kw["base"] = preset.base
     if "arms" not in explicit:
         kw["preset_arms"] = preset.arms
+    if "reward_model" not in explicit and preset.reward_model and kw.get("method") != "genarm":
+        kw["reward_model"] = preset.reward_model  # loaded only where a method uses it
     if "ctx_size" not in explicit and preset.ctx_size:
         kw["ctx_size"] = preset.ctx_size
     for key, value in preset.sampling.items():

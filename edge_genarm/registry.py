@@ -31,7 +31,7 @@ MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub"
                                  "sha256", "from", "quantize")} | {"parts": (list,)}
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
-               "chat_template": _TEXT, "sampling": (dict,)}
+               "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT}
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
             "n_gpu_layers": (int,)}
 SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER}
@@ -80,6 +80,7 @@ class Preset:
     ctx_size: int | None = None
     chat_template: str | None = None
     sampling: dict = field(default_factory=dict)
+    reward_model: str | None = None  # for --method pargs/args (MODEL, @NAME or MODEL+ADAPTER)
 
 
 def cache_dir() -> Path:
@@ -190,7 +191,8 @@ class Registry:
                                    description=entry.get("description", ""),
                                    ctx_size=entry.get("ctx_size"),
                                    chat_template=entry.get("chat_template"),
-                                   sampling=dict(entry.get("sampling", {})))
+                                   sampling=dict(entry.get("sampling", {})),
+                                   reward_model=entry.get("reward_model"))
         return cls(models, presets, files)
 
     def preset(self, name: str) -> Preset:

@@ -17,6 +17,12 @@ Contract:
   finished one kept while its id is idle) copies them instead of decoding them again.
 - `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
   the answer that the same request alone with seed + j gives.
+- Methods (`Request.method`): "genarm" guides with the ARMs. With the engine's reward model,
+  "pargs" and "args" score the base's top `candidates` tokens (log-probs, or raw logits) plus
+  `reward_weight` x the reward of prefix + token, every such request's candidates in one decode
+  of the reward model, and sample from that row; "best-of-n" samples `samples` whole answers
+  from the base (answer j with seed + j), scores them once they have all ended, and emits only
+  the best one's events, as answer 0. These methods run the base without ARMs.
 - Errors belong to one request: an answer that outgrows the context ends with finish reason
   "context_full" and the others go on; a failure inside llama.cpp raises `EngineError` (not a
   `UserError`), for a server to tell a 500 from a 400.
@@ -32,13 +38,18 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import guidance
+from . import guidance, reward
 from .engine import Engine, Sequence
 from .errors import ContextFullError, UserError
 from .text import TextStream
 from .sampling import SamplingSettings, make_sampler
 
 MAX_TOP_LOGPROBS = 20
+# GenARM guides with the ARMs' log-probs; the tokenwise methods score the base's top
+# candidates with the reward model (PARGS adds w * r to log-probs, ARGS to raw logits);
+# best-of-n samples whole answers from the base and returns the one the reward model prefers
+METHODS = ("genarm", "pargs", "args", "best-of-n")
+TOKENWISE = ("pargs", "args")
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,11 @@ class Request:
     arms: Mapping[str, float] = field(default_factory=dict)  # weights by name; others: default
     n: int = 1
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k others'
+    method: str = "genarm"       # or, with the reward model: pargs, args, best-of-n
+    candidates: int | None = None  # pargs, args: the base's top k the reward model scores (None:
+                                   # as many as the engine's reward model was loaded for)
+    reward_weight: float = 1.0   # pargs, args: w in score + w * r
+    samples: int = 4             # best-of-n: whole answers sampled; the best one is returned
 
 
 @dataclass
@@ -90,12 +106,18 @@ class Handle:
 
     def __init__(self, request: Request, weights: np.ndarray, submitted: float):
         self.request, self.weights, self.submitted = request, weights, submitted
+        self.best_of = request.method == "best-of-n"
+        self.n = request.samples if self.best_of else request.n  # answers generated
         self.finished = 0  # answers that have ended
         self.sequences: dict[int, Sequence] = {}  # answer index -> the sequence it ran on
+        # best-of-n: each answer's events, held until all are judged, and their rewards
+        self.held: dict[int, list[Event]] = {}
+        self.rewards: dict[int, float] = {}
+        self.to_judge: list[tuple[int, Sequence]] = []
 
     @property
     def done(self) -> bool:
-        return self.finished >= self.request.n
+        return self.finished >= self.n
 
 
 @dataclass
@@ -123,6 +145,7 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self._samplers: dict[SamplingSettings, object] = {}
+        self._judging: list[Handle] = []  # best-of-n requests with answers to score
 
     # -- from any thread --------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -137,9 +160,10 @@ class Scheduler:
         if not 1 <= request.n <= engine.n_seq_max:
             raise UserError(f"n must be between 1 and {engine.n_seq_max} (the parallel "
                             f"sequences), got {request.n}")
-        if _cells(request, engine.n_ctx) > engine.base.n_cells:
+        answers = request.samples if request.method == "best-of-n" else request.n
+        if _cells(request, engine.n_ctx, answers) > engine.base.n_cells:
             each = _cells(request, engine.n_ctx, 1)
-            raise UserError(f"{request.n} answers of up to {each} tokens need more KV cells than "
+            raise UserError(f"{answers} answers of up to {each} tokens need more KV cells than "
                             f"the cache holds ({engine.base.n_cells}); lower max_tokens or n, or "
                             "raise --kv-size")
         if request.max_tokens < 0:
@@ -151,6 +175,9 @@ class Scheduler:
             request.sampling.validate()
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if request.method != "genarm":
+            _check_tokenwise(request, engine)
+            weights = np.zeros_like(weights)  # the tokenwise methods guide the base alone
         handle = Handle(request, weights, time.perf_counter())
         with self._lock:
             self._waiting.append(handle)
@@ -174,7 +201,7 @@ class Scheduler:
             self._finish(slot, "cancelled", [], keep=False)
         with self._lock:
             for handle in self._waiting:
-                handle.finished = handle.request.n
+                handle.finished = handle.n
             self._waiting.clear()
         self.forget()
 
@@ -209,17 +236,60 @@ class Scheduler:
         for slot in [s for s in self._slots if len(s.seq.tokens) + len(s.pending) >
                      self.engine.n_ctx]:
             self._finish(slot, "context_full", events)
-        if not self._slots:
-            return events
+        if self._slots:
+            self._decode(events)
+        if self._judging:
+            self._judge(events)
+        return events
+
+    def _decode(self, events: list[Event]) -> None:
+        """One decode of every live answer's new tokens, then its next token sampled."""
         slots = list(self._slots)
         weights = np.stack([s.handle.weights for s in slots])
         rows = self.engine.step([s.seq for s in slots], [s.pending for s in slots], weights)
+        tokenwise = [i for i, s in enumerate(slots) if s.handle.request.method in TOKENWISE]
+        if tokenwise:
+            rows = self._tokenwise([slots[i] for i in tokenwise], rows, tokenwise)
         now = time.perf_counter()
         for slot, row in zip(slots, rows):
             for child in self._fork(slot):
                 self._sample(child, row, now, events)
             self._sample(slot, row, now, events)
-        return events
+
+    def _judge(self, events: list[Event]) -> None:
+        """Score best-of-n answers that ended (all of this step's in one decode); once all of a
+        request's have, its best answer's events go out as answer 0."""
+        handles, self._judging = self._judging, []
+        scored = [item for h in handles for item in h.to_judge]
+        rewards = self.engine.reward.sequence_rewards([seq for _, seq in scored]) \
+            if scored else []
+        at = 0
+        for h in handles:
+            for index, _ in h.to_judge:
+                h.rewards[index] = float(rewards[at])
+                at += 1
+            h.to_judge = []
+            if h.done and h.rewards:
+                best = max(sorted(h.rewards), key=lambda i: h.rewards[i])  # ties: the first
+                for event in h.held.get(best, []):
+                    event.index = 0
+                    events.append(event)
+                h.held.clear()
+                h.sequences = {0: h.sequences[best]}  # a conversation goes on from the best
+
+    def _tokenwise(self, slots: list[_Slot], rows: np.ndarray, at: list[int]) -> np.ndarray:
+        """Rows of PARGS/ARGS slots become -inf but at the base's top candidates, which get
+        score + w * r, the reward model scoring every slot's candidates in one decode."""
+        scores = [guidance.log_softmax(rows[i]) if s.handle.request.method == "pargs" else rows[i]
+                  for s, i in zip(slots, at)]
+        k = self.engine.reward.k
+        candidates = [reward.top_candidates(x, s.handle.request.candidates or k)
+                      for s, x in zip(slots, scores)]
+        rewards = self.engine.reward.candidates([s.seq for s in slots], candidates)
+        out = np.array(rows)
+        for s, i, x, c, r in zip(slots, at, scores, candidates, rewards):
+            out[i] = reward.tokenwise_scores(x, c, r, s.handle.request.reward_weight)
+        return out
 
     def run(self, handles: Iterable[Handle] = ()) -> Iterator[Event]:
         """Step until every given handle (every request, if none given) is done."""
@@ -234,12 +304,12 @@ class Scheduler:
             for handle in cancelled:
                 if handle in self._waiting:
                     self._waiting.remove(handle)
-                    handle.finished = handle.request.n
+                    handle.finished = handle.n
         for slot in [s for s in self._slots if s.handle in cancelled]:
             reason = cancelled[slot.handle]
             self._finish(slot, reason, events, keep=reason == "interrupted")
         for handle in cancelled:  # answers not forked yet end with their first
-            handle.finished = handle.request.n
+            handle.finished = handle.n
 
     def _admit(self, events: list[Event]) -> None:
         while True:
@@ -247,12 +317,13 @@ class Scheduler:
                 if not self._waiting:
                     return
                 handle = self._waiting[0]
-                if handle.request.n > self.engine.free_sequences + len(self._idle):
+                if handle.n > self.engine.free_sequences + len(self._idle):
                     return
                 donor, shared = self._best_prefix(list(handle.request.prompt_ids))
                 if donor is not None and donor.behind(self.engine.base) < shared:
                     return  # its prefix is being decoded this step: copy it next step
-                if not self._make_room(_cells(handle.request, self.engine.n_ctx), donor):
+                if not self._make_room(_cells(handle.request, self.engine.n_ctx, handle.n),
+                                       donor):
                     return  # the KV cells live answers may still need are spoken for
                 self._waiting.popleft()
             self._start(handle, donor, shared, events)
@@ -285,7 +356,7 @@ class Scheduler:
             seq = self._acquire()
             if donor is not None:
                 self.engine.copy_prefix(donor, seq, shared)
-        forks = [self._acquire() for _ in range(request.n - 1)]
+        forks = [self._acquire() for _ in range(handle.n - 1)]
         usage = Usage(prompt_tokens=len(prompt), cached_tokens=shared)
         slot = _Slot(handle, 0, seq, prompt[shared:], TextStream(self.engine, request),
                      np.random.default_rng(request.seed), usage, forks)
@@ -347,7 +418,7 @@ class Scheduler:
             else None
         piece, finish = slot.text.push(token)
         event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
-        events.append(event)
+        _emit(slot.handle, event, events)
         if finish:
             self._finish(slot, finish, events, event=event)
 
@@ -357,7 +428,7 @@ class Scheduler:
         (cache kept for a later prompt that starts the same way) or, cancelled, free."""
         if event is None:
             event = Event(slot.handle, slot.index, None, slot.text.close())
-            events.append(event)
+            _emit(slot.handle, event, events)
         usage = slot.usage
         usage.completion_tokens = len(slot.tokens)
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
@@ -367,12 +438,30 @@ class Scheduler:
         self._slots.remove(slot)
         slot.handle.finished += 1
         slot.handle.sequences[slot.index] = slot.seq
+        if slot.handle.best_of:
+            self._to_judge(slot, reason, event, events)
         for seq in [slot.seq] + slot.forks:
             if keep and seq is slot.seq and seq.tokens:
                 self._idle[seq.seq_id] = seq
             else:
                 self.engine.release(seq)
         slot.forks = []
+
+
+    def _to_judge(self, slot: _Slot, reason: str, event: Event, events: list[Event]) -> None:
+        """A best-of-n answer that ended waits, whole, for the reward model; a cancelled one
+        ends the request's stream (answer 0's closing event)."""
+        handle = slot.handle
+        if reason in ("cancelled", "interrupted"):
+            handle.held.clear()
+            if slot.index == 0:
+                events.append(event)
+            return
+        slot.seq.tokens.extend(slot.pending)  # the last token, never decoded by the base
+        slot.pending = []
+        handle.to_judge.append((slot.index, slot.seq))
+        if handle not in self._judging:
+            self._judging.append(handle)
 
 
 def _logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
@@ -383,6 +472,35 @@ def _logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
     best = best[np.argsort(-logprobs[best], kind="stable")]
     return TokenLogprob(int(token), float(logprobs[token]),
                         tuple((int(i), float(logprobs[i])) for i in best))
+
+
+def _emit(handle: Handle, event: Event, events: list[Event]) -> None:
+    """An event goes out now, or, for a best-of-n answer, waits for the judging."""
+    if handle.best_of:
+        handle.held.setdefault(event.index, []).append(event)
+    else:
+        events.append(event)
+
+
+def _check_tokenwise(request: Request, engine: Engine) -> None:
+    """What the methods that use the reward model need, checked at submit."""
+    if request.method not in METHODS:
+        raise UserError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
+    if engine.reward is None:
+        raise UserError(f"--method {request.method} needs a reward model: pass --reward-model "
+                        "RM.gguf (or a preset that names one)")
+    if request.method == "best-of-n":
+        if request.n != 1:
+            raise UserError(f"best-of-n returns one answer; ask for n = 1, not {request.n}")
+        if not 1 <= request.samples <= engine.n_seq_max:
+            raise UserError(f"samples must be between 1 and {engine.n_seq_max} (the parallel "
+                            f"sequences), got {request.samples}")
+        return
+    if request.candidates is not None and not 1 <= request.candidates <= engine.reward.k:
+        raise UserError(f"candidates must be between 1 and {engine.reward.k} (the reward model "
+                        f"was loaded for {engine.reward.k}), got {request.candidates}")
+    if not np.isfinite(request.reward_weight):
+        raise UserError(f"the reward weight must be a finite number, not {request.reward_weight}")
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

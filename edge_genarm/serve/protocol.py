@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..scheduler import MAX_TOP_LOGPROBS, Event, TokenLogprob, Usage
+from ..reward import MAX_CANDIDATES
 
 MAX_STOPS = 16
 MAX_SEED = 2**63 - 1
@@ -84,6 +85,11 @@ class _Common(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     arms: dict[str, float] | None = None            # extension: ARM weights by name
+    # extensions: guidance by the server's reward model over the base's top candidates
+    method: Literal["genarm", "pargs", "args", "best-of-n"] | None = None
+    reward_weight: float | None = None
+    candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
+    samples: int | None = Field(None, ge=1)
 
 
 class ChatBody(_Common):
@@ -173,8 +179,14 @@ def settings(body: ChatBody | CompletionBody, opts) -> dict:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
+    tokenwise = dict(method=body.method or opts.method,
+                     reward_weight=opts.reward_weight if body.reward_weight is None
+                     else body.reward_weight,
+                     candidates=body.candidates or (opts.reward.candidates if opts.reward
+                                                    else 10),
+                     samples=body.samples or opts.samples)
     return dict(sampling=sampling, seed=seed, max_tokens=max_tokens, stop=stop,
-                arms=dict(body.arms or {}), n=body.n, logprobs=logprobs)
+                arms=dict(body.arms or {}), n=body.n, logprobs=logprobs, **tokenwise)
 
 
 # -- answers and responses ---------------------------------------------------------------------
