@@ -84,16 +84,21 @@ def check_fits_base(config: TrainConfig, base: Base) -> None:
                         f"{base.n_embd}")
 
 
-def check_out(out: Path, resume: bool, force: bool) -> None:
+def output_name(config: TrainConfig) -> str:
+    """The file a finished run writes in --out: an ARM, or a reward model."""
+    return "arm.gguf" if config.objective == "arm" else "reward.gguf"
+
+
+def check_out(out: Path, resume: bool, force: bool, output: str = "arm.gguf") -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; name a folder for the checkpoints and arm.gguf")
+        raise UserError(f"--out {out} is a file; name a folder for the checkpoints and {output}")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another "
                                 "--out")
             break
-    arm, state = out / "arm.gguf", out / CHECKPOINT / "state.pt"
+    arm, state = out / output, out / CHECKPOINT / "state.pt"
     if resume:
         if arm.exists():
             raise UserError(f"--resume: the run in {out} is finished ({arm} exists); pass "
@@ -103,7 +108,8 @@ def check_out(out: Path, resume: bool, force: bool) -> None:
                             "--resume to start training")
     elif not force:
         if arm.exists():
-            raise UserError(f"--out {out} already holds a trained ARM ({arm}); pass --force to "
+            what = "ARM" if output == "arm.gguf" else "reward model"
+            raise UserError(f"--out {out} already holds a trained {what} ({arm}); pass --force to "
                             "train again from the start, or choose another --out")
         if state.exists():
             raise UserError(f"--out {out} holds the checkpoint of an unfinished run; pass "
@@ -129,6 +135,8 @@ def check_resume(out: Path, settings: dict) -> None:
     for key, value in settings.items():
         if saved.get(key) == value:
             continue
+        if key not in saved and value == getattr(TrainConfig(), key, None):
+            continue  # an option newer than the checkpoint, at the value it trained with
         where = f"--resume: the checkpoint in {out / CHECKPOINT} was made"
         if key == "base":
             raise UserError(f"{where} from --base {saved.get(key)}; resume with that base, or "

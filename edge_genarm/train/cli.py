@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from .base import encoder, inspect_base, torch_dir
-from .checks import check_fits_base, check_options, check_out, check_resume, run_settings
+from .checks import (check_fits_base, check_options, check_out, check_resume, output_name,
+                     run_settings)
 from .data import load_pairs
 from .trainer import CHECKPOINT, TrainConfig, train as run_training
 
@@ -65,6 +67,12 @@ def _options(command):
         click.option("--eval-fraction", type=float, default=_D.eval_fraction, show_default=True,
                      help="Fraction of the pairs held out (never trained on) for the final "
                      "preference accuracy; in [0, 1)."),
+        click.option("--objective", type=click.Choice(["arm", "partial-bt", "full-bt"]),
+                     default=_D.objective, show_default=True,
+                     help="arm: an autoregressive reward model (GenARM, out/arm.gguf); "
+                     "partial-bt: a scalar reward model trained on every prefix pair (PARGS); "
+                     "full-bt: one trained on whole responses (ARGS, best-of-N); both write "
+                     "out/reward.gguf, the backbone's LoRA with the reward head."),
         click.option("--save-every", type=int, default=_D.save_every, show_default=True,
                      help="Checkpoint every N optimizer steps (and at each epoch's end); at "
                      "least 1."),
@@ -87,7 +95,8 @@ def _options(command):
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a finished or "
               "unfinished run (its checkpoint and arm.gguf are deleted).")
 def train(base, data, out, resume, force, lora_targets, **kw):
-    """Train an ARM on preference pairs and write it as a GGUF (out/arm.gguf)."""
+    """Train an ARM (or a scalar reward model) on preference pairs and write it as a GGUF
+    (out/arm.gguf, or out/reward.gguf)."""
     if resume and force:
         raise click.UsageError("--resume continues a run and --force starts over; pass one of "
                                "them", click.get_current_context())
@@ -96,7 +105,7 @@ def train(base, data, out, resume, force, lora_targets, **kw):
     check_options(config, _given())
     info = inspect_base(base)
     check_fits_base(config, info)
-    check_out(out, resume, force)
+    check_out(out, resume, force, output_name(config))
     pairs, skipped = load_pairs(data, encoder(info), config.max_length)
     settings = run_settings(config, base, data)
     if resume:
@@ -131,26 +140,46 @@ def _given() -> set[str]:
 
 def _clear(out: Path) -> None:
     """What an earlier run left that a new one must not mix with (base-hf is keyed, kept)."""
-    (out / "arm.gguf").unlink(missing_ok=True)
+    for name in ("arm.gguf", "reward.gguf"):
+        (out / name).unlink(missing_ok=True)
     for name in (CHECKPOINT, "adapter", "model"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def _write_arm(model, base: Path, base_dir: Path, out: Path, config: TrainConfig) -> None:
+def _write_arm(model, base: Path, base_dir: Path, out: Path, config: TrainConfig,
+               target: str = "arm.gguf") -> None:
     from edge_genarm.convert.cli import convert
 
+    if config.objective != "arm":
+        return _write_reward(model, base, base_dir, out, config)
     if config.full:
         saved = out / "model"
         model.save_pretrained(saved)
         for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
             if (base_dir / name).exists():
                 shutil.copy(base_dir / name, saved / name)
-        convert.callback(source=saved, out=out / "arm.gguf", outtype="f16", quant=None,
+        convert.callback(source=saved, out=out / target, outtype="f16", quant=None,
                          base=None, merge=False, base_model=None,
                          tokenizer_from=None if base.is_dir() else base, verify=False)
     else:
         saved = out / "adapter"
         model.save_pretrained(saved)
-        convert.callback(source=saved, out=out / "arm.gguf", outtype="f32", quant=None,
+        convert.callback(source=saved, out=out / target, outtype="f32", quant=None,
                          base=base, merge=False, base_model=None, tokenizer_from=None,
                          verify=False)
+
+
+def _write_reward(net, base: Path, base_dir: Path, out: Path, config: TrainConfig) -> None:
+    """The backbone written as an ARM would be (a LoRA GGUF, or a full model with --full), then
+    copied with the head into out/reward.gguf; the head-less file does not stay."""
+    from edge_genarm.convert.gguf_out import with_reward_head
+
+    backbone = out / "backbone.gguf"
+    backbone.unlink(missing_ok=True)  # what a run killed while writing left
+    _write_arm(net.lm, base, base_dir, out, replace(config, objective="arm"), backbone.name)
+    weight = net.head.weight.detach().float().numpy().ravel()
+    try:
+        with_reward_head(backbone, out / "reward.gguf", weight, float(net.head.bias.detach()),
+                         config.objective)
+    finally:
+        backbone.unlink()

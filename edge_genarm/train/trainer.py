@@ -4,7 +4,8 @@ Contract: `train(base_dir, pairs, config, out_dir)` fine-tunes the causal LM in 
 through peft by default, every weight with `full=True`) on
     loss = -log sigmoid(beta * (log pi(chosen | prompt) - log pi(rejected | prompt)))
 with log pi the sum (or, with length_norm, the mean) of the response tokens' log-probs and no
-reference model, as GenARM trains its ARMs. It checkpoints to out_dir/checkpoint every
+reference model, as GenARM trains its ARMs; with objective partial-bt or full-bt it trains a
+scalar reward model instead (the backbone and a linear head, train/reward.py). It checkpoints to out_dir/checkpoint every
 `save_every` optimizer steps and at the end of each epoch (state.pt written beside and renamed,
 so a kill at any instant leaves the previous checkpoint whole); `resume=True` continues from
 there with the same data order, optimizer, schedule and random state, so that a run killed and
@@ -49,6 +50,7 @@ class TrainConfig:
     length_norm: bool = False
     eval_fraction: float = 0.1
     save_every: int = 50
+    objective: str = "arm"          # arm; or a reward model: partial-bt, full-bt
 
 
 @dataclass
@@ -96,6 +98,10 @@ def sequence_logps(torch, model, ids, attention, response, length_norm: bool):
 
 
 def pair_loss(torch, model, batch, config: TrainConfig, pad_id: int):
+    if config.objective != "arm":
+        from .reward import reward_pair_loss
+
+        return reward_pair_loss(torch, model, batch, config.objective, pad_id)
     ids, attention, response = _batch_tensors(torch, batch, pad_id)
     logps = sequence_logps(torch, model, ids, attention, response, config.length_norm)
     chosen, rejected = logps[:len(batch)], logps[len(batch):]
@@ -112,14 +118,18 @@ def load_model(base_dir: Path, config: TrainConfig):
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if config.full:
-        return model
-    from peft import LoraConfig, get_peft_model
+    if not config.full:
+        from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=list(config.lora_targets),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if config.objective != "arm":  # a reward model: the backbone and a head on its last state
+        from .reward import RewardNet
+
+        model = RewardNet(model)
+    return model
 
 
 def train(base_dir: Path, pairs: list[Pair], config: TrainConfig, out_dir: Path,
