@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,13 +76,23 @@ def humaneval(engine: Engine, weight: float, args) -> float:
     return passed / len(problems)
 
 
+def progress(name: str, phase: str, t0: float) -> None:
+    """A line on stderr per phase: these runs take hours on a small CPU."""
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {phase} ({time.perf_counter() - t0:.0f} s)",
+          file=sys.stderr, flush=True)
+
+
 def setting(name: str, config: EngineConfig, weight: float, texts: list[str], args,
             table: dict, humaneval_too: bool = True) -> None:
+    t0 = time.perf_counter()
     with Engine.load(config) as engine:
         rows, speed = greedy_answers(engine, texts, weight, args.max_tokens)
+        progress(name, f"answers, {speed:.1f} tok/s", t0)
         result = objective(engine, texts, rows, args) | {"tok_s": speed}
+        progress(name, "log-probs", t0)
         if args.humaneval and humaneval_too:
             result["pass1"] = humaneval(engine, weight, args)
+            progress(name, f"HumanEval pass@1 {result['pass1']:.3f}", t0)
     table[name] = result
     he = "" if not args.humaneval else \
         f" | {100 * result['pass1']:.1f}" if "pass1" in result else " | not run"
