@@ -6,6 +6,8 @@
    concise (shortest vs longest among the responses that stay on topic).
 4. Train one LoRA ARM per objective with `edge-genarm train` on the GGUF base (settings in
    TRAINING), and copy the GGUF adapters here as positive.gguf and concise.gguf.
+5. Train the scalar reward models of REWARDS (a LoRA with a reward head each) the same way,
+   copied here as positive_rm.gguf (partial-bt, for PARGS) and positive_rm_full.gguf (full-bt).
 Needs the convert extra, peft and afinn.
 """
 
@@ -43,6 +45,11 @@ COMMON = ["--lr", "5e-4", "--batch-size", "4", "--lora-r", "8", "--max-length", 
           "--eval-fraction", "0.1"]
 TRAINING = {"positive": COMMON + ["--epochs", "2", "--beta", "0.1"],
             "concise": COMMON + ["--epochs", "3", "--beta", "1", "--length-norm"]}
+# Scalar reward models from the same pairs, written as NAME.gguf: (objective's pairs, options).
+# partial-bt scores every prefix (PARGS); full-bt whole answers (ARGS, best-of-N).
+REWARDS = {"positive_rm": ("positive", COMMON + ["--epochs", "2", "--objective", "partial-bt"]),
+           "positive_rm_full": ("positive", COMMON + ["--epochs", "2", "--objective",
+                                                       "full-bt"])}
 
 
 def prompts() -> tuple[list[str], list[str]]:
@@ -124,9 +131,7 @@ def pairs_for(prompt: str, responses: list[tuple[str, bool]], afinn) -> dict[str
 
 def main() -> None:
     from afinn import Afinn
-    from click.testing import CliRunner
 
-    from ..cli import main as cli
     from ..registry import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -134,8 +139,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
     ap.add_argument("--reuse-samples", action="store_true",
                     help="read the answers from OUT/samples.jsonl instead of sampling again")
-    ap.add_argument("--only", choices=sorted(TRAINING), action="append",
-                    help="train only this objective's ARM (repeatable; default: both)")
+    ap.add_argument("--only", choices=sorted(TRAINING) + sorted(REWARDS), action="append",
+                    help="train only this ARM or reward model (repeatable; default: all)")
     args = ap.parse_args()
     base = resolve_model("@smollm2")
     train_prompts, held = prompts()
@@ -160,22 +165,32 @@ def main() -> None:
             fh.write(json.dumps({"prompt": prompt, "responses": [r for r, _ in responses],
                                  "finished": [done for _, done in responses]}) + "\n")
     for objective, rows in data.items():
-        path = args.out / f"{objective}_pairs.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if args.only and objective not in args.only:
+        (args.out / f"{objective}_pairs.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    jobs = [(name, name, options, "arm.gguf") for name, options in TRAINING.items()] + \
+        [(name, pairs, options, "reward.gguf") for name, (pairs, options) in REWARDS.items()]
+    for name, pairs, options, written in jobs:
+        if args.only and name not in args.only:
             continue
-        run = args.work / objective
-        if run.exists():
-            shutil.rmtree(run)
-        t1 = time.time()
-        res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(path), "--out",
-                                       str(run)] + TRAINING[objective])
-        if res.exit_code != 0:
-            raise SystemExit(f"training {objective} failed: {res.stderr}")
-        held_line = [l for l in res.stderr.splitlines() if l.startswith("held-out")]
-        print(f"{objective}: {len(rows)} pairs, trained in {time.time() - t1:.0f} s; "
-              f"{held_line[0] if held_line else ''}", flush=True)
-        shutil.copy(run / "arm.gguf", args.out / f"{objective}.gguf")
+        _train(base, args.out / f"{pairs}_pairs.jsonl", args.work / name, options)
+        shutil.copy(args.work / name / written, args.out / f"{name}.gguf")
+
+
+def _train(base: Path, data: Path, run: Path, options: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from ..cli import main as cli
+
+    if run.exists():
+        shutil.rmtree(run)
+    t1 = time.time()
+    res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(data), "--out",
+                                   str(run)] + options)
+    if res.exit_code != 0:
+        raise SystemExit(f"training {run.name} failed: {res.stderr}")
+    held_line = [l for l in res.stderr.splitlines() if l.startswith("held-out")]
+    print(f"{run.name}: trained in {time.time() - t1:.0f} s; {held_line[0] if held_line else ''}",
+          flush=True)
 
 
 if __name__ == "__main__":
