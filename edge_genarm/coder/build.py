@@ -52,10 +52,7 @@ def pair_for(prompt: str, answers: list[str]) -> dict | None:
 
 
 def main() -> None:
-    from click.testing import CliRunner
-
-    from ..cli import main as cli
-    from ..demo.build import sample_responses
+    from ..demo.build import sample_responses, train_run
     from ..registry import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -94,15 +91,7 @@ def main() -> None:
     if args.no_train:
         return
     run = args.work / "documented"
-    if run.exists():
-        shutil.rmtree(run)
-    t1 = time.time()
-    res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(path), "--out",
-                                   str(run)] + TRAINING)
-    if res.exit_code != 0:
-        raise SystemExit(f"training failed: {res.stderr}")
-    held_line = [line for line in res.stderr.splitlines() if line.startswith("held-out")]
-    print(f"trained in {time.time() - t1:.0f} s; {held_line[0] if held_line else ''}", flush=True)
+    train_run(base, path, run, TRAINING)
     shutil.copy(run / "arm.gguf", args.out / "documented.gguf")
 
 

@@ -172,11 +172,12 @@ def main() -> None:
     for name, pairs, options, written in jobs:
         if args.only and name not in args.only:
             continue
-        _train(base, args.out / f"{pairs}_pairs.jsonl", args.work / name, options)
+        train_run(base, args.out / f"{pairs}_pairs.jsonl", args.work / name, options)
         shutil.copy(args.work / name / written, args.out / f"{name}.gguf")
 
 
-def _train(base: Path, data: Path, run: Path, options: list[str]) -> None:
+def train_run(base: Path, data: Path, run: Path, options: list[str]) -> None:
+    """`edge-genarm train` into a fresh `run` folder; its time and held-out accuracy printed."""
     from click.testing import CliRunner
 
     from ..cli import main as cli
