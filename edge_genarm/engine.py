@@ -16,6 +16,9 @@ Contract:
   conversations on one engine never share a cache.
 - `fork(src, dsts)` and `copy_prefix(src, dst, n)` give sequences the cache of another without
   decoding it again (llama_memory_seq_cp in every context that holds it).
+- With `EngineConfig.reward`, `engine.reward` is a `reward.RewardModel` whose context follows
+  every sequence like an ARM's (released, truncated, copied with it); the scheduler steps it for
+  the methods that use it (PARGS, ARGS, best-of-N).
 """
 
 from __future__ import annotations
