@@ -32,6 +32,17 @@ def test_demo_preset_has_both_arms_and_they_steer():
     assert concise["tokens"] != base["tokens"]
 
 
+def test_the_demo_reward_model_guides_pargs_out_of_the_box():
+    """`generate --preset demo --method pargs` with no other option loads the preset's reward
+    model (a LoRA of SmolLM2 with a partial-BT head, the ARMs off) and moves the answer."""
+    assert Registry.load().preset("demo").reward_model == "@demo-positive-rm"
+    pargs = run("--method", "pargs", "--reward-weight", "4")
+    base = run("--alpha", "positive=0")
+    assert (pargs["method"], pargs["reward_weight"], pargs["candidates"]) == ("pargs", 4.0, 10)
+    assert pargs["alphas"] == {"positive": 0.0, "concise": 0.0}
+    assert pargs["tokens"] != base["tokens"]
+
+
 def test_concise_arm_makes_held_out_answers_end_sooner(tmp_path):
     """Six held-out prompts, greedy, up to 160 tokens: unguided, most answers run to the limit;
     with concise at 2 at least five of the six end by themselves, each sooner than its unguided
