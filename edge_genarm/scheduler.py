@@ -260,14 +260,11 @@ class Scheduler:
         """Score best-of-n answers that ended (all of this step's in one decode); once all of a
         request's have, its best answer's events go out as answer 0."""
         handles, self._judging = self._judging, []
-        scored = [item for h in handles for item in h.to_judge]
-        rewards = self.engine.reward.sequence_rewards([seq for _, seq in scored]) \
-            if scored else []
-        at = 0
+        # a handle is queued with its first answer to judge: there is always one
+        rewards = iter(self.engine.reward.sequence_rewards(
+            [seq for h in handles for _, seq in h.to_judge]))
         for h in handles:
-            for index, _ in h.to_judge:
-                h.rewards[index] = float(rewards[at])
-                at += 1
+            h.rewards.update((index, float(next(rewards))) for index, _ in h.to_judge)
             h.to_judge = []
             if h.done and h.rewards:
                 best = max(sorted(h.rewards), key=lambda i: h.rewards[i])  # ties: the first
