@@ -30,9 +30,9 @@ import click
 from . import llama
 from .engine import Engine, Sequence
 from .errors import UserError, plural
-from .generation import Result, chat_template, encode_messages, generate
+from .generation import Result, chat_template, encode_messages, generate, method_of
 from .options import GenerationOptions, apply_alphas, generation_options
-from .scheduler import Scheduler
+from .scheduler import Request, Scheduler
 
 Message = dict[str, str]
 
@@ -126,13 +126,15 @@ class ChatSession:
             notify(f"the context of {self.engine.n_ctx} tokens is full, the reply stops "
                    "here; the next turn drops the oldest turns")
         turn = self.turns[-1]
-        turn.reply, turn.settings, self.last = result.text, self._settings(result), result
+        turn.settings = self._settings(result, request)
+        turn.reply, self.last = result.text, result
         return turn
 
-    def _settings(self, result: Result) -> dict:
+    def _settings(self, result: Result, request: Request) -> dict:
         s = self.sampling
-        return {"alphas": dict(result.alphas), "temperature": s.temperature, "top_k": s.top_k,
-                "top_p": s.top_p, "min_p": s.min_p, "greedy": s.greedy, "seed": result.seed,
+        return {"alphas": dict(result.alphas), **method_of(request),
+                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                "min_p": s.min_p, "greedy": s.greedy, "seed": result.seed,
                 "max_tokens": self.opts.max_tokens, "system": self.system,
                 **result.usage.to_dict()}
 

@@ -130,6 +130,7 @@ def test_concise_switched_on_catches_up_and_changes_the_reply(chat):
     # the reply to compare with is a /retry as well, so both go through the caches alike
     default = retried(chat)
     assert default.settings["alphas"] == {"positive": 1.0, "concise": 0.0}
+    assert default.settings["method"] == "genarm"
     assert chat.seq.behind(concise) == 0  # alpha 0: never stepped
     assert chat.command("/alpha concise=1") == "positive = 1\nconcise = 1"
     on = retried(chat)

@@ -281,6 +281,23 @@ def test_each_method_through_the_real_cli_on_smollm2(smollm2, smollm2_rm):
     assert best["completion_tokens"] == len(best["tokens"]) > 0
 
 
+def test_chat_with_pargs_answers_as_generate_and_saves_the_method(tmp_path):
+    """The demo preset names its reward model: chat uses it as generate does, and /save records
+    how each reply was guided."""
+    args = ["--preset", "demo", "--method", "pargs", "--greedy", "-n", "12"]
+    gen = generate(*args, PROMPT)
+    assert gen.exit_code == 0, gen.stderr
+    path = tmp_path / "chat.json"
+    res = CliRunner().invoke(main, ["chat", *args], input=f"{PROMPT}\n/save {path}\n")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == gen.stdout
+    reply = [m for m in json.loads(path.read_text())["messages"] if m["role"] == "assistant"]
+    assert reply[0]["content"] + "\n" == gen.stdout
+    settings = reply[0]["settings"]
+    assert (settings["method"], settings["reward_weight"], settings["candidates"]) == (
+        "pargs", 1.0, 10)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "pargs"], "--method pargs needs a reward model: pass --reward-model RM.gguf "
      "(or a preset that names one)"),
