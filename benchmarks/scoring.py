@@ -4,7 +4,10 @@ text.
 Contract: `greedy_answers(engine, texts, weight, max_tokens, stop=())` answers every request
 (chat template applied) greedily through one scheduler, every ARM at `weight`, all requests at
 once, each ending at a stop string if one is given, and returns ([(token ids, text) per
-request], generated tokens/s). `answer_logprobs(engine, prompts, answers, k)` feeds each
+request], generated tokens/s). `decode_speed(engine, texts, weight, tokens)` is the tokens/s of
+decoding alone: every request at once (at most the engine's sequences), each exactly `tokens`
+tokens (end of generation masked), timed from the step that gives the first tokens, so that
+the prompts' prefill is left out. `answer_logprobs(engine, prompts, answers, k)` feeds each
 prompt's ids, then its answer's ids one at a time, `k` sequences decoded together, and returns per answer a float64
 array of log p(answer[t] | prompt, answer[:t]) for every t, from the engine's base model alone
 (every ARM at alpha 0 meanwhile). A prompt must be non-empty; an answer may not be.
@@ -45,6 +48,21 @@ def greedy_answers(engine: Engine, texts: list[str], weight: float,
         seconds = time.perf_counter() - t0
     rows = [(out[h][0], "".join(out[h][1])) for h in handles]
     return rows, sum(len(t) for t, _ in rows) / seconds
+
+
+def decode_speed(engine: Engine, texts: list[str], weight: float, tokens: int) -> float:
+    arms = {a.name: weight for a in engine.arms}
+    with Scheduler(engine) as scheduler:
+        handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t)),
+                                            SamplingSettings(greedy=True), tokens, arms=arms,
+                                            ignore_eos=True)) for t in texts]
+        t_first, n = 0.0, 0
+        for event in scheduler.run(handles):
+            if event.token is not None:
+                n += 1
+                t_first = t_first or time.perf_counter()  # the first step's events: prefill done
+        seconds = time.perf_counter() - t_first
+    return (n - len(texts)) / seconds
 
 
 def answer_logprobs(engine: Engine, prompts: list[list[int]], answers: list[list[int]],

@@ -189,6 +189,12 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
+    @functools.cached_property
+    def eog_tokens(self) -> np.ndarray:
+        """Every id that ends generation (EOS, EOT and the like), read once."""
+        test = C.llama_vocab_is_eog
+        return np.array([i for i in range(self.n_vocab) if test(self.vocab, i)], dtype=np.intp)
+
     def special_token(self, name: str) -> int:
         """bos, eos or eot id (-1 when the vocabulary has none)."""
         return int(getattr(C, f"llama_vocab_{name}")(self.vocab))

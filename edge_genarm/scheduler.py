@@ -23,6 +23,8 @@ Contract:
   of the reward model, and sample from that row; "best-of-n" samples `samples` whole answers
   from the base (answer j with seed + j), scores them once they have all ended, and emits only
   the best one's events, as answer 0. These methods run the base without ARMs.
+- `ignore_eos` masks the end-of-generation ids out of a request's rows (before any method
+  picks its candidates), so that its answers run to `max_tokens` unless a stop string ends them.
 - Errors belong to one request: an answer that outgrows the context ends with finish reason
   "context_full" and the others go on; a failure inside llama.cpp raises `EngineError` (not a
   `UserError`), for a server to tell a 500 from a 400.
@@ -67,6 +69,8 @@ class Request:
                                    # as many as the engine's reward model was loaded for)
     reward_weight: float = 1.0   # pargs, args: w in score + w * r
     samples: int = 4             # best-of-n: whole answers sampled; the best one is returned
+    ignore_eos: bool = False     # end-of-generation ids never drawn: the answer runs to
+                                 # max_tokens (or a stop string), as a fixed-length benchmark wants
 
 
 @dataclass
@@ -247,6 +251,11 @@ class Scheduler:
         slots = list(self._slots)
         weights = np.stack([s.handle.weights for s in slots])
         rows = self.engine.step([s.seq for s in slots], [s.pending for s in slots], weights)
+        ignoring = [i for i, s in enumerate(slots) if s.handle.request.ignore_eos]
+        if ignoring:
+            eog = self.engine.model.eog_tokens
+            rows = np.array(rows)
+            rows[np.ix_(ignoring, eog[eog < rows.shape[1]])] = -np.inf
         tokenwise = [i for i, s in enumerate(slots) if s.handle.request.method in TOKENWISE]
         if tokenwise:
             rows = self._tokenwise([slots[i] for i in tokenwise], rows, tokenwise)

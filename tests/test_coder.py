@@ -36,6 +36,9 @@ class Box:
     ("Just prose, no code at all.", None),
     ("```python\nx = 1\n```", None),                             # code, but no function
     ("```python\ndef broken(:\n```\n" + TYPED, 1.0),            # a block that does not parse
+    (TYPED.replace("```\n", "") + "\ndef sub(a, b):\n    return a - b\n\nprint(add(1,",
+     0.5),                                   # cut off by the token limit: what it finished counts
+    ("```python\ndef f(x: int) -> int:\n    '''Doc.'''\n    return (x +", 1.0),  # a def cut
     ("```js\nfunction f(a) { return a }\n```", None),           # not Python
     ("```python\nasync def g(*args: int, **kw: str) -> None:\n    '''Doc.'''\n```", 1.0),
 ])

@@ -16,6 +16,7 @@ import pytest
 from conftest import make_engine, reference_log_softmax
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import EngineError, UserError
+from edge_genarm.generation import encode_prompt
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
@@ -291,3 +292,20 @@ def test_sequence_ids_come_from_the_engine_and_go_back(engine):
         for seq in held:
             engine.release(seq)
     assert engine.free_sequences == 8
+
+
+def test_ignore_eos_runs_the_answer_to_max_tokens(demo_base):
+    """The same greedy request, once as it is and once with `ignore_eos`, each decoded alone:
+    the first ends with the model's end-of-generation token well before max_tokens; the second
+    gives the same tokens up to there and then goes on to exactly max_tokens."""
+    with make_engine(demo_base, n_ctx=256) as e:
+        prompt = tuple(encode_prompt(e, "What is 2 + 2? Answer with a number only."))
+        runs = {}
+        for ignore in (False, True):
+            with Scheduler(e) as s:
+                h = s.submit(Request(prompt, GREEDY, max_tokens=60, ignore_eos=ignore))
+                runs[ignore] = answers(s, [h])[(h, 0)]
+        (ended, usage), (full, full_usage) = runs[False], runs[True]
+        assert usage.finish_reason == "stop" and e.model.is_eog(ended[-1]) and len(ended) < 20
+        assert full_usage.finish_reason == "length" and len(full) == 60
+        assert full[:len(ended) - 1] == ended[:-1] and not any(map(e.model.is_eog, full))

@@ -5,7 +5,8 @@ Contract: `code_blocks(answer)` returns the fenced code blocks of a Markdown ans
 the mean over every function and method defined in those blocks of (has a docstring + has every
 parameter and the return annotated) / 2, so 1.0 is fully documented and typed code and 0.0 none
 of it; it is None when the answer defines no function (nothing to judge). `self` and `cls` need no
-annotation. Blocks that do not parse are skipped.
+annotation. A block that does not parse is read up to its last whole line at which it does: an
+answer cut off by its token limit is judged on the code it finished.
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ def _parses(source: str) -> bool:
 def functions(answer: str) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
     out = []
     for block in code_blocks(answer):
-        try:
-            tree = ast.parse(block)
-        except (SyntaxError, ValueError):
-            continue
+        tree = _longest_parse(block)
         out += [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef,
                                                              ast.AsyncFunctionDef))]
     return out
+
+
+def _longest_parse(block: str) -> ast.Module:
+    """The syntax tree of the block's longest prefix of whole lines that parses (the empty
+    module at worst)."""
+    lines = block.splitlines(keepends=True)
+    for end in range(len(lines), 0, -1):
+        try:
+            return ast.parse("".join(lines[:end]))
+        except (SyntaxError, ValueError):
+            continue
+    return ast.Module(body=[], type_ignores=[])
 
 
 def is_typed(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
