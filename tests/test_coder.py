@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edge_genarm.coder.judge import code_blocks, score
+from edge_genarm.coder.judge import code_blocks, definitions, score
 from edge_genarm.coder.runner import run_program
 
 TYPED = '''Here you go:
@@ -49,6 +49,17 @@ def test_documented_typed_score(answer, expected):
 def test_code_blocks_takes_python_fences_only_and_an_unclosed_last_one():
     answer = "```python\na = 1\n```\ntext\n```bash\nls\n```\n```\nb = 2\n```\n```python\nc = 3"
     assert code_blocks(answer) == ["a = 1\n", "b = 2\n", "c = 3"]
+
+
+def test_definitions_keep_the_code_and_drop_the_answers_own_tests_and_a_cut_tail():
+    block = ("import math\nfrom typing import List\nLIMIT: int = 3\nSCALE = 2\n\n"
+             "def f(xs: List[int]) -> int:\n    return SCALE * sum(xs)\n\n"
+             "class Box:\n    pass\n\nprint(f([1]))\nassert f([1]) == 3\n"
+             "if __name__ == '__main__':\n    f([2])\n\ndef check():\n    cases = [([1, 2")
+    assert definitions(block) == ("import math\nfrom typing import List\nLIMIT: int = 3\n"
+                                  "SCALE = 2\n\ndef f(xs: List[int]) -> int:\n"
+                                  "    return SCALE * sum(xs)\n\nclass Box:\n    pass")
+    assert definitions("x = (1,") == ""
 
 
 def test_a_passing_and_a_failing_program():

@@ -6,7 +6,8 @@ the mean over every function and method defined in those blocks of (has a docstr
 parameter and the return annotated) / 2, so 1.0 is fully documented and typed code and 0.0 none
 of it; it is None when the answer defines no function (nothing to judge). `self` and `cls` need no
 annotation. A block that does not parse is read up to its last whole line at which it does: an
-answer cut off by its token limit is judged on the code it finished.
+answer cut off by its token limit is judged on the code it finished. `definitions(block)` is
+the block's imports, definitions and assignments, for a test harness to run.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def _longest_parse(block: str) -> ast.Module:
         except (SyntaxError, ValueError):
             continue
     return ast.Module(body=[], type_ignores=[])
+
+
+def definitions(block: str) -> str:
+    """The block's imports, functions, classes and top-level assignments as code (read as
+    `functions` reads it): what a test harness needs from an answer, without the calls, prints
+    and self-tests an answer adds after its code, which may fail or be cut off."""
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+            ast.Assign, ast.AnnAssign)
+    body = [node for node in _longest_parse(block).body if isinstance(node, keep)]
+    return ast.unparse(ast.Module(body=body, type_ignores=[]))
 
 
 def is_typed(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
