@@ -3,26 +3,38 @@
 Settings, each greedy: the 1.5B alone; the 1.5B guided by the 0.5B + its LoRA ARM
 (`documented.gguf`, built by `python -m edge_genarm.coder.build`) at --weights; the 0.5B alone;
 the 0.5B guided by its ARM at 1. For each, on the held-out coding requests
-(edge_genarm/coder/held_out_requests.txt, never trained on):
-- the objective: the mean judge score (documented, typed functions; answers that define no
-  function are left out, and their share is shown);
+(edge_genarm/coder/held_out_requests.txt, never trained on; --requests 20 takes one per task):
+- the objective: the mean judge score (documented, typed functions; an answer cut off at
+  --max-tokens is judged on the code it finished; answers that define no function are left
+  out, and their share is shown), and the answers' mean length in tokens;
 - the base's own log-prob per token of the answers (teacher-forced through the base alone;
   for the ARM alone, through the ARM itself);
-- generated tokens/s (every request of the setting in one batch of --parallel sequences);
-and, with --humaneval N, pass@1 on the first N HumanEval problems (greedy, the answer up to
-its first closed code block; the block that defines the entry point, after the problem's own
-text, run by edge_genarm.coder.runner with the problem's tests: a time limit, no network, a
-throwaway directory). The speed target compares the guided 1.5B with 1 / (1/base + 1/ARM), the two
-models' own tokens/s measured alone in the same run: the 1.5B alone, and the ARM alone (the 0.5B
-running with its LoRA adapter as a model, `--base MODEL+ADAPTER`), each on the same requests.
+- generated tokens/s, measured apart: --parallel requests in one batch, each decoding exactly
+  --speed-tokens tokens (end of generation masked; the prompts' prefill not timed), so that
+  every setting is timed with every row live, whatever the length of its own answers;
+and then, with --humaneval N, pass@1 on the first N HumanEval problems for the 1.5B at each of
+--humaneval-weights (0: alone; greedy, the answer up to its first closed code block; of the
+block that defines the entry point, its imports, definitions and assignments (judge.definitions:
+not the calls and self-tests an answer adds, nor a tail cut off at --humaneval-tokens), after the
+problem's own text, run by edge_genarm.coder.runner with the problem's tests: a time limit, no
+network, a throwaway directory). The speed target compares
+the guided 1.5B with 1 / (1/base + 1/ARM), the two models' own tokens/s measured alone in the
+same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adapter as a model,
+`--base MODEL+ADAPTER`), each on the same requests; those two run first.
+
+--answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl.
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
-                                              [--humaneval 60] [--max-tokens 256]
+                                              [--humaneval 60] [--humaneval-weights 0,1]
+                                              [--max-tokens 256] [--parallel 16]
+                                              [--answers DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
 import sys
 import time
@@ -33,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
-from scoring import answer_logprobs, greedy_answers  # noqa: E402
+from scoring import answer_logprobs, decode_speed, greedy_answers  # noqa: E402
 from edge_genarm.coder import judge  # noqa: E402
 from edge_genarm.coder.runner import run_program  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
@@ -47,14 +59,31 @@ HUMANEVAL_ASK = ("Complete the following Python function. Answer with the whole 
                  "one ```python code block.\n\n```python\n{}```")
 
 
-def objective(engine: Engine, texts: list[str], rows: list, args) -> dict:
+def spread(requests: list[str], phrasings: int = 3) -> list[str]:
+    """The held-out requests come as each task in `phrasings` wordings: reorder them so that any
+    first n cover as many tasks as they can, the wordings taken in turn."""
+    tasks = [requests[i:i + phrasings] for i in range(0, len(requests), phrasings)]
+    return [task[(t + r) % len(task)] for r in range(phrasings) for t, task in enumerate(tasks)
+            if r < len(task)]
+
+
+def objective(engine: Engine, texts: list[str], rows: list, args) -> tuple[dict, list]:
     scores = [judge.score(text) for _, text in rows]
     known = [s for s in scores if s is not None]
     prompts = [encode_prompt(engine, t) for t in texts]
     lps = answer_logprobs(engine, prompts, [tokens for tokens, _ in rows], args.parallel)
     per_token = sum(float(lp.sum()) for lp in lps) / max(1, sum(len(lp) for lp in lps))
     return {"score": statistics.mean(known) if known else 0.0,
-            "with_functions": len(known) / len(scores), "base_lp": per_token}
+            "with_functions": len(known) / len(scores), "base_lp": per_token,
+            "length": statistics.mean(len(tokens) for tokens, _ in rows)}, scores
+
+
+def save_answers(folder: Path, name: str, texts: list[str], rows: list, scores: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+    lines = [json.dumps({"request": t, "answer": a, "tokens": len(ids), "score": s})
+             for t, (ids, a), s in zip(texts, rows, scores)]
+    (folder / f"{slug}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def humaneval(engine: Engine, weight: float, args) -> float:
@@ -67,7 +96,8 @@ def humaneval(engine: Engine, weight: float, args) -> float:
     passed = 0
     for problem, (_, text) in zip(problems, rows):
         blocks = judge.code_blocks(text)
-        code = next((b for b in blocks if f"def {problem['entry_point']}" in b), "")
+        code = next((judge.definitions(b) for b in blocks
+                     if f"def {problem['entry_point']}" in b), "")
         # the problem's own text first: its imports and helper functions, and a stub that the
         # answer's function then replaces
         program = (f"{problem['prompt']}\n    pass\n\n{code}\n\n{problem['test']}\n\n"
@@ -83,21 +113,30 @@ def progress(name: str, phase: str, t0: float) -> None:
 
 
 def setting(name: str, config: EngineConfig, weight: float, texts: list[str], args,
-            table: dict, humaneval_too: bool = True) -> None:
+            table: dict) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        rows, speed = greedy_answers(engine, texts, weight, args.max_tokens)
-        progress(name, f"answers, {speed:.1f} tok/s", t0)
-        result = objective(engine, texts, rows, args) | {"tok_s": speed}
+        rows, _ = greedy_answers(engine, texts, weight, args.max_tokens)
+        progress(name, "answers", t0)
+        result, scores = objective(engine, texts, rows, args)
         progress(name, "log-probs", t0)
-        if args.humaneval and humaneval_too:
-            result["pass1"] = humaneval(engine, weight, args)
-            progress(name, f"HumanEval pass@1 {result['pass1']:.3f}", t0)
+        timed = [texts[i % len(texts)] for i in range(args.parallel)]
+        result["tok_s"] = decode_speed(engine, timed, weight, args.speed_tokens)
+        progress(name, f"{result['tok_s']:.1f} tok/s", t0)
     table[name] = result
-    he = "" if not args.humaneval else \
-        f" | {100 * result['pass1']:.1f}" if "pass1" in result else " | not run"
+    if args.answers:
+        save_answers(args.answers, name, texts, rows, scores)
     print(f"| {name} | {result['score']:.3f} | {100 * result['with_functions']:.0f} % | "
-          f"{result['base_lp']:.3f} | {speed:.1f}{he} |", flush=True)
+          f"{result['length']:.0f} | {result['base_lp']:.3f} | {result['tok_s']:.1f} |",
+          flush=True)
+
+
+def capability(name: str, config: EngineConfig, weight: float, args) -> None:
+    t0 = time.perf_counter()
+    with Engine.load(config) as engine:
+        passed = humaneval(engine, weight, args)
+    progress(name, f"HumanEval pass@1 {passed:.3f}", t0)
+    print(f"| {name} | {100 * passed:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -112,6 +151,10 @@ def main() -> None:
                     help="HumanEval for the 0.5B settings too")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--speed-tokens", type=int, default=128,
+                    help="tokens each of --parallel requests decodes for tokens/s")
+    ap.add_argument("--answers", type=Path, default=None,
+                    help="a folder for every setting's answers (JSON lines)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     reg = Registry.load()
@@ -119,36 +162,41 @@ def main() -> None:
     adapter = CODER / "documented.gguf"
     if not adapter.exists():
         raise SystemExit(f"{adapter} is missing: run python -m edge_genarm.coder.build first")
-    texts = (CODER / "held_out_requests.txt").read_text().splitlines()[:args.requests]
+    texts = spread((CODER / "held_out_requests.txt").read_text().splitlines())[:args.requests]
     settings = ContextSettings(n_ctx=1024, n_seq_max=args.parallel, n_threads=args.threads)
+    arm = ArmSpec(small, 0.0, "documented", adapter=adapter)
+    lora = ArmSpec(adapter, 0.0, "documented")
+    guided = {f"1.5B + 0.5B ARM at {w:g}": w for w in map(float, args.weights.split(","))}
+    # the two speeds of the bound first, so that a run cut short still tells the bound
+    runs = {"1.5B alone": (EngineConfig(large, [arm], settings), 0.0),
+            ARM_ALONE: (EngineConfig(small, [], settings, base_adapter=adapter), 0.0)}
+    runs |= {name: (EngineConfig(large, [arm], settings), w) for name, w in guided.items()}
+    runs |= {"0.5B alone": (EngineConfig(small, [lora], settings), 0.0),
+            "0.5B + its ARM at 1": (EngineConfig(small, [lora], settings), 1.0)}
     print_header()
     print(f"{len(texts)} held-out requests, greedy, at most {args.max_tokens} tokens; "
-          f"{args.parallel} sequences at once")
-    print("| setting | documented+typed score | answers with functions | base log-prob/token "
-          "| tokens/s" + (" | HumanEval pass@1 %" if args.humaneval else "") + " |")
-    print("|---|---|---|---|---|" + ("---|" if args.humaneval else ""))
+          f"{args.parallel} sequences at once; tokens/s with all {args.parallel} decoding "
+          f"{args.speed_tokens} tokens each")
+    print("| setting | documented+typed score | answers with functions | answer tokens "
+          "| base log-prob/token | tokens/s |")
+    print("|---|---|---|---|---|---|")
     table: dict = {}
-    arm = ArmSpec(small, 0.0, "documented", adapter=adapter)
-    he_weights = {float(x) for x in args.humaneval_weights.split(",")}
-    setting("1.5B alone", EngineConfig(large, [arm], settings), 0.0, texts, args, table,
-            0.0 in he_weights)
-    for w in [float(x) for x in args.weights.split(",")]:
-        setting(f"1.5B + 0.5B ARM at {w:g}", EngineConfig(large, [arm], settings), w, texts,
-                args, table, w in he_weights)
-    lora = ArmSpec(adapter, 0.0, "documented")
-    small_he = args.humaneval_small
-    setting("0.5B alone", EngineConfig(small, [lora], settings), 0.0, texts, args, table,
-            small_he)
-    setting(ARM_ALONE, EngineConfig(small, [], settings, base_adapter=adapter), 0.0, texts,
-            args, table, small_he)
-    setting("0.5B + its ARM at 1", EngineConfig(small, [lora], settings), 1.0, texts, args,
-            table, small_he)
-    base, arm_speed = table["1.5B alone"]["tok_s"], table[ARM_ALONE]["tok_s"]
-    bound = 1 / (1 / base + 1 / arm_speed)
-    for name, row in table.items():
-        if name.startswith("1.5B +"):
-            print(f"{name}: {row['tok_s']:.1f} tok/s = {row['tok_s'] / bound:.2f} of "
-                  f"1/(1/base + 1/ARM) = {bound:.1f} (target 0.95)")
+    for name, (config, weight) in runs.items():
+        setting(name, config, weight, texts, args, table)
+    bound = 1 / (1 / table["1.5B alone"]["tok_s"] + 1 / table[ARM_ALONE]["tok_s"])
+    for name in guided:
+        print(f"{name}: {table[name]['tok_s']:.1f} tok/s = {table[name]['tok_s'] / bound:.2f} "
+              f"of 1/(1/base + 1/ARM) = {bound:.1f} (target 0.95)")
+    if not args.humaneval:
+        return
+    print(f"\nHumanEval pass@1, the first {args.humaneval} problems, greedy\n")
+    print("| setting | pass@1 % |\n|---|---|")
+    for w in map(float, args.humaneval_weights.split(",")):
+        name = "1.5B alone" if w == 0 else f"1.5B + 0.5B ARM at {w:g}"
+        capability(name, EngineConfig(large, [arm], settings), w, args)
+    if args.humaneval_small:
+        for name in ("0.5B alone", "0.5B + its ARM at 1"):
+            capability(name, *runs[name], args)
 
 
 if __name__ == "__main__":
