@@ -30,16 +30,22 @@ from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
 
+def _submit_greedy(scheduler: Scheduler, texts: list[str], weight: float, max_tokens: int,
+                   **fields) -> list:
+    """Every text as a greedy chat request, every ARM at `weight`: their handles."""
+    engine = scheduler.engine
+    arms = {a.name: weight for a in engine.arms}
+    return [scheduler.submit(Request(tuple(encode_prompt(engine, t)), SamplingSettings(greedy=True),
+                                     max_tokens, arms=arms, **fields)) for t in texts]
+
+
 def greedy_answers(engine: Engine, texts: list[str], weight: float,
                    max_tokens: int, stop: tuple[str, ...] = ()
                    ) -> tuple[list[tuple[list[int], str]], float]:
-    arms = {a.name: weight for a in engine.arms}
     out: dict = {}
     with Scheduler(engine) as scheduler:
         t0 = time.perf_counter()
-        handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t)),
-                                            SamplingSettings(greedy=True), max_tokens,
-                                            stop=stop, arms=arms)) for t in texts]
+        handles = _submit_greedy(scheduler, texts, weight, max_tokens, stop=stop)
         for event in scheduler.run(handles):
             tokens, pieces = out.setdefault(event.handle, ([], []))
             if event.token is not None:
@@ -51,11 +57,8 @@ def greedy_answers(engine: Engine, texts: list[str], weight: float,
 
 
 def decode_speed(engine: Engine, texts: list[str], weight: float, tokens: int) -> float:
-    arms = {a.name: weight for a in engine.arms}
     with Scheduler(engine) as scheduler:
-        handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t)),
-                                            SamplingSettings(greedy=True), tokens, arms=arms,
-                                            ignore_eos=True)) for t in texts]
+        handles = _submit_greedy(scheduler, texts, weight, tokens, ignore_eos=True)
         t_first, n = 0.0, 0
         for event in scheduler.run(handles):
             if event.token is not None:
