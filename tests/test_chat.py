@@ -231,7 +231,9 @@ def spawn_chat(tmp_path, *args) -> pexpect.spawn:
     env = dict(os.environ, HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     child = pexpect.spawn(sys.executable, ["-m", "edge_genarm", "chat", "--preset", "demo",
                                            "--greedy", *args], env=env, encoding="utf-8",
-                          timeout=120, dimensions=(40, 200))
+                          # a bound on a hung child, not a speed check: on a busy 2-core machine a
+                          # 200-token reply has taken over 2 minutes
+                          timeout=360, dimensions=(40, 200))
     child.expect_exact("Ctrl-D leaves.")
     child.expect_exact("> ")
     return child
