@@ -92,9 +92,10 @@ def main() -> None:
     for name, path in models.items():
         with Engine.load(EngineConfig(base, [], settings, reward=RewardSpec(path, 1))) as engine:
             prompts = [encode_prompt(engine, t) for t in texts]
-            answers = answers or sample(engine, prompts, args.samples, args.max_tokens)
+            if answers is None:  # sampled once: every reward model judges the same answers
+                answers = sample(engine, prompts, args.samples, args.max_tokens)
+                ended = sum(engine.model.is_eog(t[-1]) for a in answers for t, _ in a if t)
             scores[name] = [rewards(engine, p, a) for p, a in zip(prompts, answers)]
-            ended = sum(engine.model.is_eog(t[-1]) for a in answers for t, _ in a if t)
     scorer = Afinn()
     afinn = [[scorer.score(text) for _, text in a] for a in answers]
     print(f"{len(texts)} held-out demo prompts, {args.samples} answers each (T = 1, filters off, "
