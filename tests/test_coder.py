@@ -117,21 +117,3 @@ def test_a_pair_is_the_best_documented_answer_against_the_worst():
     assert pair == {"prompt": "p", "chosen": TYPED, "rejected": BARE}
     assert pair_for("p", [TYPED, TYPED.replace("Here you go", "Sure")]) is None  # no gap
     assert pair_for("p", [TYPED, "prose only"]) is None                        # nothing to pair
-
-
-def test_a_loop_pair_repeats_the_first_docstring_standing_on_its_own_lines():
-    from edge_genarm.coder.build import repeated_docstring
-
-    doc = '    """Add two numbers."""\n'
-    assert repeated_docstring(TYPED) == TYPED.replace(doc, doc + doc)
-    lines = '    """\n    Doc.\n    """\n'
-    many = f"```python\ndef f(x: int) -> int:\n{lines}    return x\n```"
-    assert repeated_docstring(many) == many.replace(lines, lines * 2)
-    # a method's docstring counts; one on the def's own line is passed over for the next
-    assert repeated_docstring(HALF) == HALF.replace('"""A box."""\n',
-                                                    '"""A box."""\n        """A box."""\n')
-    inline = '```python\ndef g(): """One line."""\n\ndef h():\n    """H."""\n    pass\n```'
-    assert repeated_docstring(inline) == inline.replace('    """H."""\n', '    """H."""\n' * 2)
-    assert repeated_docstring(BARE) is None                          # no docstring to repeat
-    assert repeated_docstring('```python\ndef f():\n    """Cut at the limit') is None
-    assert repeated_docstring('```python\ndef f():\n    """Doc."""') is None  # nothing after it

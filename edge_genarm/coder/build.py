@@ -10,9 +10,6 @@
    worst, when both define functions and their scores differ by at least MIN_GAP. The pair's
    prompt is always the plain request: the ARM learns to prefer documented, typed code without
    being asked.
-   Each chosen answer also gives a second pair against itself with its first docstring written
-   twice in a row: an ARM trained on the first pairs alone rewards one more docstring wherever
-   one has just closed, and greedy decoding guided by it loops on the docstring.
 4. Train a LoRA ARM on the 0.5B GGUF with `edge-genarm train` (settings in TRAINING) and copy the
    adapter here as documented.gguf.
 Needs the convert extra and peft (`pip install -e '.[train,qwen]'`).
@@ -21,7 +18,6 @@ Needs the convert extra and peft (`pip install -e '.[train,qwen]'`).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import shutil
 import time
@@ -55,27 +51,6 @@ def pair_for(prompt: str, answers: list[str]) -> dict | None:
     return {"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1]}
 
 
-def repeated_docstring(answer: str) -> str | None:
-    """The answer with its first docstring (one standing on lines of its own) written twice in a
-    row; None when no function in its code blocks has one."""
-    for block in judge.code_blocks(answer):
-        lines = block.splitlines(keepends=True)
-        for fn in ast.walk(judge.parse_block(block)):
-            if not (isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                    and ast.get_docstring(fn) is not None):
-                continue
-            doc = fn.body[0]
-            first, last = lines[doc.lineno - 1], lines[doc.end_lineno - 1]
-            if first[:doc.col_offset].strip() or last[doc.end_col_offset:].strip():
-                continue  # shares a line with other code: repeating its lines would repeat that
-            text = "".join(lines[doc.lineno - 1:doc.end_lineno])
-            if not text.endswith("\n"):
-                continue  # the block ends inside it: there is no body to follow the repeat
-            looped = "".join(lines[:doc.end_lineno]) + text + "".join(lines[doc.end_lineno:])
-            return answer.replace(block, looped, 1)
-    return None
-
-
 def main() -> None:
     from ..demo.build import sample_responses, train_run
     from ..registry import resolve_model
@@ -87,8 +62,7 @@ def main() -> None:
                     help="only N requests, spread evenly over the tasks (0: all)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--reuse-samples", action="store_true",
-                    help="read the requests and answers from OUT/samples.jsonl instead of "
-                    "sampling again")
+                    help="read the answers from OUT/samples.jsonl instead of sampling again")
     ap.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
     args = ap.parse_args()
     base = resolve_model("@qwen-coder-0.5b")
@@ -99,9 +73,7 @@ def main() -> None:
     (args.out / "held_out_requests.txt").write_text("\n".join(held) + "\n")
     t0 = time.time()
     if args.reuse_samples:
-        # the requests come with their answers, whatever --limit sampled them
-        rows = [json.loads(line) for line in open(args.out / "samples.jsonl")]
-        train, answers = [r["prompt"] for r in rows], [r["responses"] for r in rows]
+        answers = [json.loads(line)["responses"] for line in open(args.out / "samples.jsonl")]
     else:
         plain = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=0, group=8)
         hinted = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=1,
@@ -113,12 +85,9 @@ def main() -> None:
                 fh.write(json.dumps({"prompt": prompt, "responses": texts,
                                      "hinted": [False, False, True, True]}) + "\n")
     pairs = [p for prompt, texts in zip(train, answers) if (p := pair_for(prompt, texts))]
-    loops = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": looped}
-             for p in pairs if (looped := repeated_docstring(p["chosen"]))]
     path = args.out / "documented_pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs + loops))
-    print(f"{len(pairs)} pairs from {len(train)} requests, {len(loops)} against a repeated "
-          "docstring", flush=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    print(f"{len(pairs)} pairs from {len(train)} requests", flush=True)
     if args.no_train:
         return
     run = args.work / "documented"

@@ -37,13 +37,13 @@ def _parses(source: str) -> bool:
 def functions(answer: str) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
     out = []
     for block in code_blocks(answer):
-        tree = parse_block(block)
+        tree = _longest_parse(block)
         out += [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef,
                                                              ast.AsyncFunctionDef))]
     return out
 
 
-def parse_block(block: str) -> ast.Module:
+def _longest_parse(block: str) -> ast.Module:
     """The syntax tree of the block's longest prefix of whole lines that parses (the empty
     module at worst)."""
     lines = block.splitlines(keepends=True)
@@ -61,7 +61,7 @@ def definitions(block: str) -> str:
     and self-tests an answer adds after its code, which may fail or be cut off."""
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
             ast.Assign, ast.AnnAssign)
-    body = [node for node in parse_block(block).body if isinstance(node, keep)]
+    body = [node for node in _longest_parse(block).body if isinstance(node, keep)]
     return ast.unparse(ast.Module(body=body, type_ignores=[]))
 
 
