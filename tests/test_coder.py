@@ -117,3 +117,22 @@ def test_a_pair_is_the_best_documented_answer_against_the_worst():
     assert pair == {"prompt": "p", "chosen": TYPED, "rejected": BARE}
     assert pair_for("p", [TYPED, TYPED.replace("Here you go", "Sure")]) is None  # no gap
     assert pair_for("p", [TYPED, "prose only"]) is None                        # nothing to pair
+
+
+def test_build_reuse_samples_pairs_each_answer_with_its_own_request(tmp_path, monkeypatch):
+    """`coder.build --reuse-samples --no-train` takes the requests from samples.jsonl, whatever
+    --limit chose when they were sampled, so that no answer is paired with another request."""
+    import json
+    import sys
+
+    from edge_genarm.coder import build
+
+    rows = [{"prompt": "Write a Python function that adds.", "responses": [BARE, TYPED]},
+            {"prompt": "Write a Python function that boxes.", "responses": [HALF, TYPED]}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["build", "--out", str(tmp_path), "--reuse-samples",
+                                      "--no-train"])
+    build.main()
+    pairs = [json.loads(line) for line in open(tmp_path / "documented_pairs.jsonl")]
+    assert pairs == [{"prompt": rows[0]["prompt"], "chosen": TYPED, "rejected": BARE},
+                     {"prompt": rows[1]["prompt"], "chosen": TYPED, "rejected": HALF}]

@@ -62,7 +62,8 @@ def main() -> None:
                     help="only N requests, spread evenly over the tasks (0: all)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--reuse-samples", action="store_true",
-                    help="read the answers from OUT/samples.jsonl instead of sampling again")
+                    help="read the requests and answers from OUT/samples.jsonl instead of "
+                    "sampling again")
     ap.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
     args = ap.parse_args()
     base = resolve_model("@qwen-coder-0.5b")
@@ -73,7 +74,9 @@ def main() -> None:
     (args.out / "held_out_requests.txt").write_text("\n".join(held) + "\n")
     t0 = time.time()
     if args.reuse_samples:
-        answers = [json.loads(line)["responses"] for line in open(args.out / "samples.jsonl")]
+        # the requests come with their answers, whatever --limit sampled them
+        rows = [json.loads(line) for line in open(args.out / "samples.jsonl")]
+        train, answers = [r["prompt"] for r in rows], [r["responses"] for r in rows]
     else:
         plain = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=0, group=8)
         hinted = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=1,
