@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--work", type=Path, default=Path("runs/coder"))
     ap.add_argument("--limit", type=int, default=0,
-                    help="only N requests, spread evenly over the tasks (0: all)")
+                    help="sample only N requests, spread evenly over the tasks (0: all)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--reuse-samples", action="store_true",
                     help="read the requests and answers from OUT/samples.jsonl instead of "
@@ -68,8 +68,6 @@ def main() -> None:
     args = ap.parse_args()
     base = resolve_model("@qwen-coder-0.5b")
     train, held = prompts()
-    if args.limit:
-        train = train[::max(1, len(train) // args.limit)][:args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "held_out_requests.txt").write_text("\n".join(held) + "\n")
     t0 = time.time()
@@ -78,6 +76,8 @@ def main() -> None:
         rows = [json.loads(line) for line in open(args.out / "samples.jsonl")]
         train, answers = [r["prompt"] for r in rows], [r["responses"] for r in rows]
     else:
+        if args.limit:
+            train = train[::max(1, len(train) // args.limit)][:args.limit]
         plain = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=0, group=8)
         hinted = sample_responses(base, train, k=2, max_tokens=args.max_tokens, seed=1,
                                   group=8, system=HINT)
