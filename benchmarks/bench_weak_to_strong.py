@@ -24,14 +24,17 @@ same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adap
 `--base MODEL+ADAPTER`), each on the same requests; those two run first. --requests 0 skips
 the objective's table (HumanEval only).
 
---answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl (and
+--dry-multiplier M (with --dry-base, --dry-allowed-length, --dry-sequence-breaker, as
+edge-genarm's options) decodes every setting greedily with DRY, the penalty on an answer
+repeating its own text. --answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl (and
 its HumanEval answers, with each one's runner status, as DIR/<setting>-HumanEval.jsonl).
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
                                               [--humaneval 60] [--humaneval-start 0]
                                               [--humaneval-weights 0,1] [--humaneval-tokens 384]
                                               [--max-tokens 256] [--parallel 16]
-                                              [--answers DIR]
+                                              [--answers DIR] [--dry-multiplier M
+                                              --dry-allowed-length N --dry-sequence-breaker S]
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from edge_genarm.coder.runner import run_program  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.generation import encode_prompt  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
+from edge_genarm.options import sequence_breakers  # noqa: E402
+from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 
 CODER = ROOT / "edge_genarm" / "coder"
@@ -97,7 +102,8 @@ def humaneval(engine: Engine, weight: float, args, name: str) -> tuple[int, int]
     problems = list(read_problems().values())[args.humaneval_start:][:args.humaneval]
     # the answer ends with its code block: what follows it is prose the runner never reads
     rows, _ = greedy_answers(engine, [HUMANEVAL_ASK.format(p["prompt"]) for p in problems],
-                             weight, args.humaneval_tokens, stop=("\n```\n",))
+                             weight, args.humaneval_tokens, stop=("\n```\n",),
+                             sampling=args.sampling)
     results = []
     for problem, (_, text) in zip(problems, rows):
         blocks = judge.code_blocks(text)
@@ -124,12 +130,13 @@ def setting(name: str, config: EngineConfig, weight: float, texts: list[str], ar
             table: dict) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        rows, _ = greedy_answers(engine, texts, weight, args.max_tokens)
+        rows, _ = greedy_answers(engine, texts, weight, args.max_tokens,
+                                 sampling=args.sampling)
         progress(name, "answers", t0)
         result, scores = objective(engine, texts, rows, args)
         progress(name, "log-probs", t0)
         timed = [texts[i % len(texts)] for i in range(args.parallel)]
-        result["tok_s"] = decode_speed(engine, timed, weight, args.speed_tokens)
+        result["tok_s"] = decode_speed(engine, timed, weight, args.speed_tokens, args.sampling)
         progress(name, f"{result['tok_s']:.1f} tok/s", t0)
     table[name] = result
     if args.answers:
@@ -167,7 +174,22 @@ def main() -> None:
     ap.add_argument("--answers", type=Path, default=None,
                     help="a folder for every setting's answers (JSON lines)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dry-multiplier", type=float, default=0.0,
+                    help="greedy with DRY, the penalty on repeating the answer's own text "
+                    "(edge-genarm's --dry-* options; 0: off)")
+    ap.add_argument("--dry-base", type=float, default=SamplingSettings.dry_base)
+    ap.add_argument("--dry-allowed-length", type=int,
+                    default=SamplingSettings.dry_allowed_length)
+    ap.add_argument("--dry-sequence-breaker", action="append", default=[],
+                    help="repeatable; none: no breakers (default: llama.cpp's)")
     args = ap.parse_args()
+    args.sampling = SamplingSettings(
+        greedy=True, dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+        dry_allowed_length=args.dry_allowed_length,
+        dry_sequence_breakers=sequence_breakers(args.dry_sequence_breaker))
+    args.sampling.validate()
+    if args.sampling.penalized:
+        print(f"greedy with penalties: {args.sampling.penalties()}")
     reg = Registry.load()
     large, small = reg.resolve("@qwen-coder-1.5b"), reg.resolve("@qwen-coder-0.5b")
     adapter = CODER / "documented.gguf"

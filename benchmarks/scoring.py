@@ -1,10 +1,11 @@
 """Greedy answers, and teacher-forced log-probs of given answers, for the benchmarks that score
 text.
 
-Contract: `greedy_answers(engine, texts, weight, max_tokens, stop=())` answers every request
-(chat template applied) greedily through one scheduler, every ARM at `weight`, all requests at
+Contract: `greedy_answers(engine, texts, weight, max_tokens, stop=(), sampling=GREEDY)` answers
+every request (chat template applied) greedily (with `sampling`'s penalties, if any) through one
+scheduler, every ARM at `weight`, all requests at
 once, each ending at a stop string if one is given, and returns ([(token ids, text) per
-request], generated tokens/s). `decode_speed(engine, texts, weight, tokens)` is the tokens/s of
+request], generated tokens/s). `decode_speed(engine, texts, weight, tokens, sampling=GREEDY)` is the tokens/s of
 decoding alone: every request at once (at most the engine's sequences), each exactly `tokens`
 tokens (end of generation masked), timed from the step that gives the first tokens, so that
 the prompts' prefill is left out. `answer_logprobs(engine, prompts, answers, k)` feeds each
@@ -30,22 +31,26 @@ from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
 
+GREEDY = SamplingSettings(greedy=True)
+
+
 def _submit_greedy(scheduler: Scheduler, texts: list[str], weight: float, max_tokens: int,
-                   **fields) -> list:
+                   sampling: SamplingSettings, **fields) -> list:
     """Every text as a greedy chat request, every ARM at `weight`: their handles."""
     engine = scheduler.engine
     arms = {a.name: weight for a in engine.arms}
-    return [scheduler.submit(Request(tuple(encode_prompt(engine, t)), SamplingSettings(greedy=True),
-                                     max_tokens, arms=arms, **fields)) for t in texts]
+    return [scheduler.submit(Request(tuple(encode_prompt(engine, t)), sampling, max_tokens,
+                                     arms=arms, **fields)) for t in texts]
 
 
 def greedy_answers(engine: Engine, texts: list[str], weight: float,
-                   max_tokens: int, stop: tuple[str, ...] = ()
+                   max_tokens: int, stop: tuple[str, ...] = (),
+                   sampling: SamplingSettings = GREEDY
                    ) -> tuple[list[tuple[list[int], str]], float]:
     out: dict = {}
     with Scheduler(engine) as scheduler:
         t0 = time.perf_counter()
-        handles = _submit_greedy(scheduler, texts, weight, max_tokens, stop=stop)
+        handles = _submit_greedy(scheduler, texts, weight, max_tokens, sampling, stop=stop)
         for event in scheduler.run(handles):
             tokens, pieces = out.setdefault(event.handle, ([], []))
             if event.token is not None:
@@ -56,9 +61,10 @@ def greedy_answers(engine: Engine, texts: list[str], weight: float,
     return rows, sum(len(t) for t, _ in rows) / seconds
 
 
-def decode_speed(engine: Engine, texts: list[str], weight: float, tokens: int) -> float:
+def decode_speed(engine: Engine, texts: list[str], weight: float, tokens: int,
+                 sampling: SamplingSettings = GREEDY) -> float:
     with Scheduler(engine) as scheduler:
-        handles = _submit_greedy(scheduler, texts, weight, tokens, ignore_eos=True)
+        handles = _submit_greedy(scheduler, texts, weight, tokens, sampling, ignore_eos=True)
         t_first, n = 0.0, 0
         for event in scheduler.run(handles):
             if event.token is not None:

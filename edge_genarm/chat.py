@@ -134,7 +134,7 @@ class ChatSession:
         s = self.sampling
         return {"alphas": dict(result.alphas), **method_of(request),
                 "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                "min_p": s.min_p, "greedy": s.greedy, "seed": result.seed,
+                "min_p": s.min_p, "greedy": s.greedy, **s.penalties(), "seed": result.seed,
                 "max_tokens": self.opts.max_tokens, "system": self.system,
                 **result.usage.to_dict()}
 

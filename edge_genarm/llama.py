@@ -222,6 +222,16 @@ class Model:
             n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
+    def tokens_containing(self, strings: Sequence[str]) -> np.ndarray:
+        """A mask over the vocabulary: the tokens whose rendered text holds any of `strings`."""
+        wanted = [s.encode("utf-8") for s in strings]
+        mask = np.zeros(self.n_vocab, dtype=bool)
+        if wanted:
+            for token in range(self.n_vocab):
+                piece = self.token_bytes(token)
+                mask[token] = any(w in piece for w in wanted)
+        return mask
+
     def close(self) -> None:
         if self.ptr:
             C.llama_model_free(self.ptr)

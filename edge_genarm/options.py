@@ -8,6 +8,7 @@ them (raising `UserError` with one line) and builds the engine config and genera
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,6 +72,23 @@ _OPTIONS = [
     click.option("--min-p", type=float, default=_SAMPLING.min_p, show_default=True,
                  help="Keep tokens at least this fraction as likely as the best (0: off)."),
     click.option("--greedy", is_flag=True, help="Always take the most likely token."),
+    click.option("--presence-penalty", type=float, default=_SAMPLING.presence_penalty,
+                 show_default=True, help="Subtract this from every token the answer already "
+                 "holds (-2 to 2, as OpenAI's)."),
+    click.option("--frequency-penalty", type=float, default=_SAMPLING.frequency_penalty,
+                 show_default=True, help="Subtract this times its count from every token the "
+                 "answer already holds (-2 to 2, as OpenAI's)."),
+    click.option("--dry-multiplier", type=float, default=_SAMPLING.dry_multiplier,
+                 show_default=True, help="DRY: penalize a token that would extend a repeat of "
+                 "the answer's own text, by MULTIPLIER * BASE^(length - ALLOWED) (0: off)."),
+    click.option("--dry-base", type=float, default=_SAMPLING.dry_base, show_default=True,
+                 help="DRY: how fast the penalty grows with the repeat's length."),
+    click.option("--dry-allowed-length", type=int, default=_SAMPLING.dry_allowed_length,
+                 show_default=True, help="DRY: repeats up to this many tokens go unpenalized."),
+    click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
+                 metavar="STRING", help="DRY: a repeat never reaches back across a token holding "
+                 "STRING (\\n for a newline). Repeatable; 'none' for no breakers [default: "
+                 "\\n : \" *]."),
     click.option("--seed", type=int, default=None, help="Random seed (default: a fresh one, "
                  "reported with --json)."),
     click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
@@ -121,6 +139,17 @@ def _number(text: str, where: str, example: str) -> float:
     if not math.isfinite(value):
         raise UserError(f"{where}: the weight must be a finite number, not {text}")
     return value
+
+
+def sequence_breakers(given) -> tuple[str, ...]:
+    """--dry-sequence-breaker values as strings: none given keeps the defaults, 'none' clears
+    them; \\n, \\t and \\\\ are the escapes a shell makes awkward."""
+    if not given:
+        return _SAMPLING.dry_sequence_breakers
+    if list(given) == ["none"]:
+        return ()
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+    return tuple(re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], text) for text in given)
 
 
 def parse_arm(text: str, registry: Registry) -> ArmSpec:
@@ -204,9 +233,14 @@ class GenerationOptions:
         kw.pop("preset", None)
         if preset is not None:
             _apply_preset(kw, preset, _explicit(kw))
-        sampling = SamplingSettings(temperature=kw.pop("temperature"), top_k=kw.pop("top_k"),
-                                    top_p=kw.pop("top_p"), min_p=kw.pop("min_p"),
-                                    greedy=kw.pop("greedy"))
+        sampling = SamplingSettings(
+            temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
+            min_p=kw.pop("min_p"), greedy=kw.pop("greedy"),
+            presence_penalty=kw.pop("presence_penalty"),
+            frequency_penalty=kw.pop("frequency_penalty"),
+            dry_multiplier=kw.pop("dry_multiplier"), dry_base=kw.pop("dry_base"),
+            dry_allowed_length=kw.pop("dry_allowed_length"),
+            dry_sequence_breakers=sequence_breakers(kw.pop("dry_sequence_breakers")))
         try:
             sampling.validate()
         except ValueError as exc:  # messages start with the setting's name: make it the flag

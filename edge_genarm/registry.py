@@ -34,7 +34,10 @@ PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size":
                "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT}
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
             "n_gpu_layers": (int,)}
-SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER}
+SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER,
+                 "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+                 "dry_multiplier": _NUMBER, "dry_base": _NUMBER, "dry_allowed_length": (int,),
+                 "dry_sequence_breakers": (list,)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
 

@@ -13,7 +13,7 @@ filter the sample is drawn from exactly softmax(guided).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 Candidates = tuple["np.ndarray | None", np.ndarray]
 Sampler = Callable[[np.ndarray, np.random.Generator], int]
 MAX_TEMPERATURE = 1e4
+DRY_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's default sequence breakers
 
 
 def greedy(logprobs: np.ndarray) -> int:
@@ -100,12 +101,19 @@ def categorical(cands: Candidates, temperature: float, rng: np.random.Generator)
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Defaults are llama.cpp's; T = 1 with every filter off samples softmax(guided) exactly."""
+    """Defaults are llama.cpp's; T = 1 with every filter and penalty off samples
+    softmax(guided) exactly. The penalties (off by default) are `penalties.penalize`'s."""
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
     greedy: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: tuple[str, ...] = field(default=DRY_BREAKERS)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -120,10 +128,43 @@ class SamplingSettings:
             raise ValueError(f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not (0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and -2.0 <= value <= 2.0):
+                raise ValueError(f"{_flag(name)} must be between -2 and 2 (0 turns it off), "
+                                 f"got {value}")
+        if not (np.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0):
+            raise ValueError(f"dry-multiplier must be a finite number >= 0 (0 turns it off), "
+                             f"got {self.dry_multiplier}")
+        if not (np.isfinite(self.dry_base) and self.dry_base >= 1):
+            raise ValueError(f"dry-base must be a finite number >= 1, got {self.dry_base}")
+        if self.dry_allowed_length < 1:
+            raise ValueError(f"dry-allowed-length must be >= 1, got {self.dry_allowed_length}")
+        if any(not isinstance(b, str) or not b for b in self.dry_sequence_breakers):
+            raise ValueError("dry-sequence-breaker must be a non-empty string")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the sampler then needs the answer's tokens so far)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.dry_multiplier)
+
+    def penalties(self) -> dict:
+        """The penalty settings that are on, by name (for a record of what made an answer)."""
+        on = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty")
+              if getattr(self, name)}
+        if self.dry_multiplier:
+            on.update(dry_multiplier=self.dry_multiplier, dry_base=self.dry_base,
+                      dry_allowed_length=self.dry_allowed_length,
+                      dry_sequence_breakers=list(self.dry_sequence_breakers))
+        return on
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def make_sampler(settings: SamplingSettings) -> Sampler:

@@ -11,7 +11,8 @@ Contract:
   ids free (or idle ones to give up) and KV cells to spare, then
   decodes every live sequence's new tokens in one batch per context: each row with its own
   request's ARM weights (an ARM context decodes only the rows that use it), sampled with its
-  own request's sampler and random generator. It returns that step's `Event`s: one per new
+  own request's sampler and random generator, after its penalties on repetition (over that
+  answer's own tokens; log-probs are reported before them). It returns that step's `Event`s: one per new
   token, the last of each answer with its finish reason and `Usage`.
 - Shared prefixes: a prompt that starts with tokens another sequence holds (a live one, or a
   finished one kept while its id is idle) copies them instead of decoding them again.
@@ -40,7 +41,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import guidance, reward
+from . import guidance, penalties, reward
 from .engine import Engine, Sequence
 from .errors import ContextFullError, UserError
 from .text import TextStream
@@ -149,6 +150,7 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self._samplers: dict[SamplingSettings, object] = {}
+        self._breaker_masks: dict[tuple[str, ...], np.ndarray] = {}
         self._judging: list[Handle] = []  # best-of-n requests with answers to score
 
     # -- from any thread --------------------------------------------------------------------
@@ -414,7 +416,11 @@ class Scheduler:
         sampler = self._samplers.get(request.sampling)
         if sampler is None:
             sampler = self._samplers[request.sampling] = make_sampler(request.sampling)
-        token = sampler(row, slot.rng)
+        if request.sampling.penalized:
+            token = sampler(penalties.penalize(row, slot.tokens, request.sampling,
+                                               self._breakers(request.sampling)), slot.rng)
+        else:
+            token = sampler(row, slot.rng)
         if not slot.tokens:
             slot.t_first = now
             slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
@@ -427,6 +433,15 @@ class Scheduler:
         _emit(slot.handle, event, events)
         if finish:
             self._finish(slot, finish, events, event=event)
+
+    def _breakers(self, sampling: SamplingSettings) -> np.ndarray | None:
+        """The vocabulary mask of DRY's sequence breakers, found once per set of strings."""
+        if not sampling.dry_multiplier or not sampling.dry_sequence_breakers:
+            return None
+        key = sampling.dry_sequence_breakers
+        if key not in self._breaker_masks:
+            self._breaker_masks[key] = self.engine.model.tokens_containing(key)
+        return self._breaker_masks[key]
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:

@@ -53,6 +53,17 @@ GENERATE = [
     (["--top-k", "-1", "hi"], None, 1, "--top-k must be >= 0 (0 turns it off), got -1"),
     (["--top-p", "nan", "hi"], None, 1, "--top-p must be in (0, 1] (1 turns it off), got nan"),
     (["--min-p", "2", "hi"], None, 1, "--min-p must be in [0, 1] (0 turns it off), got 2.0"),
+    (["--presence-penalty", "3", "hi"], None, 1, "--presence-penalty must be between -2 and 2 "
+     "(0 turns it off), got 3.0"),
+    (["--frequency-penalty", "nan", "hi"], None, 1, "--frequency-penalty must be between -2 "
+     "and 2 (0 turns it off), got nan"),
+    (["--dry-multiplier", "-0.5", "hi"], None, 1, "--dry-multiplier must be a finite number >= 0 "
+     "(0 turns it off), got -0.5"),
+    (["--dry-multiplier", "1", "--dry-base", "0.9", "hi"], None, 1, "--dry-base must be a "
+     "finite number >= 1, got 0.9"),
+    (["--dry-allowed-length", "0", "hi"], None, 1, "--dry-allowed-length must be >= 1, got 0"),
+    (["--dry-sequence-breaker", "", "hi"], None, 1, "--dry-sequence-breaker must be a non-empty "
+     "string"),
     (["--preset", "nosuch", "hi"], None, 1, "no preset named 'nosuch'; the presets are "),
     (["--models-file", "{d}/missing.toml", "hi"], None, 1, "the models file {d}/missing.toml "
      "does not exist"),

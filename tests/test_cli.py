@@ -221,3 +221,28 @@ def test_a_base_given_as_model_plus_adapter(tiny):
         res = cli("--base", f"{tiny.base}+{adapter}", "--raw", "Hello")
         assert res.exit_code == 1 and res.stdout == ""
         assert res.stderr == f"Error: {message}\n"
+
+
+def _repeats_a_4gram(tokens: list[int]) -> bool:
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) < len(grams)
+
+
+def test_dry_options_reach_the_sampler():
+    """A greedy answer that loops, and the same with DRY on from the command line (repeats of
+    3 tokens allowed, a penalty no log-prob outweighs, no breakers): no 4-gram twice."""
+    args = ["--greedy", "-n", 48, "Repeat after me: the cat sat on the mat. the cat sat on the "
+            "mat. the cat sat on the mat."]
+    plain = cli_json(*args)
+    assert _repeats_a_4gram(plain["tokens"])
+    dry = cli_json("--dry-multiplier", 100, "--dry-allowed-length", 3,
+                   "--dry-sequence-breaker", "none", *args)
+    assert not _repeats_a_4gram(dry["tokens"]) and dry["text"] != plain["text"]
+
+
+def test_sequence_breakers_read_escapes_and_none():
+    from edge_genarm.options import sequence_breakers
+    from edge_genarm.sampling import DRY_BREAKERS
+    assert sequence_breakers(()) == DRY_BREAKERS == ("\n", ":", '"', "*")
+    assert sequence_breakers(["none"]) == ()
+    assert sequence_breakers(["\\n", "\\t", "a\\\\n", "::"]) == ("\n", "\t", "a\\n", "::")

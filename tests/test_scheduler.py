@@ -7,6 +7,7 @@ preset (8-bit weights) is held to the near-tie rule of the batch tests.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -309,3 +310,35 @@ def test_ignore_eos_runs_the_answer_to_max_tokens(demo_base):
         assert usage.finish_reason == "stop" and e.model.is_eog(ended[-1]) and len(ended) < 20
         assert full_usage.finish_reason == "length" and len(full) == 60
         assert full[:len(ended) - 1] == ended[:-1] and not any(map(e.model.is_eog, full))
+
+
+def _first_repeat(tokens: list[int], n: int) -> int | None:
+    """The index of the token that first completes an n-gram seen before, if any."""
+    seen = set()
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1:i + 1])
+        if gram in seen:
+            return i
+        seen.add(gram)
+    return None
+
+
+def test_dry_stops_a_greedy_loop_where_it_would_begin(demo_base):
+    """A greedy answer that repeats itself, then the same request with DRY (repeats of 3 tokens
+    allowed, a penalty no log-prob outweighs, no breakers): the two agree up to the token that
+    would first repeat a 4-gram, the penalized one takes another there, and no 4-gram of it
+    occurs twice."""
+    dry = dataclasses.replace(GREEDY, dry_multiplier=100.0, dry_allowed_length=3,
+                              dry_sequence_breakers=())
+    with make_engine(demo_base, n_ctx=256) as e:
+        prompt = tuple(encode_prompt(e, "Write the word 'yes' fifty times, one per line."))
+        runs = {}
+        for settings in (GREEDY, dry):
+            with Scheduler(e) as s:
+                h = s.submit(Request(prompt, settings, max_tokens=64, ignore_eos=True))
+                runs[settings] = answers(s, [h])[(h, 0)][0]
+    plain, penalized = runs[GREEDY], runs[dry]
+    at = _first_repeat(plain, 4)
+    assert at is not None, "the prompt no longer makes the greedy answer repeat itself"
+    assert penalized[:at] == plain[:at] and penalized[at] != plain[at]
+    assert _first_repeat(penalized, 4) is None and len(penalized) == 64

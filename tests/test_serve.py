@@ -180,6 +180,26 @@ def wait_until_idle(http, url: str, seconds: float = 10) -> None:
         time.sleep(0.1)
 
 
+def _repeats_a_4gram(pieces: list[str]) -> bool:
+    grams = [tuple(pieces[i:i + 4]) for i in range(len(pieces) - 3)]
+    return len(set(grams)) < len(grams)
+
+
+def test_penalties_change_a_looping_answer(client):
+    """OpenAI's presence and frequency penalties, and DRY by llama-server's field names: a
+    greedy answer that repeats itself, then with each penalty (DRY: no 4-gram twice)."""
+    text = "Repeat after me: the cat sat on the mat. the cat sat on the mat. the cat sat on the mat."
+    plain = client.chat.completions.create(**ask(text)).choices[0]
+    assert _repeats_a_4gram([t.token for t in tokens_of(plain)])
+    dry = client.chat.completions.create(**ask(text), extra_body={
+        "dry_multiplier": 100, "dry_allowed_length": 3, "dry_sequence_breakers": []}).choices[0]
+    assert not _repeats_a_4gram([t.token for t in tokens_of(dry)])
+    assert dry.message.content != plain.message.content
+    openai_style = client.chat.completions.create(**ask(text), presence_penalty=2,
+                                                  frequency_penalty=2).choices[0]
+    assert openai_style.message.content != plain.message.content
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_sequence(server, client):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server}/v1/chat/completions", json={
@@ -246,6 +266,12 @@ ERRORS = [  # (body, status, param, code, words in the message)
     ({"messages": msgs(), "max_tokens": 0}, 400, "max_tokens", "invalid_value",
      "greater than or equal to 1"),
     ({"messages": msgs(), "seed": -3}, 400, "seed", "invalid_value", "(got -3)"),
+    ({"messages": msgs(), "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value",
+     "less than or equal to 2"),
+    ({"messages": msgs(), "dry_multiplier": -1}, 400, "dry_multiplier", "invalid_value",
+     "greater than or equal to 0"),
+    ({"messages": msgs(), "dry_sequence_breakers": [""]}, 400, "dry_sequence_breakers.0",
+     "invalid_value", "at least 1 character"),
     ({"messages": msgs(), "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs",
      "invalid_value", "20"),
     ({"messages": msgs(), "stop": ["x"] * 17}, 400, "stop", None, "at most 16"),

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -79,6 +79,13 @@ class _Common(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)           # extension
     min_p: float | None = Field(None, ge=0, le=1)   # extension
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # extensions, llama-server's names: DRY, a penalty on repeating the answer's own text
+    dry_multiplier: float | None = Field(None, ge=0)
+    dry_base: float | None = Field(None, ge=1)
+    dry_allowed_length: int | None = Field(None, ge=1)
+    dry_sequence_breakers: list[Annotated[str, Field(min_length=1)]] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
@@ -111,7 +118,7 @@ def _off(value: Any) -> bool:
 # Fields that change the answer and are not implemented: refused, never silently dropped.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": _off, "tool_choice": _off, "functions": _off, "function_call": _off,
-    "logit_bias": _off, "presence_penalty": _off, "frequency_penalty": _off,
+    "logit_bias": _off,
     "repetition_penalty": lambda v: v in (None, 1, 1.0),
     "repeat_penalty": lambda v: v in (None, 1, 1.0),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
@@ -161,10 +168,14 @@ def _validation_error(exc: ValidationError) -> ApiError:
 def settings(body: ChatBody | CompletionBody, opts) -> dict:
     """Request fields (all but prompt_ids) from a body over the server's options."""
     sampling = opts.sampling
-    for name in ("temperature", "top_p", "top_k", "min_p"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length"):
         value = getattr(body, name)
         if value is not None:
             sampling = dataclasses.replace(sampling, **{name: value})
+    if body.dry_sequence_breakers is not None:
+        sampling = dataclasses.replace(sampling,
+                                       dry_sequence_breakers=tuple(body.dry_sequence_breakers))
     if body.temperature is not None:  # an explicit temperature decides greedy or not
         sampling = dataclasses.replace(sampling, greedy=body.temperature == 0)
     if body.seed is not None:
