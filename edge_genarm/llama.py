@@ -164,6 +164,7 @@ class Model:
         self.vocab_type = int(C.llama_vocab_type(self.vocab))
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
         self.n_embd = int(C.llama_model_n_embd(ptr))
+        self._containing: dict[tuple[str, ...], np.ndarray] = {}
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None when the key is absent."""
@@ -223,14 +224,17 @@ class Model:
         return buf.raw[:n]
 
     def tokens_containing(self, strings: Sequence[str]) -> np.ndarray:
-        """A mask over the vocabulary: the tokens whose rendered text holds any of `strings`."""
-        wanted = [s.encode("utf-8") for s in strings]
-        mask = np.zeros(self.n_vocab, dtype=bool)
-        if wanted:
-            for token in range(self.n_vocab):
+        """A mask over the vocabulary: the tokens whose rendered text holds any of `strings`
+        (found once per set of strings: it renders every token, about a second for 150k)."""
+        key = tuple(strings)
+        if key not in self._containing:
+            wanted = [s.encode("utf-8") for s in key]
+            mask = np.zeros(self.n_vocab, dtype=bool)
+            for token in range(self.n_vocab if wanted else 0):
                 piece = self.token_bytes(token)
                 mask[token] = any(w in piece for w in wanted)
-        return mask
+            self._containing[key] = mask
+        return self._containing[key]
 
     def close(self) -> None:
         if self.ptr:

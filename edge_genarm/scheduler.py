@@ -150,7 +150,6 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self._samplers: dict[SamplingSettings, object] = {}
-        self._breaker_masks: dict[tuple[str, ...], np.ndarray] = {}
         self._judging: list[Handle] = []  # best-of-n requests with answers to score
 
     # -- from any thread --------------------------------------------------------------------
@@ -435,13 +434,10 @@ class Scheduler:
             self._finish(slot, finish, events, event=event)
 
     def _breakers(self, sampling: SamplingSettings) -> np.ndarray | None:
-        """The vocabulary mask of DRY's sequence breakers, found once per set of strings."""
+        """The vocabulary mask of DRY's sequence breakers (the model keeps it)."""
         if not sampling.dry_multiplier or not sampling.dry_sequence_breakers:
             return None
-        key = sampling.dry_sequence_breakers
-        if key not in self._breaker_masks:
-            self._breaker_masks[key] = self.engine.model.tokens_containing(key)
-        return self._breaker_masks[key]
+        return self.engine.model.tokens_containing(sampling.dry_sequence_breakers)
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:
