@@ -22,7 +22,7 @@ network, a throwaway directory). The speed target compares
 the guided 1.5B with 1 / (1/base + 1/ARM), the two models' own tokens/s measured alone in the
 same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adapter as a model,
 `--base MODEL+ADAPTER`), each on the same requests; those two run first. --requests 0 skips
-the objective's table (HumanEval only).
+the objective's table (HumanEval only); --no-small leaves the 0.5B's own rows out of it.
 
 --dry-multiplier M (with --dry-base, --dry-allowed-length, --dry-sequence-breaker, as
 edge-genarm's options) decodes every setting greedily with DRY, the penalty on an answer
@@ -167,6 +167,8 @@ def main() -> None:
                     help="the 1.5B settings (by ARM weight) that also run HumanEval")
     ap.add_argument("--humaneval-small", action="store_true",
                     help="HumanEval for the 0.5B settings too")
+    ap.add_argument("--no-small", action="store_true",
+                    help="leave the 0.5B's own rows out of the objective's table")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--speed-tokens", type=int, default=128,
@@ -204,8 +206,10 @@ def main() -> None:
     runs = {"1.5B alone": (EngineConfig(large, [arm], settings), 0.0),
             ARM_ALONE: (EngineConfig(small, [], settings, base_adapter=adapter), 0.0)}
     runs |= {name: (EngineConfig(large, [arm], settings), w) for name, w in guided.items()}
-    runs |= {"0.5B alone": (EngineConfig(small, [lora], settings), 0.0),
-            "0.5B + its ARM at 1": (EngineConfig(small, [lora], settings), 1.0)}
+    small_runs = {"0.5B alone": (EngineConfig(small, [lora], settings), 0.0),
+                  "0.5B + its ARM at 1": (EngineConfig(small, [lora], settings), 1.0)}
+    if not args.no_small:
+        runs |= small_runs
     print_header()
     if args.requests:
         objective_table(runs, guided, texts, args)
@@ -219,7 +223,7 @@ def main() -> None:
         capability(name, EngineConfig(large, [arm], settings), w, args)
     if args.humaneval_small:
         for name in ("0.5B alone", "0.5B + its ARM at 1"):
-            capability(name, *runs[name], args)
+            capability(name, *small_runs[name], args)
 
 
 def objective_table(runs: dict, guided: dict, texts: list[str], args) -> None:

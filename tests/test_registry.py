@@ -327,3 +327,32 @@ def test_a_model_in_parts_is_joined_once_checked_and_never_left_half(tmp_path, m
     stamp = path.stat().st_mtime_ns
     assert Registry.load(f).resolve("@j") == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().err == ""
+
+
+def test_a_preset_may_set_the_penalties_as_the_options_do(tmp_path):
+    """Penalties in a preset's sampling table, by the options' names: the same answer as the
+    options on the command line, and an explicit option overrides the preset's."""
+    f = tmp_path / "dry.toml"
+    f.write_text('''[presets.dry]
+base = "@smollm2"
+[presets.dry.sampling]
+temperature = 0.0
+dry_multiplier = 100.0
+dry_allowed_length = 2
+dry_sequence_breakers = ["none"]
+presence_penalty = 0.5
+''')
+
+    def tokens(*args):
+        res = cli("generate", "--json", "-n", 32, "--models-file", f, *args, "Repeat after me: "
+                  "the cat sat on the mat. the cat sat on the mat. the cat sat on the mat.")
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)["tokens"]
+
+    preset = tokens("--preset", "dry")
+    assert preset == tokens("--greedy", "--dry-multiplier", 100,
+                            "--dry-allowed-length", 2, "--dry-sequence-breaker", "none",
+                            "--presence-penalty", 0.5)
+    plain = tokens("--greedy")
+    assert preset != plain
+    assert tokens("--preset", "dry", "--dry-multiplier", 0, "--presence-penalty", 0) == plain
