@@ -97,7 +97,7 @@ def dry_penalty(row: np.ndarray, history, multiplier: float, base: float, allowe
 def penalize(row: np.ndarray, history, settings, breakers: np.ndarray | None = None
              ) -> np.ndarray:
     """Every penalty `settings` (a SamplingSettings) turns on, applied to one row."""
-    if not history:
+    if not history or not settings.penalized:
         return row
     if settings.presence_penalty or settings.frequency_penalty:
         row = occurrence_penalty(row, history, settings.presence_penalty,

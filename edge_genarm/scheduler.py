@@ -12,8 +12,8 @@ Contract:
   decodes every live sequence's new tokens in one batch per context: each row with its own
   request's ARM weights (an ARM context decodes only the rows that use it), sampled with its
   own request's sampler and random generator, after its penalties on repetition (over that
-  answer's own tokens; log-probs are reported before them). It returns that step's `Event`s: one per new
-  token, the last of each answer with its finish reason and `Usage`.
+  answer's own tokens; log-probs are reported before them). It returns that step's `Event`s:
+  one per new token, the last of each answer with its finish reason and `Usage`.
 - Shared prefixes: a prompt that starts with tokens another sequence holds (a live one, or a
   finished one kept while its id is idle) copies them instead of decoding them again.
 - `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
@@ -415,11 +415,9 @@ class Scheduler:
         sampler = self._samplers.get(request.sampling)
         if sampler is None:
             sampler = self._samplers[request.sampling] = make_sampler(request.sampling)
-        if request.sampling.penalized:
-            token = sampler(penalties.penalize(row, slot.tokens, request.sampling,
-                                               self._breakers(request.sampling)), slot.rng)
-        else:
-            token = sampler(row, slot.rng)
+        scored = penalties.penalize(row, slot.tokens, request.sampling,
+                                    self._breakers(request.sampling))  # row itself when off
+        token = sampler(scored, slot.rng)
         if not slot.tokens:
             slot.t_first = now
             slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
