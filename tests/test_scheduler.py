@@ -20,7 +20,7 @@ from edge_genarm.errors import EngineError, UserError
 from edge_genarm.generation import encode_prompt
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
-from edge_genarm.scheduler import Request, Scheduler
+from edge_genarm.scheduler import Request, Scheduler, Usage
 
 GREEDY = SamplingSettings(greedy=True)
 
@@ -49,6 +49,13 @@ def answers(scheduler, handles) -> dict:
         if event.usage is not None:
             usage[(event.handle, event.index)] = event.usage
     return {k: (v, usage[k]) for k, v in out.items()}
+
+
+def one_answer(engine, request: Request) -> tuple[list[int], Usage]:
+    """A request decoded alone by a scheduler of its own: its tokens and usage."""
+    with Scheduler(engine) as s:
+        h = s.submit(request)
+        return answers(s, [h])[(h, 0)]
 
 
 def alone(tiny, request: Request) -> list[int]:
@@ -301,11 +308,8 @@ def test_ignore_eos_runs_the_answer_to_max_tokens(demo_base):
     gives the same tokens up to there and then goes on to exactly max_tokens."""
     with make_engine(demo_base, n_ctx=256) as e:
         prompt = tuple(encode_prompt(e, "What is 2 + 2? Answer with a number only."))
-        runs = {}
-        for ignore in (False, True):
-            with Scheduler(e) as s:
-                h = s.submit(Request(prompt, GREEDY, max_tokens=60, ignore_eos=ignore))
-                runs[ignore] = answers(s, [h])[(h, 0)]
+        runs = {ignore: one_answer(e, Request(prompt, GREEDY, max_tokens=60, ignore_eos=ignore))
+                for ignore in (False, True)}
         (ended, usage), (full, full_usage) = runs[False], runs[True]
         assert usage.finish_reason == "stop" and e.model.is_eog(ended[-1]) and len(ended) < 20
         assert full_usage.finish_reason == "length" and len(full) == 60
@@ -332,12 +336,8 @@ def test_dry_stops_a_greedy_loop_where_it_would_begin(demo_base):
                               dry_sequence_breakers=())
     with make_engine(demo_base, n_ctx=256) as e:
         prompt = tuple(encode_prompt(e, "Write the word 'yes' fifty times, one per line."))
-        runs = {}
-        for settings in (GREEDY, dry):
-            with Scheduler(e) as s:
-                h = s.submit(Request(prompt, settings, max_tokens=64, ignore_eos=True))
-                runs[settings] = answers(s, [h])[(h, 0)][0]
-    plain, penalized = runs[GREEDY], runs[dry]
+        plain, penalized = (one_answer(e, Request(prompt, settings, max_tokens=64,
+                                                  ignore_eos=True))[0] for settings in (GREEDY, dry))
     at = _first_repeat(plain, 4)
     assert at is not None, "the prompt no longer makes the greedy answer repeat itself"
     assert penalized[:at] == plain[:at] and penalized[at] != plain[at]
