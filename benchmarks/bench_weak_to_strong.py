@@ -26,8 +26,9 @@ the objective's table (HumanEval only); --no-small leaves the 0.5B's own rows ou
 
 --dry-multiplier M (with --dry-base, --dry-allowed-length, --dry-sequence-breaker, as
 edge-genarm's options) decodes every setting greedily with DRY, the penalty on an answer
-repeating its own text. --answers DIR writes every setting's answers, with their scores, as DIR/<setting>.jsonl (and
-its HumanEval answers, with each one's runner status, as DIR/<setting>-HumanEval.jsonl).
+repeating its own text. --answers DIR writes every setting's answers, with their scores, as
+DIR/<setting>.jsonl (and its HumanEval answers, with each one's runner status, as
+DIR/<setting>-HumanEval.jsonl).
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
                                               [--humaneval 60] [--humaneval-start 0]

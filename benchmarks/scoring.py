@@ -3,14 +3,14 @@ text.
 
 Contract: `greedy_answers(engine, texts, weight, max_tokens, stop=(), sampling=GREEDY)` answers
 every request (chat template applied) greedily (with `sampling`'s penalties, if any) through one
-scheduler, every ARM at `weight`, all requests at
-once, each ending at a stop string if one is given, and returns ([(token ids, text) per
-request], generated tokens/s). `decode_speed(engine, texts, weight, tokens, sampling=GREEDY)` is the tokens/s of
-decoding alone: every request at once (at most the engine's sequences), each exactly `tokens`
-tokens (end of generation masked), timed from the step that gives the first tokens, so that
+scheduler, every ARM at `weight`, all requests at once, each ending at a stop string if one is
+given, and returns ([(token ids, text) per request], generated tokens/s).
+`decode_speed(engine, texts, weight, tokens, sampling=GREEDY)` is the tokens/s of decoding
+alone: every request at once (at most the engine's sequences), each exactly `tokens` tokens
+(end of generation masked), timed from the step that gives the first tokens, so that
 the prompts' prefill is left out. `answer_logprobs(engine, prompts, answers, k)` feeds each
-prompt's ids, then its answer's ids one at a time, `k` sequences decoded together, and returns per answer a float64
-array of log p(answer[t] | prompt, answer[:t]) for every t, from the engine's base model alone
+prompt's ids, then its answer's ids one at a time, `k` sequences decoded together, and returns
+per answer a float64 array of log p(answer[t] | prompt, answer[:t]) for every t, from the engine's base model alone
 (every ARM at alpha 0 meanwhile). A prompt must be non-empty; an answer may not be.
 """
 

@@ -78,17 +78,18 @@ def repeat_lengths(history, breakers: np.ndarray | None = None, max_length: int 
 def dry_penalty(row: np.ndarray, history, multiplier: float, base: float, allowed_length: int,
                 breakers: np.ndarray | None = None) -> np.ndarray:
     """Row less multiplier * base ** (n - allowed_length) for each token that would extend a
-    repeat of n >= allowed_length tokens."""
-    # beyond this length the penalty is over MAX_DRY_PENALTY whatever the multiplier
-    longest = allowed_length + 1 + int(math.log(MAX_DRY_PENALTY / max(multiplier, 1e-6)) /
-                                       math.log(base)) if base > 1 else None
-    tokens, runs = repeat_lengths(history, breakers, longest)
+    repeat of n >= allowed_length tokens, at most MAX_DRY_PENALTY (or the multiplier, if more)."""
+    if multiplier <= 0:
+        return row
+    cap = max(MAX_DRY_PENALTY, multiplier)
+    # a repeat this long is penalized at the cap already: the search need not look further
+    steps = math.ceil(math.log(cap / multiplier) / math.log(base)) if base > 1 else 0
+    tokens, runs = repeat_lengths(history, breakers, allowed_length + steps)
     keep = (runs >= allowed_length) & (tokens < row.size)
     if not keep.any():
         return row
     tokens, runs = tokens[keep], runs[keep]
-    penalty = np.minimum(multiplier * np.power(float(base), (runs - allowed_length)),
-                         MAX_DRY_PENALTY * max(multiplier, 1.0))
+    penalty = np.minimum(multiplier * np.power(float(base), runs - allowed_length), cap)
     out = np.array(row, dtype=np.float32)
     out[tokens] -= penalty.astype(np.float32)
     return out

@@ -56,6 +56,10 @@ def test_dry_penalty_is_capped_and_a_long_loop_is_cut():
     out = penalties.dry_penalty(row(), loop, multiplier=0.8, base=1.75, allowed_length=2)
     assert out[1] == pytest.approx(-penalties.MAX_DRY_PENALTY)
     assert np.count_nonzero(out) == 1
+    flat = penalties.dry_penalty(row(), loop, multiplier=0.5, base=1.0, allowed_length=2)
+    assert flat[1] == pytest.approx(-0.5)  # base 1: the same penalty at every length
+    big = penalties.dry_penalty(row(), loop, multiplier=100.0, base=1.75, allowed_length=2)
+    assert big[1] == pytest.approx(-100.0)  # a multiplier over the cap is the cap
 
 
 def test_penalize_leaves_the_row_alone_when_off_and_on_an_empty_history():

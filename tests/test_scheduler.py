@@ -337,7 +337,8 @@ def test_dry_stops_a_greedy_loop_where_it_would_begin(demo_base):
     with make_engine(demo_base, n_ctx=256) as e:
         prompt = tuple(encode_prompt(e, "Write the word 'yes' fifty times, one per line."))
         plain, penalized = (one_answer(e, Request(prompt, settings, max_tokens=64,
-                                                  ignore_eos=True))[0] for settings in (GREEDY, dry))
+                                                  ignore_eos=True))[0]
+                            for settings in (GREEDY, dry))
     at = _first_repeat(plain, 4)
     assert at is not None, "the prompt no longer makes the greedy answer repeat itself"
     assert penalized[:at] == plain[:at] and penalized[at] != plain[at]

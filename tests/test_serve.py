@@ -188,7 +188,7 @@ def _repeats_a_4gram(pieces: list[str]) -> bool:
 def test_penalties_change_a_looping_answer(client):
     """OpenAI's presence and frequency penalties, and DRY by llama-server's field names: a
     greedy answer that repeats itself, then with each penalty (DRY: no 4-gram twice)."""
-    text = "Repeat after me: the cat sat on the mat. the cat sat on the mat. the cat sat on the mat."
+    text = "Repeat after me: " + "the cat sat on the mat. " * 2 + "the cat sat on the mat."
     plain = client.chat.completions.create(**ask(text)).choices[0]
     assert _repeats_a_4gram([t.token for t in tokens_of(plain)])
     dry = client.chat.completions.create(**ask(text), extra_body={
