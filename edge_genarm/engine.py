@@ -62,6 +62,7 @@ class EngineConfig:
     n_gpu_layers: int = 0
     base_adapter: Path | None = None  # a LoRA adapter the base runs with (MODEL+ADAPTER)
     reward: RewardSpec | None = None  # a scalar reward model, for tokenwise methods (PARGS)
+    repack: str = "auto"  # llama.cpp's extra CPU buffer types: auto, on or off
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Engine:
         models: dict = {}
         contexts: list[Context] = []
         try:
-            base_model = _load_model(models, config.base, config.n_gpu_layers)
+            base_model = _load_model(models, config.base, config.n_gpu_layers, config.repack)
             base = Context(base_model, config.context, config.base_adapter and
                            LoraAdapter(base_model, config.base_adapter))
             contexts.append(base)
@@ -310,12 +311,12 @@ class Engine:
         return [self.base] + [a.context for a in self.arms] + reward
 
 
-def _load_model(models: dict, path: Path, n_gpu_layers: int) -> Model:
+def _load_model(models: dict, path: Path, n_gpu_layers: int, repack: str) -> Model:
     """Each distinct file is loaded once per placement; an ARM that is the base file, placed
     alike, shares its weights."""
     key = (Path(path).resolve(), n_gpu_layers)
     if key not in models:
-        models[key] = Model(path, n_gpu_layers=n_gpu_layers)
+        models[key] = Model(path, n_gpu_layers=n_gpu_layers, repack=repack)
     return models[key]
 
 
@@ -325,7 +326,7 @@ def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
     layers = config.n_gpu_layers if spec.n_gpu_layers is None else spec.n_gpu_layers
     if spec.adapter is not None:  # a LoRA of another model: a small ARM guiding a larger base
         inspect_gguf(spec.adapter).check_adapter_fits(info)
-        model = _load_model(models, spec.path, layers)
+        model = _load_model(models, spec.path, layers, config.repack)
         check_vocab(base_model, model)
         adapter = LoraAdapter(model, spec.adapter)
         return Arm(spec.name, spec.alpha, Context(model, config.context, adapter), "lora",
@@ -339,7 +340,7 @@ def _load_arm(spec: ArmSpec, base_model: Model, base_info: GGUFInfo,
         adapter = LoraAdapter(base_model, spec.path)
         return Arm(spec.name, spec.alpha, Context(base_model, config.context, adapter), "lora",
                    spec.path)
-    model = _load_model(models, spec.path, layers)
+    model = _load_model(models, spec.path, layers, config.repack)
     check_vocab(base_model, model)
     return Arm(spec.name, spec.alpha, Context(model, config.context), "model", spec.path)
 
@@ -382,7 +383,7 @@ def _load_reward(spec: RewardSpec, base_model: Model, base_info: GGUFInfo, model
         info.check_adapter_fits(base_info)
         return RewardModel(Context(base_model, settings, LoraAdapter(base_model, spec.path)),
                            head, n, k)
-    model = _load_model(models, spec.path, config.n_gpu_layers)
+    model = _load_model(models, spec.path, config.n_gpu_layers, config.repack)
     check_vocab(base_model, model, "a reward model")
     adapter = LoraAdapter(model, spec.adapter) if spec.adapter is not None else None
     return RewardModel(Context(model, settings, adapter), head, n, k)

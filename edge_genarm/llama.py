@@ -24,13 +24,14 @@ import llama_cpp as C
 from llama_cpp._ctypes_extensions import load_shared_library
 import numpy as np
 
+from . import penalties
 from .errors import ContextFullError, EngineError, ModelFileError, UserError, plural
 
 # ---------------------------------------------------------------------------------------------
 # logging: llama.cpp logs to stderr by default; keep it quiet unless asked, but remember the last
 # error lines so that a failed load can say why.
 
-_log_state = {"verbose": False, "recent": [], "capture": None}
+_log_state = {"verbose": False, "recent": [], "capture": None, "buffers": None}
 
 
 @C.llama_log_callback
@@ -38,6 +39,8 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
     if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
         _log_state["recent"] = (_log_state["recent"] + [message.strip()])[-5:]
+    if _log_state["buffers"] is not None and "model buffer size" in message:
+        _log_state["buffers"].append(message)  # where a loading model's weights went
     if _log_state["capture"] is not None:  # a dry run's sizes, not shown even with --verbose
         _log_state["capture"].append(message)
     elif _log_state["verbose"]:
@@ -74,6 +77,35 @@ def default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight repacking. llama.cpp may move CPU weights into "extra" buffer types (AMX tiles on Intel
+# CPUs with AMX, CPU_REPACK's interleaved layouts elsewhere). Its AMX matmul segfaults on some
+# Sapphire Rapids-class CPUs on the first multi-token decode, and an override cannot drop AMX
+# alone (an override to the CPU buffer re-selects among the extra types, AMX first), so "auto"
+# turns every extra buffer type off where llama.cpp reports AMX, and keeps them elsewhere.
+
+REPACK_CHOICES = ("auto", "on", "off")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> dict[str, str]:
+    """llama.cpp's own system info as {feature: value}, e.g. {"AVX2": "1", "AMX_INT8": "1"}."""
+    info = C.llama_print_system_info().decode(errors="replace")
+    return dict(re.findall(r"(\w+) = (\w+)", info))
+
+
+def repack_decision(choice: str = "auto") -> tuple[bool, str]:
+    """(repack or not, why) for a --repack choice: auto, on or off."""
+    if choice not in REPACK_CHOICES:
+        raise UserError(f"--repack must be one of {', '.join(REPACK_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on", f"{choice} (asked for)"
+    if cpu_features().get("AMX_INT8") == "1":
+        return False, ("off (auto: llama.cpp reports AMX_INT8 on this CPU, whose AMX path "
+                       "crashes on some; --repack on forces it)")
+    return True, "on (auto: no AMX on this CPU)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,18 +178,35 @@ def read_gguf_header(path: str | Path) -> GGUFHeader | None:
 # ---------------------------------------------------------------------------------------------
 
 
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
+
+
 class Model:
     """A GGUF model loaded once; `close` frees it (contexts made from it must be closed first)."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False,
+                 repack: str = "auto"):
         self.path = Path(path)
+        self.repack, why = repack_decision(repack)
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only  # tokenizer and metadata only, no weights
-        ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        params.use_extra_bufts = self.repack
+        _log_state["buffers"] = lines = []
+        try:
+            ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        finally:
+            _log_state["buffers"] = None
         if not ptr:
             raise ModelFileError(f"llama.cpp could not load {self.path}: {last_log_error()}")
         self.ptr = ptr
+        # buffer type -> MiB of weights in it (CPU, CPU_REPACK, AMX, CUDA0, ...)
+        self.buffers = {name: float(mib) for name, mib in
+                        _BUFFER_LINE.findall("".join(lines))}
+        self.repack_reason = why
+        if _log_state["verbose"] and not vocab_only:
+            sys.stderr.write(f"edge-genarm: {self.path.name}: weights in {self.describe_buffers()};"
+                             f" weight repacking {why}\n")
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
@@ -165,6 +214,10 @@ class Model:
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
         self.n_embd = int(C.llama_model_n_embd(ptr))
         self._containing: dict[tuple[str, ...], np.ndarray] = {}
+        self._dry_breakers: dict[tuple[str, ...], penalties.Breakers | None] = {}
+
+    def describe_buffers(self) -> str:
+        return ", ".join(f"{name} {mib:.1f} MiB" for name, mib in self.buffers.items()) or "none"
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None when the key is absent."""
@@ -235,6 +288,29 @@ class Model:
                 mask[token] = any(w in piece for w in wanted)
             self._containing[key] = mask
         return self._containing[key]
+
+    def dry_breakers(self, strings: Sequence[str]) -> penalties.Breakers | None:
+        """DRY's sequence breakers as llama.cpp's `llama_sampler_init_dry` processes them: each
+        token rendered as it renders one (special tokens as their text), the rest of a breaker
+        that a token's text begins tokenized without special tokens (found once per set of
+        strings: it renders every token, about a second for 150k)."""
+        key = tuple(strings)
+        if key not in self._dry_breakers:
+            one = (C.llama_token * 1)()
+
+            def piece(token: int, size: int = 256) -> bytes:
+                one[0], text = token, ctypes.create_string_buffer(size)
+                n = C.llama_detokenize(self.vocab, one, 1, text, size, False, True)
+                return text.raw[:n] if n >= 0 else piece(token, -n)  # -n: the size needed
+
+            def tokenize(data: bytes, size: int = 64) -> list[int]:
+                buf = (C.llama_token * size)()
+                n = C.llama_tokenize(self.vocab, data, len(data), buf, size, False, False)
+                return list(buf[:n]) if n >= 0 else tokenize(data, -n)
+
+            pieces = [piece(t) for t in range(self.n_vocab)] if key else []
+            self._dry_breakers[key] = penalties.process_breakers(key, pieces, tokenize)
+        return self._dry_breakers[key]
 
     def close(self) -> None:
         if self.ptr:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from .errors import UserError
+from .options import repack_option
 from .registry import ModelEntry, Registry, hub_file
 
 
@@ -64,9 +65,11 @@ def list_(models_file) -> None:
 
 @models.command("show")
 @_registry_option
+@repack_option
 @click.argument("name")
-def show(models_file, name) -> None:
-    """What a preset (or @model) resolves to, read from the GGUF files."""
+def show(models_file, repack, name) -> None:
+    """What a preset (or @model) resolves to, read from the GGUF files, and where llama.cpp puts
+    its weights (the buffer types, as --repack chooses them)."""
     reg = Registry.load(models_file)
     if name.startswith("@"):
         refs = [("model", name, None)]
@@ -85,11 +88,11 @@ def show(models_file, name) -> None:
             click.echo(f"{head}\n  missing; {todo}")
             continue
         click.echo(f"{head}\n  file: {path} ({_size(path)})")
-        for line in _describe(path):
+        for line in _describe(path, repack):
             click.echo(f"  {line}")
 
 
-def _describe(path) -> list[str]:
+def _describe(path, repack: str) -> list[str]:
     from .gguf_file import inspect_gguf
     from .llama import Model
 
@@ -98,7 +101,7 @@ def _describe(path) -> list[str]:
         rank = next((s[1] for n, s in info.shapes.items() if n.endswith(".lora_a")), "?")
         return [f"LoRA adapter for {info.architecture}, rank {rank}, "
                 f"{len(info.shapes) // 2} weights"]
-    model = Model(path)
+    model = Model(path, repack=repack)
     try:
         n_params = sum(_count(s) for s in info.shapes.values())
         template = "yes" if model.meta("tokenizer.chat_template") else "no"
@@ -106,7 +109,8 @@ def _describe(path) -> list[str]:
                 f"file type {model.meta('general.file_type') or '?'} "
                 f"({_ftype_name(model.meta('general.file_type'))})",
                 f"vocabulary {model.n_vocab} tokens, context {model.n_ctx_train}, "
-                f"chat template: {template}"]
+                f"chat template: {template}",
+                f"weights in {model.describe_buffers()}; weight repacking {model.repack_reason}"]
     finally:
         model.close()
 

@@ -29,6 +29,12 @@ MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
 
 _PRESET_HELP = ("A preset from models.toml: base, ARMs, alphas, sampling; explicit options "
                 "override it [env EDGE_GENARM_PRESET].")
+repack_option = click.option(
+    "--repack", type=click.Choice(llama.REPACK_CHOICES), default="auto", show_default=True,
+    envvar="EDGE_GENARM_REPACK", help="Repack CPU weights into llama.cpp's extra buffer types "
+    "(AMX, CPU_REPACK) for faster kernels; auto: on, except where llama.cpp reports AMX, whose "
+    "path crashes on some Intel CPUs [env EDGE_GENARM_REPACK].")
+
 _OPTIONS = [
     click.option("--models-file", default=None, envvar="EDGE_GENARM_MODELS_FILE",
                  metavar="PATH", help="A models.toml merged over the shipped and user ones "
@@ -110,6 +116,7 @@ _OPTIONS = [
     click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True,
                  envvar="EDGE_GENARM_N_GPU_LAYERS", help="Layers to offload to the GPU "
                  "(-1: all) [env EDGE_GENARM_N_GPU_LAYERS]."),
+    repack_option,
     click.option("--exact", is_flag=True, help="F32 KV cache and no flash attention, to match a "
                  "PyTorch reference to about 1e-4."),
     click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's own log lines."),
@@ -224,6 +231,7 @@ class GenerationOptions:
     reward: RewardSpec | None = None  # loaded for a tokenwise method, or when given
     reward_weight: float = 1.0
     samples: int = 4
+    repack: str = "auto"              # llama.cpp's extra CPU buffer types
 
     @classmethod
     def from_kwargs(cls, kw: dict) -> "GenerationOptions":
@@ -285,6 +293,7 @@ class GenerationOptions:
             reward=reward,
             reward_weight=kw.pop("reward_weight"),
             samples=kw.pop("samples"),
+            repack=kw.pop("repack"),
         )
         opts.seed_given = opts.seed is not None
         if opts.seed is None:
@@ -307,7 +316,7 @@ class GenerationOptions:
             context = replace(context, n_seq_max=max(context.n_seq_max, self.samples))
         return EngineConfig(base=self.base, arms=self.arms, context=context,
                             n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter,
-                            reward=self.reward)
+                            reward=self.reward, repack=self.repack)
 
     def request(self, prompt_ids=(), **changes) -> Request:
         """A scheduler request with these options, for prompt_ids; `changes` override fields."""

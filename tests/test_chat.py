@@ -20,6 +20,7 @@ from edge_genarm.engine import Engine
 from edge_genarm.errors import UserError
 from edge_genarm.options import GenerationOptions
 from hf_models import write_smollm2_tokenizer
+from reference import reference_llama
 
 
 def session(*args: str) -> ChatSession:
@@ -103,7 +104,7 @@ def assert_arm_holds(chat, name, batches):
     conversation, whatever it missed and caught up on."""
     a = arm(chat, name)
     assert sum(batches, []) == chat.seq.tokens
-    reference = llama_cpp.Llama(str(chat.engine.model.path), lora_path=str(a.path), n_ctx=1024,
+    reference = reference_llama(chat.engine.model.path, lora_path=str(a.path), n_ctx=1024,
                                 flash_attn=True, verbose=False)
     try:
         for batch in batches:

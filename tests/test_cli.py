@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_genarm.cli import main
+from reference import reference_llama
 
 PROMPT = "Give me three tips for a good morning."
 
@@ -33,7 +34,7 @@ def test_json_has_every_field_and_alpha_zero_equals_llama_cpp_greedy(smollm2):
     assert out["completion_tokens"] == len(out["tokens"]) == 24
     assert out["prompt_tokens"] == len(out["prompt_ids"]) and out["cached_tokens"] == 0
     assert out["tokens_per_second"] > 0 and out["time_to_first_token"] > 0
-    llm = llama_cpp.Llama(str(smollm2), n_ctx=2048, type_k=0, type_v=0, flash_attn=False,
+    llm = reference_llama(smollm2, n_ctx=2048, type_k=0, type_v=0, flash_attn=False,
                           verbose=False)
     own = []
     for token in llm.generate(out["prompt_ids"], temp=0.0, reset=True):

@@ -17,6 +17,7 @@ from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from tiny_models import TinySpec, tiny_weights, write_tiny_model
+from reference import reference_llama
 
 GREEDY = Request((), SamplingSettings(greedy=True), max_tokens=16)
 
@@ -109,7 +110,7 @@ def test_a_base_with_an_adapter_runs_as_that_adapter_merged(tiny):
 def _reference_guided_greedy(base, arms, ids, n):
     """Independent computation: separately driven llama-cpp-python contexts, maths in float64."""
     def open_ctx(path, lora=None):
-        return llama_cpp.Llama(str(path), n_ctx=256, type_k=0, type_v=0, flash_attn=False,
+        return reference_llama(path, n_ctx=256, type_k=0, type_v=0, flash_attn=False,
                                lora_path=str(lora) if lora else None, verbose=False)
 
     def last_logits(llm):
@@ -170,7 +171,7 @@ def _reference_rows(models, ids, steps):
     """Guided rows, normalised over the common range, from separately driven llama-cpp-python
     contexts (float64): each model's log-softmax over its own vocabulary, summed over
     [0, common size). `models`: (path, weight) pairs, the base first with weight 1."""
-    llms = [(llama_cpp.Llama(str(p), n_ctx=256, type_k=0, type_v=0, flash_attn=False,
+    llms = [(reference_llama(p, n_ctx=256, type_k=0, type_v=0, flash_attn=False,
                              verbose=False), a) for p, a in models]
     n = min(llm.n_vocab() for llm, _ in llms)
     rows, full_argmax = [], []

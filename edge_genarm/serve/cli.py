@@ -1,7 +1,9 @@
 """`edge-genarm serve`: an OpenAI-compatible server where every request brings its own alignment.
 
 The socket is bound first (a port in use is one line, before any model loads); the models load
-on a thread while `/health` answers 503; uvicorn serves the app from `app.py`.
+on a thread while `/health` answers 503, each after a first decode in a child process
+(`probe.py`) so that a model that crashes llama.cpp ends the command with one line and exit
+status 1; uvicorn serves the app from `app.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..engine import Engine
 from ..errors import UserError
 from ..generation import chat_template
 from ..options import GenerationOptions, generation_options
+from ..probe import check_first_decode
 from ..scheduler import Scheduler
 from .app import ServeConfig, create_app
 from .worker import Served
@@ -78,6 +81,9 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         models = {}
         try:
             for name, opts in options.items():
+                # a crash inside llama.cpp would kill every request later: meet it now, in a
+                # child, as one line and a non-zero exit that a supervisor sees
+                check_first_decode(opts.engine_config())
                 engine = Engine.load(opts.engine_config())
                 models[name] = Served(name, opts, engine, Scheduler(engine),
                                       chat_template(engine, opts.chat_template), parallel,
