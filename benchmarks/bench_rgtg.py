@@ -83,7 +83,11 @@ def measure(name: str, engine: Engine, prompts, request: dict, args, afinn, tabl
     return answers
 
 
-def batched_against_sequential(engine: Engine, prompts, args) -> None:
+def batched_against_sequential(engine: Engine, prompts, args) -> dict:
+    """PARGS-G with every step's candidates scored in one decode against one decode per
+    candidate, on an engine loaded with `RewardSpec(..., args.candidates)` (where its layers run
+    is the caller's EngineConfig); `args` holds candidates, compare_prompts and max_tokens.
+    Prints the line and returns its figures."""
     request = dict(sampling=GREEDY, method="pargs", candidates=args.candidates,
                    reward_weight=1.0)
     runs = {}
@@ -99,6 +103,8 @@ def batched_against_sequential(engine: Engine, prompts, args) -> None:
     print(f"\nPARGS-G, k = {args.candidates}, {len(prompts)} prompts: candidates in one decode "
           f"{fast:.1f} tok/s, one decode per candidate {slow:.1f} tok/s: {fast / slow:.2f}x "
           f"(target 1.5x); identical answers {same}/{len(prompts)}")
+    return {"candidates": args.candidates, "prompts": len(prompts), "batched_tok_s": fast,
+            "sequential_tok_s": slow, "speedup": fast / slow, "identical": same}
 
 
 def frontier(table: list) -> list[str]:

@@ -18,6 +18,10 @@ targets name. Traffic goes to 127.0.0.1 only.
     pip install pydantic-settings starlette-context   # llama-cpp-python's server extras
     python benchmarks/bench_server.py [--clients 1,4,16] [--max-tokens 64]
                                       [--requests-per-client 4] [--threads N] [--quick]
+                                      [--n-gpu-layers -1] [--parallel N]
+
+--n-gpu-layers goes to both servers (llama-cpp-python's needs a GPU build for it), --parallel to
+edge-genarm's (default: the most clients).
 """
 
 from __future__ import annotations
@@ -113,6 +117,13 @@ def measure(name: str, url: str, args, arms: dict | None, rows: dict) -> None:
               f"| {r['ttft_median'] * 1e3:.0f} | {r['ttft_p90'] * 1e3:.0f} |", flush=True)
 
 
+def edge_genarm_command(parallel: int, threads: int, n_gpu_layers: int = 0) -> list[str]:
+    """`edge-genarm serve` on the demo preset, loopback only (`local_server` adds the port)."""
+    return [sys.executable, "-m", "edge_genarm", "serve", "--preset", "demo", "--parallel",
+            str(parallel), "--ctx-size", "2048", "--threads", str(threads), "--max-queue", "256",
+            "--n-gpu-layers", str(n_gpu_layers), "--host", "127.0.0.1"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", default="1,4,16")
@@ -120,6 +131,10 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     ap.add_argument("--quick", action="store_true", help="1 and 4 clients, 2 requests each")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU, both "
+                    "servers (-1: all)")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="edge-genarm's parallel sequences (0: the most clients)")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.requests_per_client = "1,4", 2
@@ -129,19 +144,20 @@ def main() -> None:
     threads = os.cpu_count() if args.threads == 0 else args.threads
     print_header()
     print(f"base {base.name}; {args.requests_per_client} greedy streamed requests per client, "
-          f"at most {args.max_tokens} tokens each; threads {threads}")
+          f"at most {args.max_tokens} tokens each; threads {threads}; "
+          f"GPU layers {args.n_gpu_layers}")
     print("| server | clients | requests/s | generated tokens/s | TTFT median ms | TTFT p90 ms |")
     print("|---|---|---|---|---|---|")
     rows: dict = {}
     theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(base), "--n_ctx", "2048",
               "--n_threads", str(threads), "--n_threads_batch", str(threads),
               "--model_alias", "demo", "--verbose", "False",
+              "--n_gpu_layers", str(args.n_gpu_layers),
               # queue concurrent requests rather than cut the running stream (its default)
               "--interrupt_requests", "False"]
     with server(theirs, "/v1/models") as url:
         measure("llama-cpp-python", url, args, None, rows)
-    ours = [sys.executable, "-m", "edge_genarm", "serve", "--preset", "demo", "--parallel",
-            str(top), "--ctx-size", "2048", "--threads", str(threads), "--max-queue", "256"]
+    ours = edge_genarm_command(args.parallel or top, threads, args.n_gpu_layers)
     with server(ours, "/health") as url:
         measure("edge-genarm unguided", url, args, OFF, rows)
         measure("edge-genarm guided", url, args, None, rows)
