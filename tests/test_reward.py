@@ -281,6 +281,39 @@ def test_each_method_through_the_real_cli_on_smollm2(smollm2, smollm2_rm):
     assert best["completion_tokens"] == len(best["tokens"]) > 0
 
 
+def test_args_and_pargs_give_the_same_tokens_with_one_reward_model(tmp_path):
+    """ARGS adds w * r to the base's raw logits, PARGS to its log-probs; a log-prob is the logit
+    less its row's log-sum-exp, one number for every candidate, so the top k, the argmax and any
+    sampling over the candidates (softmax at T, top-k, top-p, min-p) are the same. On the demo
+    preset (its one reward model, the partial-BT @demo-positive-rm), three held-out prompts
+    decoded together: args and pargs give the same tokens, greedy at w 2 and sampled at w 1 with
+    one seed. What tells the methods apart is the reward model each is meant for: args with the
+    full-BT @demo-positive-rm-full answers otherwise."""
+    held = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo" / "held_out_prompts.txt"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(held.read_text().splitlines(keepends=True)[:3]))
+
+    def tokens(name, *args) -> dict:
+        out = tmp_path / f"{name}.jsonl"
+        res = CliRunner().invoke(main, ["generate", "--preset", "demo", "-n", "32", "--input",
+                                        str(prompts), "--output", str(out), "--n-parallel", "3",
+                                        *args])
+        assert res.exit_code == 0, res.stderr
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == 3 and all(r["error"] is None for r in records)
+        return {r["id"]: r["tokens"] for r in records}
+
+    greedy = ["--greedy", "--reward-weight", "2"]
+    pargs = tokens("pargs-greedy", "--method", "pargs", *greedy)
+    assert tokens("args-greedy", "--method", "args", *greedy) == pargs
+    sampled = ["--seed", "7", "--reward-weight", "1"]
+    assert tokens("args-sampled", "--method", "args", *sampled) == \
+        tokens("pargs-sampled", "--method", "pargs", *sampled)
+    full = tokens("args-full", "--method", "args", "--reward-model", "@demo-positive-rm-full",
+                  *greedy)
+    assert full != pargs
+
+
 def test_chat_with_pargs_answers_as_generate_and_saves_the_method(tmp_path):
     """The demo preset names its reward model: chat uses it as generate does, and /save records
     how each reply was guided."""
