@@ -213,7 +213,6 @@ class Model:
         self.vocab_type = int(C.llama_vocab_type(self.vocab))
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
         self.n_embd = int(C.llama_model_n_embd(ptr))
-        self._containing: dict[tuple[str, ...], np.ndarray] = {}
         self._dry_breakers: dict[tuple[str, ...], penalties.Breakers | None] = {}
 
     def describe_buffers(self) -> str:
@@ -275,19 +274,6 @@ class Model:
             buf = ctypes.create_string_buffer(-n)
             n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
-
-    def tokens_containing(self, strings: Sequence[str]) -> np.ndarray:
-        """A mask over the vocabulary: the tokens whose rendered text holds any of `strings`
-        (found once per set of strings: it renders every token, about a second for 150k)."""
-        key = tuple(strings)
-        if key not in self._containing:
-            wanted = [s.encode("utf-8") for s in key]
-            mask = np.zeros(self.n_vocab, dtype=bool)
-            for token in range(self.n_vocab if wanted else 0):
-                piece = self.token_bytes(token)
-                mask[token] = any(w in piece for w in wanted)
-            self._containing[key] = mask
-        return self._containing[key]
 
     def dry_breakers(self, strings: Sequence[str]) -> penalties.Breakers | None:
         """DRY's sequence breakers as llama.cpp's `llama_sampler_init_dry` processes them: each

@@ -431,11 +431,11 @@ class Scheduler:
         if finish:
             self._finish(slot, finish, events, event=event)
 
-    def _breakers(self, sampling: SamplingSettings) -> np.ndarray | None:
-        """The vocabulary mask of DRY's sequence breakers (the model keeps it)."""
+    def _breakers(self, sampling: SamplingSettings) -> penalties.Breakers | None:
+        """DRY's sequence breakers, processed as llama.cpp does (the model keeps them)."""
         if not sampling.dry_multiplier or not sampling.dry_sequence_breakers:
             return None
-        return self.engine.model.tokens_containing(sampling.dry_sequence_breakers)
+        return self.engine.model.dry_breakers(sampling.dry_sequence_breakers)
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:

@@ -369,20 +369,3 @@ def test_one_decode_returns_the_logits_of_several_positions(tiny):
         e.advance([one], [ids])
         singly = [np.array(e.advance([one], [[t]])) for t in cont]
     np.testing.assert_allclose(rows, np.stack(singly), atol=1e-4)
-
-
-def test_tokens_containing_a_string_are_those_that_render_it(demo_base):
-    """DRY's breaker mask: every token whose text holds a newline or a colon, and no other."""
-    from edge_genarm.llama import Model
-    model = Model(demo_base, vocab_only=True)
-    try:
-        mask = model.tokens_containing(("\n", ":"))
-        assert mask.shape == (model.n_vocab,) and model.tokens_containing(("\n", ":")) is mask
-        for text in ("\n", ":", "\n\n", "):"):
-            assert all(mask[t] for t in model.tokenize(text, add_special=False))
-        for token in np.flatnonzero(mask)[:50].tolist() + model.tokenize("hello world", False):
-            piece = model.token_bytes(token)
-            assert mask[token] == (b"\n" in piece or b":" in piece)
-        assert not model.tokens_containing(()).any()
-    finally:
-        model.close()

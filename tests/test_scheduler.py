@@ -14,13 +14,16 @@ import time
 import numpy as np
 import pytest
 
+import llama_cpp
 from conftest import make_engine, reference_log_softmax
+from edge_genarm import penalties
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import EngineError, UserError
 from edge_genarm.generation import encode_prompt
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler, Usage
+from tiny_models import TinySpec, write_tiny_model
 
 GREEDY = SamplingSettings(greedy=True)
 
@@ -343,3 +346,75 @@ def test_dry_stops_a_greedy_loop_where_it_would_begin(demo_base):
     assert at is not None, "the prompt no longer makes the greedy answer repeat itself"
     assert penalized[:at] == plain[:at] and penalized[at] != plain[at]
     assert _first_repeat(penalized, 4) is None and len(penalized) == 64
+
+
+def test_dry_at_the_shipped_setting_decodes_as_llama_cpps_sampler(smollm2):
+    """SmolLM2, greedy, loops ("I'm ready to help." again and again). With DRY as the coder
+    presets set it (multiplier 0.8; llama.cpp's base 1.75, allowed length 2 and breakers), at
+    every step edge-genarm's penalized row equals llama.cpp's DRY sampler fed the answer so far
+    and applied to that step's logits, and the scheduler takes its argmax; the plain answer
+    takes the logits' own, so the two part exactly where llama.cpp's penalty moves the argmax."""
+    from test_penalties import llama_apply, llama_dry, llama_vocab
+
+    dry = dataclasses.replace(GREEDY, dry_multiplier=0.8)
+    assert (dry.dry_base, dry.dry_allowed_length, dry.dry_sequence_breakers) == \
+        (1.75, 2, ("\n", ":", '"', "*"))
+    with make_engine(smollm2, n_ctx=256) as e:
+        prompt = tuple(encode_prompt(e, "Write the word 'yes' fifty times, one per line."))
+        plain, penalized = (one_answer(e, Request(prompt, settings, max_tokens=32,
+                                                  ignore_eos=True))[0]
+                            for settings in (GREEDY, dry))
+        seq = e.new_sequence()  # the same decodes again: prompt, then one token at a time
+        rows = [np.array(e.advance([seq], [prompt]))]
+        rows += [np.array(e.advance([seq], [[t]])) for t in penalized[:-1]]
+        e.release(seq)
+        eog = e.model.eog_tokens
+        breakers = e.model.dry_breakers(dry.dry_sequence_breakers)
+    assert _first_repeat(plain, 6) is not None, "the greedy answer no longer loops"
+    picked = []
+    with llama_vocab(smollm2) as vocab:
+        sampler = llama_dry(vocab, 0.8, 1.75, 2, 256, list(dry.dry_sequence_breakers))
+        try:
+            for i, (token, logits) in enumerate(zip(penalized, rows)):
+                logits[eog] = -np.inf  # ignore_eos, as the scheduler masks them
+                theirs = llama_apply(sampler, logits)
+                ours = penalties.penalize(logits, penalized[:i], dry, breakers)
+                np.testing.assert_array_equal(ours, theirs, err_msg=f"step {i}")
+                picked.append(int(np.argmax(theirs)))
+                llama_cpp.llama_sampler_accept(sampler, token)
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+    assert picked == penalized
+    part = next(i for i, (a, b) in enumerate(zip(plain, penalized)) if a != b)
+    moved = [i for i, logits in enumerate(rows) if np.argmax(logits) != picked[i]]
+    assert part == moved[0] and plain[part] == np.argmax(rows[part])
+
+
+def test_a_batch_of_different_penalties_equals_each_request_alone(tmp_path, tokenizer):
+    """A tied tiny F32 model repeats its last token, so every penalty changes its answers. Rows
+    with no penalty, presence and frequency, and DRY at two settings (greedy and sampled) share
+    every step, in exact mode; each answer equals the request decoded alone, token for token,
+    and differs from the same request without its penalties."""
+    base = tmp_path / "tied.gguf"
+    write_tiny_model(base, TinySpec(seed=0, tied=True), tokenizer)
+    hot = SamplingSettings(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0)
+    settings = [GREEDY, dataclasses.replace(GREEDY, presence_penalty=1.5, frequency_penalty=0.5),
+                dataclasses.replace(GREEDY, dry_multiplier=0.8),
+                dataclasses.replace(GREEDY, dry_multiplier=3.0, dry_base=1.3,
+                                    dry_allowed_length=3, dry_sequence_breakers=(".", " the")),
+                dataclasses.replace(hot, dry_multiplier=0.8),
+                dataclasses.replace(hot, presence_penalty=0.5, dry_multiplier=2.0)]
+    with make_engine(base, n_seq_max=8, n_ctx=128) as e:
+        requests = [Request(ids(e, text), s, max_tokens=24, seed=seed)
+                    for text, s, seed in zip(TEXTS, settings, range(1, 7))]
+        scheduler = Scheduler(e)
+        handles = [scheduler.submit(r) for r in requests]
+        got = answers(scheduler, handles)
+        scheduler.close()
+    with make_engine(base, n_ctx=128) as e:
+        for h, r in zip(handles, requests):
+            assert got[(h, 0)][0] == one_answer(e, r)[0], r.sampling.penalties()
+            if r.sampling.penalized:
+                off = dataclasses.replace(r.sampling, presence_penalty=0.0,
+                                          frequency_penalty=0.0, dry_multiplier=0.0)
+                assert one_answer(e, dataclasses.replace(r, sampling=off))[0] != got[(h, 0)][0]
