@@ -28,7 +28,9 @@ the objective's table (HumanEval only); --no-small leaves the 0.5B's own rows ou
 edge-genarm's options) decodes every setting greedily with DRY, the penalty on an answer
 repeating its own text. --answers DIR writes every setting's answers, with their scores, as
 DIR/<setting>.jsonl (and its HumanEval answers, with each one's runner status, as
-DIR/<setting>-HumanEval.jsonl).
+DIR/<setting>-HumanEval.jsonl). --sum-humaneval DIR [DIR ...] loads no model: it prints each
+setting's pass@1 over those runs' HumanEval answers together (problems 0-59 in one folder and
+60-119 in another: pass@1 over 120), a problem in two folders refused.
 
     python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
                                               [--humaneval 60] [--humaneval-start 0]
@@ -36,6 +38,7 @@ DIR/<setting>-HumanEval.jsonl).
                                               [--max-tokens 256] [--parallel 16]
                                               [--answers DIR] [--dry-multiplier M
                                               --dry-allowed-length N --dry-sequence-breaker S]
+    python benchmarks/bench_weak_to_strong.py --sum-humaneval DIR [DIR ...]
 """
 
 from __future__ import annotations
@@ -121,6 +124,28 @@ def humaneval(engine: Engine, weight: float, args, name: str) -> tuple[int, int]
     return results.count("passed"), len(problems)
 
 
+def sum_humaneval(folders: list[Path]) -> None:
+    """Each setting's HumanEval answers in several --answers folders, passes summed."""
+    seen: dict[str, set] = {}
+    totals: dict[str, list[int]] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*-HumanEval.jsonl")):
+            name = path.name.removesuffix("-HumanEval.jsonl")
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            tasks = {r["request"] for r in rows}
+            if tasks & seen.setdefault(name, set()) or len(tasks) < len(rows):
+                raise SystemExit(f"{path}: a problem counted twice for {name}")
+            seen[name] |= tasks
+            total = totals.setdefault(name, [0, 0])
+            total[0] += sum(r["score"] == "passed" for r in rows)
+            total[1] += len(rows)
+    if not totals:
+        raise SystemExit(f"no *-HumanEval.jsonl in {', '.join(map(str, folders))}")
+    print("| setting | pass@1 % | passed |\n|---|---|---|")
+    for name, (passed, n) in totals.items():
+        print(f"| {name} | {100 * passed / n:.1f} | {passed} of {n} |")
+
+
 def progress(name: str, phase: str, t0: float) -> None:
     """A line on stderr per phase: these runs take hours on a small CPU."""
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {phase} ({time.perf_counter() - t0:.0f} s)",
@@ -185,7 +210,11 @@ def main() -> None:
                     default=SamplingSettings.dry_allowed_length)
     ap.add_argument("--dry-sequence-breaker", action="append", default=[],
                     help="repeatable; none: no breakers (default: llama.cpp's)")
+    ap.add_argument("--sum-humaneval", nargs="+", type=Path, metavar="DIR",
+                    help="only sum earlier runs' HumanEval answers (--answers folders)")
     args = ap.parse_args()
+    if args.sum_humaneval:
+        return sum_humaneval(args.sum_humaneval)
     args.sampling = SamplingSettings(
         greedy=True, dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
         dry_allowed_length=args.dry_allowed_length,

@@ -6,7 +6,10 @@ own in test_convert.py and test_train.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import gguf
+import llama_cpp
 import pytest
 from click.testing import CliRunner
 
@@ -14,7 +17,7 @@ from edge_genarm import memory
 from edge_genarm.cli import main
 from edge_genarm.engine import ArmSpec, EngineConfig
 from edge_genarm.errors import UserError
-from edge_genarm.llama import ContextSettings
+from edge_genarm.llama import Context, ContextSettings, Model, _log_state
 
 # (arguments, standard input, exit status, the start of the one line after "Error: ")
 GENERATE = [
@@ -23,12 +26,8 @@ GENERATE = [
     (["--threads", "100000", "hi"], None, 1, "--threads must be between 1 and 512, got 100000"),
     (["--n-gpu-layers", "-7", "hi"], None, 1, "--n-gpu-layers must be -1 (all), 0 (none) or a "
      "number of layers, got -7"),
-    (["--n-gpu-layers", "5", "hi"], None, 1, "--n-gpu-layers 5: this llama-cpp-python build has "
-     "no GPU support; drop the option, or install a CUDA or Metal build"),
     (["-p", "demo", "--arm-gpu-layers", "positive=-2", "hi"], None, 1, "--arm-gpu-layers "
      "positive must be -1 (all), 0 (none) or a number of layers, got -2"),
-    (["-p", "demo", "--arm-gpu-layers", "positive=3", "hi"], None, 1, "--arm-gpu-layers "
-     "positive=3: this llama-cpp-python build has no GPU support; drop the option"),
     (["-p", "demo", "--arm-gpu-layers", "positive", "hi"], None, 1, "--arm-gpu-layers positive: "
      "write NAME=N, for example small=0"),
     (["-p", "demo", "--arm-gpu-layers", "positive=all", "hi"], None, 1, "--arm-gpu-layers "
@@ -121,8 +120,6 @@ GENERATE = [
 
 CHAT = [
     (["--seed", "-2"], None, 1, "--seed must be >= 0, got -2"),
-    (["--n-gpu-layers", "3"], None, 1, "--n-gpu-layers 3: this llama-cpp-python build has no GPU "
-     "support"),
     (["--ctx-size", "100000000"], None, 1, "a context of 100000000 tokens needs about "),
     (["--top-p", "0"], None, 1, "--top-p must be in (0, 1] (1 turns it off), got 0.0"),
     (["--preset", "nosuch"], None, 1, "no preset named 'nosuch'"),
@@ -179,6 +176,42 @@ def test_a_mistake_is_one_line_a_failing_status_and_no_file_changed(workspace, c
     assert _snapshot(workspace) == before
 
 
+# GPU layers: refused by a build without GPU offload, offloaded by one with it; (command,
+# arguments, standard input, the layers offloaded, the refusal after "Error: ")
+GPU_LAYERS = [
+    ("generate", ["--n-gpu-layers", "5", "hi"], None, 5, "--n-gpu-layers 5: this "
+     "llama-cpp-python build has no GPU support; drop the option, or install a CUDA or Metal "
+     "build"),
+    ("generate", ["--arm", "@smollm2", "--arm-gpu-layers", "smollm2=3", "hi"], None, 3,
+     "--arm-gpu-layers smollm2=3: this llama-cpp-python build has no GPU support; drop the "
+     "option"),
+    ("chat", ["--n-gpu-layers", "3"], b"Say hi.\n", 3, "--n-gpu-layers 3: this "
+     "llama-cpp-python build has no GPU support"),
+]
+
+
+@pytest.mark.parametrize("command, args, stdin, layers, refusal", GPU_LAYERS,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in GPU_LAYERS])
+def test_gpu_layers_are_refused_without_offload_and_offloaded_with_it(workspace, command, args,
+                                                                      stdin, layers, refusal):
+    """The build at hand decides which branch runs; both are real runs of the CLI."""
+    before = _snapshot(workspace)
+    if not llama_cpp.llama_supports_gpu_offload():
+        res = CliRunner().invoke(main, [command, *args], input=stdin)
+        assert res.exit_code == 1 and res.stdout == ""
+        assert res.stderr.startswith("Error: " + refusal) and res.stderr.count("\n") == 1
+    else:  # llama.cpp's own log (--verbose) says where the layers went; the answer shows decoding
+        res = CliRunner().invoke(main, [command, "--verbose", "--greedy", "-n", "4", *args],
+                                 input=stdin)
+        assert res.exit_code == 0, res.stderr
+        assert re.search(rf"offloaded {layers}/\d+ layers to GPU", res.stderr), res.stderr
+        gpu = [float(mib) for name, mib in re.findall(r"(\S+) model buffer size =\s*([\d.]+)",
+                                                       res.stderr) if not name.startswith("CPU")]
+        assert gpu and min(gpu) > 0, res.stderr
+        assert res.stdout.strip()
+    assert _snapshot(workspace) == before
+
+
 def test_chat_script_reports_a_line_that_is_not_utf8_and_answers_the_next(demo_base):
     res = CliRunner().invoke(main, ["chat", "--greedy", "-n", "3"],
                              input=b"\xff\xfe bad bytes\nSay hi.\n")
@@ -188,26 +221,62 @@ def test_chat_script_reports_a_line_that_is_not_utf8_and_answers_the_next(demo_b
     assert res.stdout.strip()  # the second line got its reply
 
 
+def _kv_bytes_by_hand(path, cells: int) -> int:
+    """K and V of every layer for every cell, f16: read from the GGUF header with gguf-py."""
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    meta = lambda key: int(fields[f"{arch}.{key}"].contents())  # noqa: E731
+    head_dim = meta("embedding_length") // meta("attention.head_count")
+    return 2 * meta("block_count") * cells * meta("attention.head_count_kv") * head_dim * 2
+
+
+def _real_context_need(model: Model, settings: ContextSettings, contexts: int) -> int:
+    """What an engine of `contexts` contexts of `settings` on `model` takes, as memory.Need
+    counts it, from contexts really made (allocated, not a dry run): llama.cpp's logged sizes of
+    the KV cache and buffers, the KV cache also computed by hand."""
+    lines: list[str] = []
+    _log_state["capture"] = lines
+    try:
+        ctx = Context(model, settings)
+    finally:
+        _log_state["capture"] = None
+    cells = ctx.n_cells
+    ctx.close()
+    text = "".join(lines)
+    mib = {name: sum(float(m) for m in re.findall(rx + r" size =\s*([\d.]+) MiB", text))
+           for name, rx in (("kv", "llama_kv_cache:"), ("compute", "CPU compute buffer"),
+                            ("output", "CPU +output buffer"))}
+    assert mib["kv"] == pytest.approx(_kv_bytes_by_hand(model.path, cells) / 2**20, abs=0.01)
+    each = sum(int(v * 2**20) for v in mib.values())
+    return model.path.stat().st_size + contexts * each + memory.PROCESS_RESERVE
+
+
 def test_memory_check_names_settings_that_fit(demo_base):
-    """The K and context size the refusal names fit by llama.cpp's own figures; one more does
-    not (with a made-up amount of free memory, so the test means the same on any machine)."""
+    """The K and context size the refusal names fit, and one more does not, by what contexts
+    really made report (the check prices them with llama.cpp's dry run); with a made-up amount
+    of free memory, so the test means the same on any machine."""
     config = EngineConfig(demo_base, [ArmSpec(demo_base, 1.0, "arm")],
                           ContextSettings(n_ctx=2048, n_seq_max=64))
-    free = 3 * 2**30
+    free = 2**30
     with pytest.raises(UserError) as err:
         memory.check(config, free)
     message = str(err.value)
     assert message.startswith("64 sequences of 2048 tokens need about ")
     k = int(message.split("lower --n-parallel to ")[1].split()[0])
     n_ctx = int(message.split("--ctx-size to ")[1])
-    plan = memory.Plan(config)
-    fits = lambda **kw: plan.need(dataclasses.replace(config.context, **kw)).total <= free  # noqa
-    assert 1 <= k < 64 and fits(n_seq_max=k) and not fits(n_seq_max=k + 1)
-    assert 16 <= n_ctx < 2048 and fits(n_ctx=n_ctx) and not fits(n_ctx=n_ctx + 16)
+    assert 1 <= k < 64 and 16 <= n_ctx < 2048
+    model = Model(demo_base)  # the ARM is the base file: its weights are loaded once
+    try:
+        fits = lambda **kw: _real_context_need(  # noqa: E731
+            model, dataclasses.replace(config.context, **kw), contexts=2) <= free
+        assert fits(n_seq_max=k) and not fits(n_seq_max=k + 1)
+        assert fits(n_ctx=n_ctx) and not fits(n_ctx=n_ctx + 16)
+    finally:
+        model.close()
     memory.check(dataclasses.replace(config, context=ContextSettings(2048, n_seq_max=k)), free)
-    # two contexts of the same model: KV caches of both, priced by llama.cpp (f16 K and V)
-    need = plan.need(config.context)
-    assert need.kv == 2 * 64 * 2048 * 30 * 2 * 192 * 2  # contexts x cells x layers x K,V x dims
+    # the refused size's KV caches (not allocated here): two contexts, priced by hand
+    need = memory.Plan(config).need(config.context)
+    assert need.kv == 2 * _kv_bytes_by_hand(demo_base, 64 * 2048)
 
 
 def test_a_refused_batch_leaves_no_output_file(workspace, demo_base):

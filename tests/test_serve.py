@@ -22,12 +22,14 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_genarm.cli import main as cli
 from edge_genarm.serve.launch import local_server
 
 MAX_TOKENS = 24
 NEAR_TIE = 1.0
+INF = float("inf")
 
 
 @contextmanager
@@ -146,12 +148,29 @@ def test_per_request_arms_change_the_answer_and_keep_to_their_own_request(client
                                 tokens_of(together[w].choices[0])), w
 
 
-def test_twenty_concurrent_streams_each_equal_to_their_request_alone(client, aclient):
+def step_requests(url: str) -> dict[float, float]:
+    """The server's histogram of requests given a token by one decode step, as cumulative
+    counts by upper bound (inf: every step counted)."""
+    text = httpx.get(f"{url}/metrics").text
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "edge_genarm_step_requests")
+    counts = dict.fromkeys((1.0, 2.0, 4.0, 8.0, INF), 0.0)  # before the first step: none
+    counts.update({float(s.labels["le"]): s.value for s in family.samples
+                   if s.name.endswith("_bucket") and s.labels["model"] == "demo"})
+    return counts
+
+
+def test_twenty_concurrent_streams_each_equal_to_their_request_alone(server, client, aclient):
     prompts = ["Hi!", "What is rain?", "Name a fruit.", "Count to five.", "Say something nice.",
                "What is a cat?", "Give me a tip.", "Describe the sea.", "What is music?",
                "Why is the sky blue?"]
     requests = [ask(p, extra_body={"arms": {"positive": w}}) for p in prompts for w in (0.0, 1.5)]
+    before = step_requests(server)
     alone = [tokens_of(client.chat.completions.create(**r).choices[0]) for r in requests]
+    between = step_requests(server)
+    steps = between[INF] - before[INF]
+    # one request at a time: a step each token, and never two requests in one step
+    assert steps >= len(requests) and between[1.0] - before[1.0] == steps
 
     async def stream(ac, r):
         got = []
@@ -169,6 +188,11 @@ def test_twenty_concurrent_streams_each_equal_to_their_request_alone(client, acl
 
     results = asyncio.run(all_of_them())
     assert all(finish in ("stop", "length") for _, finish in results)
+    # the streams really overlapped: steps decoded several of them, up to all --parallel 8
+    after = step_requests(server)
+    shared = (after[INF] - after[1.0]) - (between[INF] - between[1.0])
+    assert shared >= MAX_TOKENS
+    assert after[8.0] - after[4.0] > between[8.0] - between[4.0]
     for r, a, (b, _) in zip(requests, alone, results):
         assert same_or_near_tie(a, b), r["messages"]
 

@@ -1,6 +1,6 @@
-"""`edge-genarm train` on tiny models and a tiny separable preference set: what it learns (in
-PyTorch and, through the written GGUF adapter, in llama.cpp), a real SIGKILL and --resume, and
-every refusal of the command line."""
+"""`edge-genarm train` on tiny models and a tiny separable preference set: the loss against a
+hand computation, what it learns (in PyTorch and, through the written GGUF adapter, in
+llama.cpp), a real SIGKILL and --resume, and every refusal of the command line."""
 
 from __future__ import annotations
 
@@ -173,6 +173,56 @@ def test_the_written_arm_carries_the_trained_margins_into_llama_cpp(trained, tin
                           if line.startswith("held-out preference accuracy")).split()[3])
     assert (llama_arm[h] > 0).mean() == pytest.approx(reported, abs=1e-3)
     assert (llama_base[h] > 0).mean() < reported
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss, by hand
+
+
+def _hand_logp(model, prompt: list[int], response: list[int]) -> float:
+    """log pi(response | prompt): one sequence alone, no padding, summed in float64."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logps = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # rows predicting response
+    return logps.gather(-1, torch.tensor(response)[:, None]).sum().item()
+
+
+def _hand_loss(logps: np.ndarray, lengths: np.ndarray, beta: float, length_norm: bool) -> tuple:
+    """(mean of -log sigmoid(beta * margin), share of positive margins); logps and lengths are
+    pairs x (chosen, rejected)."""
+    per_pair = logps / lengths if length_norm else logps
+    margins = beta * (per_pair[:, 0] - per_pair[:, 1])
+    return np.mean(np.logaddexp(0.0, -margins)), np.mean(margins > 0)  # log(1 + e^-m)
+
+
+@pytest.mark.parametrize("length_norm", [False, True])
+def test_the_loss_is_genarm_s_computed_by_hand(hf_llama, length_norm):
+    """-log sigmoid(beta (log pi(chosen) - log pi(rejected))), averaged over the pairs, with log pi
+    the sum of the response's token log-probs or, with --length-norm, that sum over the
+    response's token count; responses of unequal lengths in one padded batch."""
+    import transformers
+    from edge_genarm.train.data import Pair
+    from edge_genarm.train.trainer import pair_loss
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama,
+                                                              dtype=torch.float32).eval()
+    pairs = [Pair([1, 504, 2319], [1002, 57, 88, 2], [4093, 2], 1),
+             Pair([1, 77], [310, 2], [9, 4400, 1201, 13, 870, 2], 2),
+             Pair([1, 12, 4580, 911, 6], [2200, 41, 2], [35, 2], 3)]
+    logps = np.array([[_hand_logp(model, p.prompt, r) for r in (p.chosen, p.rejected)]
+                      for p in pairs])
+    lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs])
+    beta = 0.7
+    expected, accuracy = _hand_loss(logps, lengths, beta, length_norm)
+    config = TrainConfig(beta=beta, length_norm=length_norm)
+    with torch.no_grad():
+        loss, acc = pair_loss(torch, model, pairs, config, pad_id=0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert acc == pytest.approx(accuracy)
+    # the other normalisation, or another beta, would be far outside that tolerance
+    assert abs(_hand_loss(logps, lengths, beta, not length_norm)[0] - expected) > 1e-2
+    assert abs(_hand_loss(logps, lengths, 0.1, length_norm)[0] - expected) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from .protocol import Answer, ApiError
 from .worker import QueueFull, Served, Worker
 
 FINGERPRINT = f"edge-genarm-{__version__}"
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # --parallel is at most 256
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Metrics:
                            registry=r)
         self.cells_total = Gauge("edge_genarm_kv_cells", "KV cells in the cache", by_model,
                                  registry=r)
+        # requests that shared one step's batch: above 1, concurrent requests really overlapped
+        self.step_requests = Histogram("edge_genarm_step_requests",
+                                       "Requests given a token by one decode step", by_model,
+                                       buckets=STEP_BUCKETS, registry=r)
 
     def answered(self, model: str, answers: list[Answer]) -> None:
         for a in answers:
@@ -81,6 +86,13 @@ class Metrics:
                 self.completion.labels(model).inc(a.usage.completion_tokens)
                 if a.usage.completion_tokens:
                     self.ttft.labels(model).observe(a.usage.time_to_first_token)
+
+    def stepped(self, model: Served, events: list) -> None:
+        """From the stepping thread: a step that gave no token (closing events only) is not
+        counted; a best-of-n request counts once its best answer goes out."""
+        requests = len({e.handle for e in events if e.token is not None})
+        if requests:
+            self.step_requests.labels(model.name).observe(requests)
 
     def render(self, models: dict[str, Served]) -> bytes:
         for name, m in models.items():
@@ -119,7 +131,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
         except BaseException as exc:  # told to the command, which stops the server
             on_fatal(exc)
             return
-        worker = Worker(models)
+        worker = Worker(models, on_step=metrics.stepped)
         worker.start()
         state.worker, state.models = worker, models
 

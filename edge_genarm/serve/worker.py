@@ -10,6 +10,7 @@ Contract:
   raises `UserError` and nothing is submitted. Both are safe from any thread.
 - `cancel(handles)` ends requests at once (a client that went away); their sequences are free
   at the next step. `stop()` ends the thread and closes every scheduler and engine.
+- `on_step(model, events)`, if given, is told each step's events on the stepping thread.
 - llama.cpp releases the GIL in its calls, so the event loop keeps serving while a step runs;
   models are stepped one after another, as contexts are, since their threads share the cores.
 """
@@ -20,10 +21,11 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..engine import Engine
 from ..errors import EngineError, UserError
-from ..scheduler import Handle, Request, Scheduler
+from ..scheduler import Event, Handle, Request, Scheduler
 
 
 class QueueFull(Exception):
@@ -52,8 +54,10 @@ class _Route:
 
 
 class Worker:
-    def __init__(self, models: dict[str, Served]):
+    def __init__(self, models: dict[str, Served],
+                 on_step: Callable[[Served, list[Event]], None] | None = None):
         self.models = models
+        self._on_step = on_step
         self._routes: dict[Handle, _Route] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -118,6 +122,8 @@ class Worker:
                     self._fail(model, exc)
                     continue
                 model.cells_in_use = model.scheduler.cells_in_use
+                if self._on_step is not None:
+                    self._on_step(model, events)
                 self._route(events)
 
     def _route(self, events) -> None:
