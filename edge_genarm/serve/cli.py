@@ -83,8 +83,9 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
             for name, opts in options.items():
                 # a crash inside llama.cpp would kill every request later: meet it now, in a
                 # child, as one line and a non-zero exit that a supervisor sees
-                check_first_decode(opts.engine_config())
-                engine = Engine.load(opts.engine_config())
+                config = opts.engine_config()
+                check_first_decode(config)
+                engine = Engine.load(config)
                 models[name] = Served(name, opts, engine, Scheduler(engine),
                                       chat_template(engine, opts.chat_template), parallel,
                                       max_queue)
