@@ -32,7 +32,8 @@ import click
 from . import llama
 from .engine import Engine
 from .errors import UserError, plural
-from .generation import chat_template, encode_messages, encode_prompt, method_of
+from .generation import (chat_template, encode_messages, encode_prompt, method_of,
+                         with_system)
 from .options import GenerationOptions
 from .scheduler import Handle, Request, Scheduler
 
@@ -126,7 +127,7 @@ def encode_item(engine: Engine, item: Item, opts: GenerationOptions) -> list[int
     template = chat_template(engine, opts.chat_template)
     if opts.raw or template is None:
         raise UserError('"messages" need the chat template; give "prompt" instead')
-    return encode_messages(engine, item.messages, template)
+    return encode_messages(engine, with_system(item.messages, opts.system), template)
 
 
 def seed_for(run_seed: int, item_id: object) -> int:

@@ -60,6 +60,13 @@ def encode_prompt(engine: Engine, prompt: str, system: str | None = None,
     return encode_messages(engine, build_messages(prompt, system), template)
 
 
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """The messages, led by `system` (--system, a preset's) where they bring none of their own."""
+    if not system or any(m.get("role") in ("system", "developer") for m in messages):
+        return messages
+    return [{"role": "system", "content": system}] + list(messages)
+
+
 def chat_template(engine: Engine, fallback: str | None = None) -> str | None:
     """The base's own chat template, else the fallback (a preset's), else None."""
     return engine.model.meta("tokenizer.chat_template") or fallback

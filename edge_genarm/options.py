@@ -375,9 +375,9 @@ def _apply_preset(kw: dict, preset, explicit: set[str]) -> None:
         kw["reward_model"] = preset.reward_model  # loaded only where a method uses it
     if "ctx_size" not in explicit and preset.ctx_size:
         kw["ctx_size"] = preset.ctx_size
-    for key, value in preset.sampling.items():
-        if key not in explicit:
-            kw[key] = value
+    for key, value in (preset.sampling | preset.request).items():
+        if key not in explicit and not (key == "system" and kw.get("raw")):
+            kw[key] = tuple(value) if key == "stop" else value
 
 
 def _dedupe_arm_names(arms: list[ArmSpec]) -> None:

@@ -30,8 +30,11 @@ _TEXT, _NUMBER = (str,), (int, float)
 MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub", "revision",
                                  "sha256", "from", "quantize")} | {"parts": (list,)}
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
+# A preset's request defaults, named as the command-line options they stand in for.
+REQUEST_KEYS = {"system": _TEXT, "stop": (list,), "max_tokens": (int,),
+                "reward_weight": _NUMBER, "candidates": (int,)}
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
-               "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT}
+               "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT} | REQUEST_KEYS
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
             "n_gpu_layers": (int,)}
 SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER,
@@ -84,6 +87,7 @@ class Preset:
     chat_template: str | None = None
     sampling: dict = field(default_factory=dict)
     reward_model: str | None = None  # for --method pargs/args (MODEL, @NAME or MODEL+ADAPTER)
+    request: dict = field(default_factory=dict)  # REQUEST_KEYS: system, stop, max_tokens...
 
 
 def cache_dir() -> Path:
@@ -182,6 +186,11 @@ class Registry:
             _check_keys(f"[presets.{name}.sampling]", entry.get("sampling", {}), SAMPLING_KEYS)
             if "base" not in entry:
                 raise UserError(f"[presets.{name}]: base = ... is missing")
+            for where, key in (("", "stop"), (".sampling", "dry_sequence_breakers")):
+                values = (entry.get("sampling", {}) if where else entry).get(key, [])
+                if not all(isinstance(v, str) and v for v in values):
+                    raise UserError(f"[presets.{name}{where}]: {key} must be a list of "
+                                    f"non-empty strings, not {values!r}")
             arms = []
             for arm in entry.get("arms", []):
                 _check_keys(f"[[presets.{name}.arms]]", arm, ARM_KEYS)
@@ -195,7 +204,8 @@ class Registry:
                                    ctx_size=entry.get("ctx_size"),
                                    chat_template=entry.get("chat_template"),
                                    sampling=dict(entry.get("sampling", {})),
-                                   reward_model=entry.get("reward_model"))
+                                   reward_model=entry.get("reward_model"),
+                                   request={k: entry[k] for k in REQUEST_KEYS if k in entry})
         return cls(models, presets, files)
 
     def preset(self, name: str) -> Preset:

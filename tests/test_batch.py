@@ -145,6 +145,21 @@ def test_malformed_lines_are_named_and_a_too_long_prompt_is_recorded(tmp_path):
     assert recs["a"]["text"] and recs["b"]["text"] and recs["b"]["error"] is None
 
 
+def test_system_leads_messages_items_that_bring_none(tmp_path):
+    """--system goes before a "messages" item's turns as it does before a "prompt" item."""
+    user = {"role": "user", "content": "Name a colour."}
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "prompt", "prompt": "Name a colour."}, {"id": "messages", "messages": [user]},
+        {"id": "own", "messages": [{"role": "system", "content": "Answer in French."}, user]}])
+    res, out = batch(tmp_path, "out", "--greedy", "-n", "8", "--n-parallel", "1",
+                     "--system", "Answer in one word.", input_path=inp)
+    assert res.exit_code == 0, res.stderr
+    recs = records(out)
+    assert recs["prompt"]["tokens"] == recs["messages"]["tokens"]
+    assert recs["prompt"]["prompt_tokens"] == recs["messages"]["prompt_tokens"] != \
+        recs["own"]["prompt_tokens"]
+
+
 def test_text_input_and_seeds():
     items = list(read_items(Path(__file__).parent.parent / "edge_genarm" / "demo" /
                             "held_out_prompts.txt"))

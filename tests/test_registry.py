@@ -356,3 +356,55 @@ presence_penalty = 0.5
     plain = tokens("--greedy")
     assert preset != plain
     assert tokens("--preset", "dry", "--dry-multiplier", 0, "--presence-penalty", 0) == plain
+
+
+def test_a_preset_may_set_the_request_defaults_as_the_options_do(tmp_path):
+    """system, stop, max_tokens in a preset: the same answer as those options given by hand;
+    explicit options override them; --raw drops the preset's system message instead of
+    failing on it; `models show` prints them."""
+    f = tmp_path / "req.toml"
+    f.write_text('''[presets.req]
+base = "@smollm2"
+system = "You answer in French."
+stop = ["\\n\\n"]
+max_tokens = 24
+[presets.req.sampling]
+temperature = 0.0
+''')
+
+    def record(*args):
+        res = cli("generate", "--json", "--models-file", f, *args, "Name three colours.")
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)
+
+    preset = record("--preset", "req")
+    by_hand = record("--greedy", "--system", "You answer in French.", "--stop", "\n\n", "-n", 24)
+    assert (preset["prompt_ids"], preset["tokens"], preset["text"]) == \
+        (by_hand["prompt_ids"], by_hand["tokens"], by_hand["text"])
+    assert preset["finish_reason"] == "stop_string" and "\n" not in preset["text"]
+    assert preset["prompt_ids"] != record("--greedy", "-n", 24)["prompt_ids"]
+    assert record("--preset", "req", "--system", "Be brief.")["prompt_ids"] == \
+        record("--greedy", "--system", "Be brief.")["prompt_ids"]
+    unstopped = record("--preset", "req", "--stop", "none of this")
+    assert unstopped["finish_reason"] == "length" and len(unstopped["tokens"]) == 24
+    assert len(record("--preset", "req", "-n", 5, "--stop", "none of this")["tokens"]) == 5
+    raw = record("--preset", "req", "--raw")
+    assert raw["prompt_ids"] == record("--greedy", "--raw")["prompt_ids"]
+    shown = cli("models", "show", "--models-file", f, "req")
+    assert "defaults: temperature 0.0, system 'You answer in French.', stop ['\\n\\n'], " \
+        "max_tokens 24" in shown.stdout
+
+
+@pytest.mark.parametrize("line, message", [
+    ('stop = ["", "x"]', "[presets.p]: stop must be a list of non-empty strings, not ['', 'x']"),
+    ("stop = [1]", "[presets.p]: stop must be a list of non-empty strings, not [1]"),
+    ('max_tokens = "many"', "[presets.p]: max_tokens must be an integer, not 'many'"),
+    ("system = 3", "[presets.p]: system must be a string, not 3"),
+    ('[presets.p.sampling]\ndry_sequence_breakers = [2]',
+     "[presets.p.sampling]: dry_sequence_breakers must be a list of non-empty strings, not [2]"),
+])
+def test_bad_request_defaults_in_a_preset_are_refused_by_name(tmp_path, line, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(f'[presets.p]\nbase = "@smollm2"\n{line}\n')
+    res = cli("generate", "--models-file", f, "--preset", "p", "hi")
+    assert res.exit_code != 0 and message in res.stderr and "Traceback" not in res.stderr

@@ -373,6 +373,25 @@ def test_queue_limit_and_api_key():
             assert ok.status_code == 200
 
 
+def test_the_servers_system_message_leads_chats_that_bring_none():
+    """`--system` (or a preset's system) as Ollama's SYSTEM: a chat without a system message gets
+    it, one with its own keeps its own."""
+    with running_server("--preset", "demo", "--parallel", "2", "--ctx-size", "256",
+                        "--system", "Answer in one word.") as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def chat(*messages):
+            reply = api.chat.completions.create(model="demo", messages=list(messages),
+                                                temperature=0, max_tokens=12)
+            return reply.choices[0].message.content, reply.usage.prompt_tokens
+
+        user = {"role": "user", "content": "Name a colour."}
+        given = chat({"role": "system", "content": "Answer in one word."}, user)
+        assert chat(user) == given
+        other = chat({"role": "developer", "content": "Answer in French."}, user)
+        assert other != given and other[1] != given[1]
+
+
 # -- the command ---------------------------------------------------------------------------------
 def test_health_is_503_while_the_models_load(demo_base):
     """The app from `create_app`, its loader held at a gate until /health has answered."""

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import ContextFullError, EngineError, UserError
-from ..generation import encode_messages
+from ..generation import encode_messages, with_system
 from ..scheduler import Handle, Request as GenRequest
 from . import protocol
 from .protocol import Answer, ApiError
@@ -253,7 +253,8 @@ def _prompts(kind: str, body, model: Served) -> list[list[int]]:
                                "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role,
                          "content": m.text()} for m in body.messages]
-            return [encode_messages(engine, messages, model.template)]
+            return [encode_messages(engine, with_system(messages, model.opts.system),
+                                    model.template)]
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
