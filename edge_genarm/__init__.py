@@ -1,7 +1,11 @@
 """edge-genarm: GenARM guided decoding on llama.cpp (see README.md).
 
+The Python API: `edge_genarm.load(...)` (see api.py).
+
 Layers, each depending only on those below it:
   cli, generate, chat, serve, models, train   commands
+  api                        load() and Model: generate, stream, generate_batch, chat
+  worker                     the stepping thread: callers' requests on one scheduler
   options, generation        shared options; the stream -> result generators
   scheduler                  requests in, events out: one batch per context per step
   engine                     base and ARM contexts, sequences, the guided step
@@ -14,3 +18,12 @@ and `train`, lazily, when they are invoked.
 """
 
 __version__ = "0.1.0"
+__all__ = ["load", "Model", "Result", "Chunk", "UserError", "EngineError"]
+
+
+def __getattr__(name: str):
+    # The API on first use: `import edge_genarm` alone loads neither llama.cpp nor NumPy.
+    if name in __all__:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'edge_genarm' has no attribute {name!r}")

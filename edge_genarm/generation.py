@@ -31,6 +31,7 @@ class Result:
     alphas: dict[str, float]
     usage: Usage
     method: dict = field(default_factory=lambda: {"method": "genarm"})  # and its settings
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token, when asked for
 
     @property
     def finish_reason(self) -> str:

@@ -234,13 +234,14 @@ class GenerationOptions:
     repack: str = "auto"              # llama.cpp's extra CPU buffer types
 
     @classmethod
-    def from_kwargs(cls, kw: dict) -> "GenerationOptions":
-        """Pop the shared options from a command's kwargs, apply the preset, check them."""
+    def from_kwargs(cls, kw: dict, explicit: set[str] | None = None) -> "GenerationOptions":
+        """Pop the shared options from a command's kwargs, apply the preset, check them.
+        `explicit`: the options the caller gave (default: those click saw given)."""
         registry = Registry.load(kw.pop("models_file"))
         preset = registry.preset(kw.pop("preset")) if kw.get("preset") else None
         kw.pop("preset", None)
         if preset is not None:
-            _apply_preset(kw, preset, _explicit(kw))
+            _apply_preset(kw, preset, _explicit(kw) if explicit is None else explicit)
         sampling = SamplingSettings(
             temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
             min_p=kw.pop("min_p"), greedy=kw.pop("greedy"),

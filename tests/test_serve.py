@@ -403,7 +403,7 @@ def test_health_is_503_while_the_models_load(demo_base):
     from edge_genarm.sampling import SamplingSettings
     from edge_genarm.scheduler import Scheduler
     from edge_genarm.serve.app import ServeConfig, create_app
-    from edge_genarm.serve.worker import Served
+    from edge_genarm.worker import Served
 
     gate = threading.Event()
     opts = GenerationOptions(demo_base, [], SamplingSettings(), context=ContextSettings(256))
@@ -434,7 +434,7 @@ def test_cors_is_off_unless_origins_are_named(demo_base):
     from edge_genarm.sampling import SamplingSettings
     from edge_genarm.scheduler import Scheduler
     from edge_genarm.serve.app import ServeConfig, create_app
-    from edge_genarm.serve.worker import Served
+    from edge_genarm.worker import Served
 
     opts = GenerationOptions(demo_base, [], SamplingSettings(), context=ContextSettings(128))
 

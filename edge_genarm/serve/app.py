@@ -37,7 +37,7 @@ from ..generation import encode_messages, with_system
 from ..scheduler import Handle, Request as GenRequest
 from . import protocol
 from .protocol import Answer, ApiError
-from .worker import QueueFull, Served, Worker
+from ..worker import QueueFull, Served, Worker
 
 FINGERPRINT = f"edge-genarm-{__version__}"
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # --parallel is at most 256
@@ -295,8 +295,10 @@ class _Call:
                            f"--parallel), got {fields['n']}", "n")
         requests = [GenRequest(tuple(ids), **fields) for ids in prompts]
         try:
-            self.handles, self.queue = self.worker.submit(self.model, requests,
-                                                          asyncio.get_running_loop())
+            loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+            self.handles = self.worker.submit(
+                self.model, requests,
+                lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
         except QueueFull as exc:
             raise ApiError(503, str(exc), code="queue_full",
                            headers={"Retry-After": "1"}) from None

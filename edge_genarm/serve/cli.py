@@ -23,7 +23,7 @@ from ..options import GenerationOptions, generation_options
 from ..probe import check_first_decode
 from ..scheduler import Scheduler
 from .app import ServeConfig, create_app
-from .worker import Served
+from ..worker import Served
 
 
 @click.command()

@@ -1,12 +1,13 @@
-"""The stepping thread: every served model's scheduler stepped on one thread, events routed to
-the asyncio queue of the HTTP request that asked for them.
+"""The stepping thread: every loaded model's scheduler stepped on one thread, events handed to
+whoever asked for them (the server's HTTP requests, the Python API's callers).
 
 Contract:
 - `Served` is one model id (a preset): its options, engine, scheduler and chat template.
-- `Worker.submit(model, requests, loop)` submits a request's scheduler requests (one per prompt)
-  and returns their handles and one `asyncio.Queue` that receives their `Event`s, in order, and,
-  if llama.cpp fails, the `EngineError` (the request is then cancelled). A request beyond the
-  model's `--parallel` running and `--max-queue` waiting raises `QueueFull`; a bad request
+- `Worker.submit(model, requests, deliver)` submits a call's scheduler requests (one per prompt)
+  and returns their handles; `deliver` is then called on the stepping thread with each of their
+  `Event`s, in order, and, if llama.cpp fails, with the `EngineError` (the requests are then
+  cancelled): it must only hand the item over (a queue's put), never block. A call beyond the
+  model's `parallel` running and `max_queue` waiting raises `QueueFull`; a bad request
   raises `UserError` and nothing is submitted. Both are safe from any thread.
 - `cancel(handles)` ends requests at once (a client that went away); their sequences are free
   at the next step. `stop()` ends the thread and closes every scheduler and engine.
@@ -17,15 +18,14 @@ Contract:
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine import Engine
-from ..errors import EngineError, UserError
-from ..scheduler import Event, Handle, Request, Scheduler
+from .engine import Engine
+from .errors import EngineError, UserError
+from .scheduler import Event, Handle, Request, Scheduler
 
 
 class QueueFull(Exception):
@@ -48,8 +48,7 @@ class Served:
 
 @dataclass
 class _Route:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    deliver: Callable[[Event | EngineError], None]
     model: Served
 
 
@@ -75,10 +74,9 @@ class Worker:
             model.scheduler.close()
             model.engine.close()
 
-    # -- from the event loop -------------------------------------------------------------------
+    # -- from any thread -----------------------------------------------------------------------
     def submit(self, model: Served, requests: list[Request],
-               loop: asyncio.AbstractEventLoop) -> tuple[list[Handle], asyncio.Queue]:
-        queue: asyncio.Queue = asyncio.Queue()
+               deliver: Callable[[Event | EngineError], None]) -> list[Handle]:
         with self._lock:
             if model.active + len(requests) > model.parallel + model.max_queue:
                 raise QueueFull(f"{model.active} requests are running or waiting for "
@@ -93,10 +91,10 @@ class Worker:
                     model.scheduler.cancel(handle)
                 raise
             for handle in handles:
-                self._routes[handle] = _Route(loop, queue, model)
+                self._routes[handle] = _Route(deliver, model)
             model.active += len(handles)
         self._wake.set()
-        return handles, queue
+        return handles
 
     def cancel(self, handles: list[Handle]) -> None:
         with self._lock:
@@ -131,7 +129,7 @@ class Worker:
             for event in events:
                 route = self._routes.get(event.handle)
                 if route is not None:  # else cancelled: nobody is listening
-                    route.loop.call_soon_threadsafe(route.queue.put_nowait, event)
+                    route.deliver(event)
             # a handle is done once the step ends: only then are all its events routed
             for handle in {e.handle for e in events if e.handle.done}:
                 route = self._routes.pop(handle, None)
@@ -144,6 +142,6 @@ class Worker:
             failed = [h for h, r in self._routes.items() if r.model is model]
             for handle in failed:
                 route = self._routes.pop(handle)
-                route.loop.call_soon_threadsafe(route.queue.put_nowait, exc)
+                route.deliver(exc)
                 model.active -= 1
                 model.scheduler.cancel(handle)

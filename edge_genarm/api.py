@@ -1,0 +1,268 @@
+"""The Python API: load the models once, then generate from any thread.
+
+    import edge_genarm
+
+    with edge_genarm.load("demo") as model:                 # a preset, or base=/arms= paths
+        result = model.generate("Tell me about rain.", arms={"positive": 1.5}, max_tokens=64)
+        print(result.text, result.finish_reason, result.usage.completion_tokens)
+        for chunk in model.stream("Hi!", temperature=0.7):
+            print(chunk.text, end="", flush=True)
+        results = model.generate_batch(["Hi!", {"prompt": "Hello", "arms": {"positive": 0}}])
+        reply = model.chat([{"role": "user", "content": "Hi!"}])
+
+Contract:
+- `load(preset=None, **options)` takes the command line's options by their Python names
+  (`base`, `arms`, `ctx_size`, `n_gpu_layers`, `temperature`, `max_tokens`, `system`, ...; the
+  options of `edge-genarm generate --help`) over the preset's defaults, and checks them as the
+  commands do (`UserError`, one line). `arms` is a list of "PATH[:ALPHA]" (or a dict PATH ->
+  ALPHA), `alphas` a dict NAME -> weight, `parallel` how many sequences decode together.
+  Environment variables are not read: a program says what it wants.
+- Every call (`generate`, `stream`, `generate_batch`, `chat`) takes request options as keyword
+  arguments over the loaded defaults: the sampling settings (`temperature`, `top_k`, `top_p`,
+  `min_p`, `greedy`, the penalties), `max_tokens`, `stop`, `seed`, `system`, `arms` (weights by
+  ARM name), `n`, `logprobs`, `method`, `reward_weight`, `candidates`, `samples`,
+  `ignore_eos`. A bad value raises `UserError` before anything runs.
+- Calls are safe from many threads at once: one stepping thread decodes every live request
+  together (continuous batching, shared prefixes), as the server does. A stream closed early
+  cancels its request. `close()` (or leaving the `with` block) stops the thread and frees the
+  models; a call after that raises `UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import secrets
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import click
+
+from .engine import Engine
+from .errors import EngineError, UserError
+from .generation import Result, chat_template, encode_messages, encode_prompt, method_of, \
+    with_system
+from .options import GenerationOptions, generation_options, sequence_breakers
+from .sampling import SamplingSettings
+from .scheduler import Request, Scheduler, TokenLogprob, Usage
+from .worker import Served, Worker
+
+__all__ = ["load", "Model", "Result", "Chunk", "UserError", "EngineError"]
+
+_SAMPLING = {f.name for f in dataclasses.fields(SamplingSettings)}
+_REQUEST = {"max_tokens", "stop", "seed", "arms", "n", "logprobs", "method", "reward_weight",
+            "candidates", "samples", "ignore_eos"}
+_CALL = _SAMPLING | _REQUEST | {"system"}
+
+
+@dataclass
+class Chunk:
+    """One piece of a streamed answer: the text that became final with this token."""
+    text: str
+    token: int | None
+    index: int = 0                       # which of the request's n answers
+    logprob: TokenLogprob | None = None  # with logprobs=
+    finish_reason: str | None = None     # on the answer's last chunk
+    usage: Usage | None = None           # on the answer's last chunk
+
+
+def _option_defaults() -> dict[str, Any]:
+    """The command line's defaults, read from the click options themselves."""
+    command = generation_options(click.Command("load", callback=lambda **kw: None))
+    ctx = click.Context(command)
+    out = {}
+    for p in command.params:
+        value = p.get_default(ctx)
+        # a repeatable option without a default has click's "unset" marker: none given
+        out[p.name] = tuple(value) if isinstance(value, (list, tuple)) else \
+            () if p.multiple else value
+    return out
+
+
+def load(preset: str | None = None, *, arms: Iterable[str] | dict | None = None,
+         alphas: dict[str, float] | None = None, parallel: int = 4, **options) -> "Model":
+    """Load a preset (or base= and arms=) with these options; see the module docstring."""
+    defaults = _option_defaults()
+    unknown = sorted(set(options) - set(defaults) - {"alpha_overrides"})
+    if unknown:
+        raise UserError(f"load(): unknown option {unknown[0]!r}; the options are "
+                        f"{', '.join(sorted(set(defaults) - {'preset'}))}")
+    given = dict(options)
+    if arms is not None:
+        given["arms"] = tuple(f"{k}:{v}" for k, v in arms.items()) if isinstance(arms, dict) \
+            else tuple(map(str, arms))
+    if alphas:
+        given["alpha_overrides"] = tuple(f"{k}={v}" for k, v in alphas.items())
+    if isinstance(given.get("arm_gpu_layers"), dict):
+        given["arm_gpu_layers"] = tuple(f"{k}={v}" for k, v in given["arm_gpu_layers"].items())
+    for name in ("stop", "dry_sequence_breakers"):
+        if isinstance(given.get(name), str):
+            given[name] = (given[name],)
+    for name in ("base", "reward_model", "models_file"):
+        if given.get(name) is not None:
+            given[name] = str(given[name])
+    if not isinstance(parallel, int) or parallel < 1:
+        raise UserError(f"parallel must be a whole number of at least 1, got {parallel!r}")
+    opts = GenerationOptions.from_kwargs(defaults | given | {"preset": preset},
+                                         explicit=set(given))
+    opts.context = dataclasses.replace(opts.context, n_seq_max=parallel)
+    return Model(opts, parallel, name=preset or opts.base.stem)
+
+
+class Model:
+    """Loaded models and the thread that steps them; see the module docstring."""
+
+    def __init__(self, opts: GenerationOptions, parallel: int, name: str):
+        self.options = opts
+        self.engine = Engine.load(opts.engine_config())
+        try:
+            template = chat_template(self.engine, opts.chat_template)
+            # no queue limit: a program's own calls wait their turn
+            self._served = Served(name, opts, self.engine, Scheduler(self.engine), template,
+                                  parallel, max_queue=1 << 30)
+            self._worker = Worker({name: self._served})
+            self._worker.start()
+        except BaseException:
+            self.engine.close()
+            raise
+        self._closed = False
+
+    @property
+    def arms(self) -> dict[str, float]:
+        """The loaded ARMs and their default weights."""
+        return {a.name: a.alpha for a in self.engine.arms}
+
+    # -- the calls ---------------------------------------------------------------------------
+    def generate(self, prompt: str | list[dict], **options) -> Result:
+        """One answer (the first, for n > 1) to a prompt or a list of chat messages."""
+        return self._results([self._request(prompt, options)])[0][0]
+
+    def stream(self, prompt: str | list[dict], **options) -> Iterator[Chunk]:
+        """The answer's pieces as they become final; the last one has finish_reason and
+        usage. Closing the iterator early cancels the request."""
+        items, handles = self._submit([self._request(prompt, options)])
+        try:
+            for event in _events(items, handles):
+                yield Chunk(event.text, event.token, event.index, event.logprob,
+                            event.finish_reason, event.usage)
+        finally:
+            self._worker.cancel([h for h in handles if not h.done])
+
+    def generate_batch(self, prompts: Iterable[str | list[dict] | dict], **options
+                       ) -> list[Result]:
+        """Answers to many prompts, decoded together. An item is a prompt, a list of messages,
+        or a dict {"prompt" or "messages", plus request options of its own}."""
+        requests = []
+        for item in prompts:
+            if isinstance(item, dict):
+                own = {k: v for k, v in item.items() if k not in ("prompt", "messages")}
+                if "temperature" in own and "greedy" not in own:  # it decides, as in a call
+                    own["greedy"] = own["temperature"] == 0
+                text = item.get("prompt", item.get("messages"))
+                if text is None:
+                    raise UserError('a batch item that is a dict needs "prompt" or "messages"')
+                requests.append(self._request(text, options | own))
+            else:
+                requests.append(self._request(item, options))
+        return [answers[0] for answers in self._results(requests)]
+
+    def chat(self, messages: list[dict], **options) -> Result:
+        """The assistant's next turn in a conversation (the chat template applied)."""
+        if not isinstance(messages, list) or not messages:
+            raise UserError("chat() takes a non-empty list of {'role', 'content'} messages")
+        return self.generate(messages, **options)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._worker.stop()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------------
+    def _request(self, prompt, options: dict) -> Request:
+        """A checked scheduler request: the options over the loaded defaults."""
+        if self._closed:
+            raise UserError("this model is closed; load it again")
+        unknown = sorted(set(options) - _CALL)
+        if unknown:
+            raise UserError(f"unknown option {unknown[0]!r}; a call takes {', '.join(sorted(_CALL))}")
+        opts = self.options
+        sampling = {k: v for k, v in options.items() if k in _SAMPLING}
+        if "dry_sequence_breakers" in sampling:
+            sampling["dry_sequence_breakers"] = sequence_breakers(
+                [sampling["dry_sequence_breakers"]] if isinstance(
+                    sampling["dry_sequence_breakers"], str) else sampling["dry_sequence_breakers"])
+        if "temperature" in sampling and "greedy" not in sampling:
+            sampling["greedy"] = sampling["temperature"] == 0  # as the server reads it
+        settings = dataclasses.replace(opts.sampling, **sampling)
+        try:
+            settings.validate()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        fields = {k: v for k, v in options.items() if k in _REQUEST}
+        if isinstance(fields.get("stop"), str):
+            fields["stop"] = (fields["stop"],)
+        if "stop" in fields:
+            fields["stop"] = tuple(fields["stop"])
+        if "seed" not in fields and not opts.seed_given:
+            fields["seed"] = secrets.randbelow(2**31)
+        ids = self._encode(prompt, options.get("system", opts.system))
+        return opts.request(ids, sampling=settings, **fields)
+
+    def _encode(self, prompt, system: str | None) -> list[int]:
+        if isinstance(prompt, str):
+            return encode_prompt(self.engine, prompt, system, self.options.raw,
+                                 self.options.chat_template)
+        if self._served.template is None:
+            raise UserError(f"{self._served.name} has no chat template; give a prompt string")
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise UserError("messages must be a list of {'role', 'content'} dicts")
+        return encode_messages(self.engine, with_system(list(prompt), system),
+                               self._served.template)
+
+    def _submit(self, requests: list[Request]):
+        items: queue.Queue = queue.Queue()
+        handles = self._worker.submit(self._served, requests, items.put)
+        return items, handles
+
+    def _results(self, requests: list[Request]) -> list[list[Result]]:
+        """Every request's answers, each a `Result`, in order."""
+        items, handles = self._submit(requests)
+        gathered = {(h, j): ([], [], [], None) for h in handles for j in range(h.request.n)}
+        try:
+            for event in _events(items, handles):
+                tokens, texts, logprobs, _ = gathered[(event.handle, event.index)]
+                if event.token is not None:
+                    tokens.append(event.token)
+                    if event.logprob is not None:
+                        logprobs.append(event.logprob)
+                texts.append(event.text)
+                if event.usage is not None:
+                    gathered[(event.handle, event.index)] = (tokens, texts, logprobs,
+                                                             event.usage)
+        finally:
+            self._worker.cancel([h for h in handles if not h.done])
+        names = [a.name for a in self.engine.arms]
+        return [[Result(text="".join(texts), tokens=tokens, prompt_ids=list(h.request.prompt_ids),
+                        seed=h.request.seed + j, alphas=dict(zip(names, map(float, h.weights))),
+                        usage=usage, method=method_of(h.request), logprobs=logprobs)
+                 for j in range(h.request.n)
+                 for tokens, texts, logprobs, usage in [gathered[(h, j)]]]
+                for h in handles]
+
+
+def _events(items: queue.Queue, handles) -> Iterator:
+    """The handles' events as the stepping thread delivers them, until every answer has ended
+    (its last event carries the finish reason; best-of-n returns one answer)."""
+    left = sum(1 if h.best_of else h.request.n for h in handles)
+    while left:
+        item = items.get()
+        if isinstance(item, EngineError):
+            raise item
+        left -= item.finish_reason is not None
+        yield item
