@@ -16,7 +16,8 @@ Contract:
   options of `edge-genarm generate --help`) over the preset's defaults, and checks them as the
   commands do (`UserError`, one line). `arms` is a list of "PATH[:ALPHA]" (or a dict PATH ->
   ALPHA), `alphas` a dict NAME -> weight, `parallel` how many sequences decode together.
-  Environment variables are not read: a program says what it wants.
+  The options' environment variables are not read (a program says what it wants); models.toml
+  files are merged as for the commands.
 - Every call (`generate`, `stream`, `generate_batch`, `chat`) takes request options as keyword
   arguments over the loaded defaults: the sampling settings (`temperature`, `top_k`, `top_p`,
   `min_p`, `greedy`, the penalties), `max_tokens`, `stop`, `seed`, `system`, `arms` (weights by

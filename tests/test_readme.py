@@ -1,15 +1,10 @@
-"""The README stays true: its two opening commands to what CI runs, its option tables to what the
-CLI offers, and its promise that generating and chatting need no torch."""
+"""The README stays true: its two opening commands to what CI runs, its promise that generating
+and chatting need no torch, and its shape: a short front page whose links lead somewhere. (Every
+option of the CLI is checked against the generated reference in tests/test_docs.py.)"""
 
 import json
 import re
-
-import pytest
 from pathlib import Path
-
-from click.testing import CliRunner
-
-from edge_genarm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -25,13 +20,17 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == test_command
 
 
-@pytest.mark.parametrize("command, at_least", [("generate", 15), ("chat", 15), ("convert", 8),
-                                                ("train", 20)])
-def test_every_option_is_in_the_readme(command, at_least):
-    help_text = CliRunner().invoke(main, [command, "--help"]).stdout
-    options = set(re.findall(r"^\s+(?:-\w+, )?(--[a-z-]+)", help_text, re.M)) - {"--help"}
-    assert len(options) >= at_least
-    missing = sorted(o for o in options if f"`{o}" not in README and f", {o}" not in README)
+def test_the_readme_is_a_short_front_page():
+    """The guide and the reference live in docs/; the README only opens the door."""
+    assert len(README.splitlines()) <= 260
+
+
+def test_every_relative_link_in_the_readme_leads_to_a_file():
+    targets = re.findall(r"\]\(([^)\s]+)\)", README)
+    relative = [t.split("#")[0] for t in targets
+                if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+    assert len(relative) >= 10  # the docs pages are linked from here
+    missing = sorted({t for t in relative if not (ROOT / t).exists()})
     assert missing == []
 
 
