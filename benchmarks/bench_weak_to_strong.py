@@ -26,7 +26,9 @@ the objective's table (HumanEval only); --no-small leaves the 0.5B's own rows ou
 
 --dry-multiplier M (with --dry-base, --dry-allowed-length, --dry-sequence-breaker, as
 edge-genarm's options) decodes every setting greedily with DRY, the penalty on an answer
-repeating its own text. --answers DIR writes every setting's answers, with their scores, as
+repeating its own text. --preset qwen-coder-1.5b takes the preset's defaults (its weight,
+system message, stop strings, max_tokens for both tables, DRY settings) in place of the bench's
+own; options given here override them. --answers DIR writes every setting's answers, with their scores, as
 DIR/<setting>.jsonl (and its HumanEval answers, with each one's runner status, as
 DIR/<setting>-HumanEval.jsonl). --sum-humaneval DIR [DIR ...] loads no model: it prints each
 setting's pass@1 over those runs' HumanEval answers together (problems 0-59 in one folder and
@@ -245,6 +247,10 @@ def main() -> None:
                     "chat template's own)")
     ap.add_argument("--sum-humaneval", nargs="+", type=Path, metavar="DIR",
                     help="only sum earlier runs' HumanEval answers (--answers folders)")
+    ap.add_argument("--preset", default=None, metavar="NAME",
+                    help="take system, stop, max_tokens (for both tables) and the DRY settings "
+                    "from this preset of models.toml; options given here override them")
+    ap.set_defaults(**preset_defaults(ap.parse_known_args()[0].preset))
     args = ap.parse_args()
     if args.sum_humaneval:
         return sum_humaneval(args.sum_humaneval)
@@ -291,6 +297,26 @@ def main() -> None:
     if args.humaneval_small:
         for name in ("0.5B alone", "0.5B + its ARM at 1"):
             capability(name, *small_runs[name], args)
+
+
+def preset_defaults(name: str | None) -> dict:
+    """The bench's option defaults from a preset's request and sampling defaults."""
+    if name is None:
+        return {}
+    preset = Registry.load().preset(name)
+    values = preset.request | preset.sampling
+    out = {k: values[k] for k in ("system", "dry_multiplier", "dry_base", "dry_allowed_length")
+           if k in values}
+    if "stop" in values:
+        out["stop"] = list(values["stop"])
+    if "dry_sequence_breakers" in values:
+        out["dry_sequence_breaker"] = list(values["dry_sequence_breakers"])
+    if "max_tokens" in values:
+        out["max_tokens"] = out["humaneval_tokens"] = values["max_tokens"]
+    if preset.arms:  # the preset's own weight, against the 1.5B alone
+        out["weights"] = f"{preset.arms[0].alpha:g}"
+        out["humaneval_weights"] = f"0,{preset.arms[0].alpha:g}"
+    return out
 
 
 def objective_table(runs: dict, guided: dict, texts: list[str], args) -> None:
