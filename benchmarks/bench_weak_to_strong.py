@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--answers", type=Path, default=None,
                     help="a folder for every setting's answers (JSON lines)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ctx-size", type=int, default=1024,
+                    help="each sequence's context (prompt and answer), in tokens")
     ap.add_argument("--dry-multiplier", type=float, default=0.0,
                     help="greedy with DRY, the penalty on repeating the answer's own text "
                     "(edge-genarm's --dry-* options; 0: off)")
@@ -270,7 +272,8 @@ def main() -> None:
     if not adapter.exists():
         raise SystemExit(f"{adapter} is missing: run python -m edge_genarm.coder.build first")
     texts = spread((CODER / "held_out_requests.txt").read_text().splitlines())[:args.requests]
-    settings = ContextSettings(n_ctx=1024, n_seq_max=args.parallel, n_threads=args.threads)
+    settings = ContextSettings(n_ctx=args.ctx_size, n_seq_max=args.parallel,
+                               n_threads=args.threads)
     arm = ArmSpec(small, 0.0, "documented", adapter=adapter)
     lora = ArmSpec(adapter, 0.0, "documented")
     guided = {f"1.5B + 0.5B ARM at {w:g}": w for w in map(float, args.weights.split(","))}
