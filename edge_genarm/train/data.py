@@ -5,6 +5,8 @@ Contract: `load_pairs(path, encoder, max_length)` returns the encoded pairs and 
 empty field, chosen equal to rejected, a prompt that leaves no room for a response within
 max_length). Nothing raises for a bad line; a missing file, a directory, an empty file, a file
 that is not UTF-8 text and a file with no usable pair at all raise `UserError` (one line).
+`batch_tensors(torch, pairs, pad_id)` lays a batch out for one forward pass (the ARM's and the
+reward model's losses both read it).
 """
 
 from __future__ import annotations
@@ -107,3 +109,18 @@ def load_pairs(path: str | Path, encoder: Encoder, max_length: int
                         f"skipped, the first, line {first.line}: {first.reason}); each line "
                         'needs {"prompt", "chosen", "rejected"}')
     return pairs, skipped
+
+
+def batch_tensors(torch, batch: list[Pair], pad_id: int):
+    """chosen then rejected sequences, right-padded, with a mask over response tokens."""
+    seqs = [p.prompt + p.chosen for p in batch] + [p.prompt + p.rejected for p in batch]
+    starts = [len(p.prompt) for p in batch] * 2
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    response = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (seq, start) in enumerate(zip(seqs, starts)):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        attention[i, :len(seq)] = 1
+        response[i, start:len(seq)] = True
+    return ids, attention, response

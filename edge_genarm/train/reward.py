@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .data import batch_tensors
+
 
 class RewardNet(torch.nn.Module):
     def __init__(self, lm):
@@ -45,9 +47,7 @@ def bt_loss(torch, chosen, rejected, objective: str):
 
 
 def reward_pair_loss(torch, model, batch, objective: str, pad_id: int):
-    from .trainer import _batch_tensors
-
-    ids, attention, response = _batch_tensors(torch, batch, pad_id)
+    ids, attention, response = batch_tensors(torch, batch, pad_id)
     rewards = model(ids, attention)
     n = len(batch)
     # response token t's hidden state scores the prefix that ends with t

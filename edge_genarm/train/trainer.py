@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from .data import Pair
+from .data import Pair, batch_tensors
 
 CHECKPOINT = "checkpoint"
 SETTINGS = "settings.json"
@@ -73,21 +73,6 @@ def split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], li
             [p for i, p in enumerate(pairs) if i in held])
 
 
-def _batch_tensors(torch, batch: list[Pair], pad_id: int):
-    """chosen then rejected sequences, right-padded, with a mask over response tokens."""
-    seqs = [p.prompt + p.chosen for p in batch] + [p.prompt + p.rejected for p in batch]
-    starts = [len(p.prompt) for p in batch] * 2
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    response = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (seq, start) in enumerate(zip(seqs, starts)):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-        response[i, start:len(seq)] = True
-    return ids, attention, response
-
-
 def sequence_logps(torch, model, ids, attention, response, length_norm: bool):
     """Sum (or mean) over response tokens of log pi(token | everything before it)."""
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
@@ -102,7 +87,7 @@ def pair_loss(torch, model, batch, config: TrainConfig, pad_id: int):
         from .reward import reward_pair_loss
 
         return reward_pair_loss(torch, model, batch, config.objective, pad_id)
-    ids, attention, response = _batch_tensors(torch, batch, pad_id)
+    ids, attention, response = batch_tensors(torch, batch, pad_id)
     logps = sequence_logps(torch, model, ids, attention, response, config.length_norm)
     chosen, rejected = logps[:len(batch)], logps[len(batch):]
     margin = config.beta * (chosen - rejected)
