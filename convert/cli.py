@@ -16,11 +16,12 @@ from pathlib import Path
 import click
 
 from edge_genarm.errors import ConversionError
+from edge_genarm.files import publishable, staged
 
 from . import tokenizer as tok
 from .checkpoint import Checkpoint
 from .checks import check_options, check_out, source_kind, staging_file
-from .gguf_out import QTYPES, publishable, write_gguf, write_lora_adapter
+from .gguf_out import QTYPES, write_gguf, write_lora_adapter
 from .lora import Adapter, BaseInfo, base_info_from_dir, base_info_from_gguf
 from .model import plan_model, read_config
 
@@ -91,12 +92,8 @@ def _model(source, staging, outtype, quant, base_model, tokenizer_from, verify, 
     if quant:
         from edge_genarm.llama import quantize_model
 
-        quantized = staging.with_name(staging.name + ".q")
-        try:
+        with staged(staging) as quantized:
             quantize_model(staging, quantized, quant)
-            os.replace(quantized, staging)
-        finally:
-            quantized.unlink(missing_ok=True)
     if not verify:
         return None
     from .verify import TOLERANCE, verify as run_verify

