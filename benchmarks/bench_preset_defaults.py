@@ -11,7 +11,7 @@ mean over seeds, and the standard deviation across seeds of the per-seed means, 
   coherence check, since a method can buy sentiment with broken text.
 
     python benchmarks/bench_preset_defaults.py [--prompts 40] [--seeds 3] [--max-tokens 256]
-        [--setting 'NAME=OPTIONS' ...]
+        [--setting 'NAME=OPTIONS' ...] [--save DIR]
 
 Default settings: the base (`--alpha positive=0`), GenARM at the preset's alphas, PARGS at the
 preset's defaults (`--method pargs`). --max-tokens is passed to every setting when given (the
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=OPTIONS",
                     help="a setting: its name and edge-genarm generate options (repeatable; "
                     "default: base, GenARM and PARGS at the preset's defaults)")
+    ap.add_argument("--save", type=Path, default=None, metavar="DIR",
+                    help="keep each setting's records as DIR/<setting>-seed<S>.jsonl")
     args = ap.parse_args()
     settings = [s.partition("=") for s in args.setting or SETTINGS]
     texts = (DEMO / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
@@ -84,6 +86,11 @@ def main() -> None:
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 records[name, seed] = answers(extra, prompts, seed, work)
+                if args.save:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                    slug = "".join(c if c.isalnum() else "-" for c in name)
+                    (args.save / f"{slug}-seed{seed}.jsonl").write_text(
+                        "".join(json.dumps(r) + "\n" for r in records[name, seed]))
                 print(f"[{name}, seed {seed}: {time.perf_counter() - t0:.0f} s]", flush=True)
         judge = Judge(judge_model(), n_parallel=8, n_ctx=1024)
         try:
