@@ -157,12 +157,13 @@ class Model:
         for item in prompts:
             if isinstance(item, dict):
                 own = {k: v for k, v in item.items() if k not in ("prompt", "messages")}
-                if "temperature" in own and "greedy" not in own:  # it decides, as in a call
-                    own["greedy"] = own["temperature"] == 0
+                shared = options
+                if "temperature" in own:  # the item's temperature decides greedy, as in a call
+                    shared = {k: v for k, v in options.items() if k != "greedy"}
                 text = item.get("prompt", item.get("messages"))
                 if text is None:
                     raise UserError('a batch item that is a dict needs "prompt" or "messages"')
-                requests.append(self._request(text, options | own))
+                requests.append(self._request(text, shared | own))
             else:
                 requests.append(self._request(item, options))
         return [answers[0] for answers in self._results(requests)]
@@ -206,10 +207,9 @@ class Model:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         fields = {k: v for k, v in options.items() if k in _REQUEST}
-        if isinstance(fields.get("stop"), str):
-            fields["stop"] = (fields["stop"],)
         if "stop" in fields:
-            fields["stop"] = tuple(fields["stop"])
+            stop = fields["stop"]
+            fields["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         if "seed" not in fields and not opts.seed_given:
             fields["seed"] = secrets.randbelow(2**31)
         ids = self._encode(prompt, options.get("system", opts.system))
