@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
+from edge_genarm.api import Model  # noqa: E402
 from edge_genarm.batch import Item, run_batch  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
+from edge_genarm.engine import ArmSpec  # noqa: E402
 from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
 from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.scheduler import Scheduler  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
 PROMPTS = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
@@ -52,10 +52,9 @@ def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool 
                              max_tokens=cfg.max_tokens, seed=0, context=context)
     items = [Item(i, i, prompt=p) for i, p in enumerate(PROMPTS[:cfg.prompts])]
     out: dict = {}
-    with Engine.load(EngineConfig(base, [arm], context)) as engine:
+    with Model(opts, parallel=k, share_prefixes=share) as model:
         t0 = time.perf_counter()
-        run_batch(Scheduler(engine, share_prefixes=share), items, opts, 0,
-                  lambda r: out.__setitem__(r["id"], r))
+        run_batch(model, items, 0, lambda r: out.__setitem__(r["id"], r))
         seconds = time.perf_counter() - t0
     tokens = {i: r["tokens"] for i, r in out.items()}
     prompt = sum(r["prompt_tokens"] for r in out.values())

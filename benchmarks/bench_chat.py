@@ -23,14 +23,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
+from edge_genarm.api import Model  # noqa: E402
 from edge_genarm.chat import ChatSession  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import encode_messages, generate  # noqa: E402
+from edge_genarm.engine import ArmSpec  # noqa: E402
+from edge_genarm.generation import encode_messages  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
 MESSAGES = ["Hi! I want to start a small garden on my balcony.",
             "Which vegetables grow well in pots?",
@@ -47,17 +47,15 @@ def first_token_time(session: ChatSession, text: str) -> float:
     return (seen[0] if seen else time.perf_counter()) - t0
 
 
-def fresh_first_token_time(engine: Engine, session: ChatSession) -> tuple[float, int]:
+def fresh_first_token_time(model: Model, session: ChatSession) -> tuple[float, int]:
     """The last turn's prompt, rendered and decoded from an empty cache, to the first token."""
     t0 = time.perf_counter()
     turns = session.turns[session.first:]
     pending = turns[-1].reply
     turns[-1].reply = ""  # the prompt as it was before the reply
-    ids = encode_messages(engine, session.messages(turns), session.template)
+    ids = encode_messages(model.engine, session.messages(turns), session.template)
     turns[-1].reply = pending
-    with Scheduler(engine) as scheduler:
-        generate(scheduler, scheduler.submit(Request(tuple(ids), SamplingSettings(greedy=True),
-                                                     max_tokens=1)))
+    model.generate(ids, max_tokens=1, greedy=True)
     return time.perf_counter() - t0, len(ids)
 
 
@@ -74,19 +72,22 @@ def main() -> None:
     arms = [ArmSpec(reg.resolve(a.model), {"positive": 1.0, "concise": 0.5}[a.name], a.name)
             for a in preset.arms]
     base = reg.resolve(preset.base)
-    config = EngineConfig(base, arms, ContextSettings(n_ctx=4096, n_threads=args.threads))
     opts = GenerationOptions(base=base, arms=arms, sampling=SamplingSettings(greedy=True),
-                             max_tokens=args.max_tokens, seed=0, context=config.context)
+                             max_tokens=args.max_tokens, seed=0,
+                             context=ContextSettings(n_ctx=4096, n_threads=args.threads))
     rows: list[list[tuple[int, int, float, float]]] = []
-    with Engine.load(config) as chat_engine, Engine.load(config) as fresh_engine:
+    # the fresh side decodes every prompt whole; the chat's model is loaded again for each run,
+    # so that each conversation starts with empty caches
+    with Model(opts, parallel=1, share_prefixes=False) as fresh_model:
         for _ in range(args.repeats):
-            session = ChatSession(chat_engine, opts)  # its own scheduler: empty caches
-            run = []
-            for text in MESSAGES[:args.turns]:
-                cached = first_token_time(session, text)
-                decoded = session.last.prefilled_tokens
-                fresh, n_prompt = fresh_first_token_time(fresh_engine, session)
-                run.append((n_prompt, decoded, cached, fresh))
+            with Model(opts, parallel=1) as chat_model:
+                session = ChatSession(chat_model, opts)
+                run = []
+                for text in MESSAGES[:args.turns]:
+                    cached = first_token_time(session, text)
+                    decoded = session.last.prefilled_tokens
+                    fresh, n_prompt = fresh_first_token_time(fresh_model, session)
+                    run.append((n_prompt, decoded, cached, fresh))
             rows.append(run)
     print("demo preset, positive 1 + concise 0.5 (base and two LoRA ARM contexts), greedy, "
           f"{args.max_tokens} tokens per reply; median of {args.repeats} runs")

@@ -122,7 +122,7 @@ from pathlib import Path
 import llama_cpp
 from edge_genarm import llama
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
-from edge_genarm.generation import generate
+from edge_genarm.generation import run_to_end
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 llama.set_verbose(True)
@@ -139,7 +139,7 @@ if outputs == "llama-default":
 with Engine.load(EngineConfig(base, arms, llama.ContextSettings(n_ctx=n_ctx))) as e:
     ids = e.model.tokenize("Hello " * (n_ctx // 2), add_special=True)
     s = Scheduler(e)
-    generate(s, s.submit(Request(tuple(ids), SamplingSettings(greedy=True), max_tokens=32)))
+    run_to_end(s, [s.submit(Request(tuple(ids), SamplingSettings(greedy=True), max_tokens=32))])
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would inherit ours
     print("PEAK_KIB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
 from edge_genarm.engine import Engine, EngineConfig, RewardSpec  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
+from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
@@ -40,16 +40,11 @@ POLICY = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
 def sample(engine: Engine, prompts: list[list[int]], n: int, max_tokens: int) -> list[list]:
     """n answers per prompt, as [(tokens with the end-of-generation token, text)] per prompt."""
-    out: dict = {}
     with Scheduler(engine) as scheduler:
         handles = [scheduler.submit(Request(tuple(p), POLICY, max_tokens, seed=i, n=n))
                    for i, p in enumerate(prompts)]
-        for event in scheduler.run(handles):
-            tokens, pieces = out.setdefault((event.handle, event.index), ([], []))
-            if event.token is not None:
-                tokens.append(event.token)
-            pieces.append(event.text)
-    return [[(out[h, j][0], "".join(out[h, j][1])) for j in range(n)] for h in handles]
+        return [[(r.tokens, r.text) for r in answers]
+                for answers in run_to_end(scheduler, handles)]
 
 
 def rewards(engine: Engine, prompt: list[int], answers: list) -> list[float]:

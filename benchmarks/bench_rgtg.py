@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import print_header  # noqa: E402
 from scoring import answer_logprobs  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
+from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
@@ -50,19 +50,14 @@ GREEDY = SamplingSettings(greedy=True)
 def run_setting(engine: Engine, prompts: list[list[int]], request: dict, max_tokens: int):
     """Every prompt answered in one scheduler: (answers' token lists, their texts, generated
     tokens/s)."""
-    out: dict = {}
-    text: dict = {}
     with Scheduler(engine) as scheduler:
         t0 = time.perf_counter()
         handles = [scheduler.submit(Request(tuple(p), max_tokens=max_tokens, seed=i, **request))
                    for i, p in enumerate(prompts)]
-        for event in scheduler.run(handles):
-            if event.token is not None and not engine.model.is_eog(event.token):
-                out.setdefault(event.handle, []).append(event.token)
-            text.setdefault(event.handle, []).append(event.text)
+        results = [r for [r] in run_to_end(scheduler, handles)]
         seconds = time.perf_counter() - t0
-    answers = [out.get(h, []) for h in handles]
-    return answers, ["".join(text.get(h, [])) for h in handles], sum(map(len, answers)) / seconds
+    answers = [[t for t in r.tokens if not engine.model.is_eog(t)] for r in results]
+    return answers, [r.text for r in results], sum(map(len, answers)) / seconds
 
 
 def distinct(texts: list[str], n: int) -> float:

@@ -62,7 +62,7 @@ from scoring import answer_logprobs, decode_speed  # noqa: E402
 from edge_genarm.coder import judge  # noqa: E402
 from edge_genarm.coder.runner import run_program  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
+from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.options import sequence_breakers  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
@@ -89,19 +89,12 @@ def answers(engine: Engine, texts: list[str], weight: float, max_tokens: int,
     chat template's own): [(token ids, text)], and each answer's finish reason (stop: end of
     generation; stop_string; length: cut off at max_tokens)."""
     arms = {a.name: weight for a in engine.arms}
-    out: dict = {}
     with Scheduler(engine) as scheduler:
         handles = [scheduler.submit(Request(tuple(encode_prompt(engine, t, args.system)),
                                             args.sampling, max_tokens, stop=stop, arms=arms))
                    for t in texts]
-        for event in scheduler.run(handles):
-            ids, pieces, reason = out.setdefault(event.handle, ([], [], []))
-            if event.token is not None:
-                ids.append(event.token)
-            pieces.append(event.text)
-            if event.finish_reason:
-                reason.append(event.finish_reason)
-    return [(out[h][0], "".join(out[h][1])) for h in handles], [out[h][2][0] for h in handles]
+        results = [r for [r] in run_to_end(scheduler, handles)]
+    return [(r.tokens, r.text) for r in results], [r.finish_reason for r in results]
 
 
 def objective(engine: Engine, texts: list[str], rows: list, args) -> tuple[dict, list]:

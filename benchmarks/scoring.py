@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_genarm import guidance  # noqa: E402
 from edge_genarm.engine import Engine  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
+from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
@@ -47,17 +47,11 @@ def greedy_answers(engine: Engine, texts: list[str], weight: float,
                    max_tokens: int, stop: tuple[str, ...] = (),
                    sampling: SamplingSettings = GREEDY
                    ) -> tuple[list[tuple[list[int], str]], float]:
-    out: dict = {}
     with Scheduler(engine) as scheduler:
         t0 = time.perf_counter()
         handles = _submit_greedy(scheduler, texts, weight, max_tokens, sampling, stop=stop)
-        for event in scheduler.run(handles):
-            tokens, pieces = out.setdefault(event.handle, ([], []))
-            if event.token is not None:
-                tokens.append(event.token)
-            pieces.append(event.text)
+        rows = [(r.tokens, r.text) for [r] in run_to_end(scheduler, handles)]
         seconds = time.perf_counter() - t0
-    rows = [(out[h][0], "".join(out[h][1])) for h in handles]
     return rows, sum(len(t) for t, _ in rows) / seconds
 
 

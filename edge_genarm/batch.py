@@ -5,9 +5,10 @@ Contract:
   plain text file, one prompt per line (a `.jsonl`/`.ndjson` name, or a first line starting with
   `{`, means JSONL). An item without an id gets its line number. A malformed line is reported with
   its number and skipped.
-- `run_batch` keeps up to K sequences in the engine at once (one sequence id each in the base and
-  every ARM context) and steps them together, one batch per model per step; a finished sequence's
-  slot takes the next prompt right away, its prefill riding in the same batch.
+- `run_batch` hands every line to the Python API (`Model.as_completed`): up to K sequences decode
+  together (one sequence id each in the base and every ARM context), one batch per model per
+  step; a finished sequence's slot takes the next prompt right away, its prefill riding in the
+  same batch.
 - Each prompt's seed comes from the run seed and its id alone, so results do not depend on K or
   on the order of the prompts.
 - Nothing is lost: each record is appended, flushed and synced the moment it is finished; a
@@ -30,12 +31,11 @@ from pathlib import Path
 import click
 
 from . import llama
-from .engine import Engine
+from .api import Model
 from .errors import UserError, plural
-from .generation import (chat_template, encode_messages, encode_prompt, method_of,
-                         with_system)
+from .generation import method_of
 from .options import GenerationOptions
-from .scheduler import Handle, Request, Scheduler
+from .scheduler import Request
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -121,15 +121,6 @@ _KIND = {"arms": 'an object of weights by ARM name, such as {"positive": 0.5}',
          "n": "an integer"}
 
 
-def encode_item(engine: Engine, item: Item, opts: GenerationOptions) -> list[int]:
-    if item.prompt is not None:
-        return encode_prompt(engine, item.prompt, opts.system, opts.raw, opts.chat_template)
-    template = chat_template(engine, opts.chat_template)
-    if opts.raw or template is None:
-        raise UserError('"messages" need the chat template; give "prompt" instead')
-    return encode_messages(engine, with_system(item.messages, opts.system), template)
-
-
 def seed_for(run_seed: int, item_id: object) -> int:
     """A prompt's seed: from the run seed and its id only (not its place or K)."""
     digest = hashlib.sha256(json.dumps([run_seed, item_id]).encode()).digest()
@@ -197,69 +188,41 @@ class RecordFile:
 
 
 # -- the requests ---------------------------------------------------------------------------------
-def item_request(engine: Engine, item: Item, opts: GenerationOptions, run_seed: int) -> Request:
-    """The scheduler request of one input line: the command line's settings, with the line's own
-    arms, temperature, seed, max_tokens and n over them."""
-    o = item.overrides
-    sampling = opts.sampling
-    if "temperature" in o:
-        sampling = dataclasses.replace(sampling, temperature=float(o["temperature"]),
-                                       greedy=False)
-    return opts.request(encode_item(engine, item, opts), sampling=sampling,
-                        seed=o.get("seed", seed_for(run_seed, item.id)),
-                        max_tokens=o.get("max_tokens", opts.max_tokens), n=o.get("n", 1),
-                        arms=o.get("arms", {}))
+def item_call(item: Item, run_seed: int) -> dict:
+    """One input line as a batch item of the Python API: its prompt or messages and its own
+    arms, temperature, seed, max_tokens and n over the command line's settings."""
+    given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
+    return given | {"seed": seed_for(run_seed, item.id)} | item.overrides
 
 
-def run_batch(scheduler: Scheduler, items: Iterable[Item], opts: GenerationOptions,
-              run_seed: int, emit) -> None:
-    """Generate every item on the scheduler, feeding it as sequences free up; `emit(record)`
-    gets each finished one. A line the scheduler refuses (an unknown ARM, a bad value, a prompt
-    too long) is emitted with its error and the run goes on."""
-    engine = scheduler.engine
-    pending = iter(items)
-    live: dict[Handle, tuple[Item, dict[int, dict]]] = {}
-    while True:
-        while scheduler.waiting < engine.n_seq_max and (item := next(pending, None)):
-            record = _record(item, None, None)
-            try:
-                request = item_request(engine, item, opts, run_seed)
-                record = _record(item, request, engine)
-                live[scheduler.submit(request)] = (item, {})
-            except UserError as exc:
-                emit(record | {"error": f"line {item.line}: {exc}"})
-        if not live:
-            return
-        for event in scheduler.step():
-            item, answers = live[event.handle]
-            answer = answers.setdefault(event.index, {"text": [], "tokens": []})
-            if event.token is not None:
-                answer["tokens"].append(event.token)
-            answer["text"].append(event.text)
-            if event.usage is not None:
-                answer.update(event.usage.to_dict(), text="".join(answer["text"]))
-                if sum("finish_reason" in a for a in answers.values()) == event.handle.request.n:
-                    del live[event.handle]
-                    emit(_finished(event.handle, item, engine, answers))
+def run_batch(model: Model, items: Iterable[Item], run_seed: int, emit) -> None:
+    """Generate every item on the model, `emit(record)` getting each as it finishes. A line the
+    model refuses (an unknown ARM, a bad value, a prompt too long) is emitted with its error
+    and the run goes on."""
+    items = list(items)
+    for done in model.as_completed([item_call(item, run_seed) for item in items]):
+        item = items[done.index]
+        if done.error is not None:
+            emit(_record(item, None, model) | {"error": f"line {item.line}: {done.error}"})
+            continue
+        answers = [{"text": r.text, "tokens": r.tokens, **r.usage.to_dict()}
+                   for r in done.results]
+        record = _record(item, done.request, model) | answers[0]
+        if len(answers) > 1:
+            record["answers"] = answers
+        emit(record)
 
 
-def _finished(handle: Handle, item: Item, engine: Engine, answers: dict[int, dict]) -> dict:
-    ordered = [answers[i] for i in range(handle.request.n)]
-    record = _record(item, handle.request, engine) | ordered[0]
-    if handle.request.n > 1:
-        record["answers"] = ordered
-    return record
-
-
-def _record(item: Item, request: Request | None, engine: Engine | None) -> dict:
+def _record(item: Item, request: Request | None, model: Model) -> dict:
     """The fields every record has; `run_job` adds the run-wide ones."""
     given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
+    engine = model.engine
     used = {} if request is None else {
         "seed": request.seed, "alphas": {a.name: float(w) if request.method == "genarm" else 0.0
                                          for a, w in zip(engine.arms,
                                                          engine.weights(dict(request.arms)))},
-        **method_of(request), "sampling": dataclasses.asdict(request.sampling), "max_tokens": request.max_tokens,
-        "n": request.n}
+        **method_of(request), "sampling": dataclasses.asdict(request.sampling),
+        "max_tokens": request.max_tokens, "n": request.n}
     return {"id": item.id, **given, **used, "text": None, "tokens": [], "finish_reason": None,
             "error": None}
 
@@ -280,12 +243,11 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
     if resume and out.done and not opts.seed_given:  # go on with the interrupted run's seed
         run_seed = next(iter(out.done.values())).get("run_seed", run_seed)
     todo = [i for i in parsed if isinstance(i, Item) and json.dumps(i.id) not in out.done]
-    context = dataclasses.replace(opts.context, n_seq_max=n_parallel)
     settings = {"stop": list(opts.stop), "system": opts.system, "run_seed": run_seed}
     progress = Progress(len(todo))
     failed = 0
     try:
-        with Engine.load(dataclasses.replace(opts.engine_config(), context=context)) as engine:
+        with Model(opts, parallel=n_parallel) as model:
             out.open()
             if out.torn_bytes:
                 click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a "
@@ -298,7 +260,7 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
                 progress.update(sum(a.get("completion_tokens", 0)
                                     for a in record.get("answers", [record])))
 
-            run_batch(Scheduler(engine), todo, opts, run_seed, emit)
+            run_batch(model, todo, run_seed, emit)
     except KeyboardInterrupt:
         progress.end()
         click.echo(f"interrupted: {progress.done} new records are in {output}; run the same "

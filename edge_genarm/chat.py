@@ -1,9 +1,11 @@
 """`edge-genarm chat`: a guided conversation in the terminal, with live control of the alphas.
 
 Contract:
-- `ChatSession` holds one conversation (system prompt, turns, the settings of each reply) and one
-  engine `Sequence`. Each reply renders the whole conversation with the model's chat template and
-  feeds the engine only what its KV caches do not already hold, so a turn costs its new tokens.
+- `ChatSession(model, opts)` holds one conversation (system prompt, turns, the ARM weights and
+  sampling of the next reply, the settings of each reply) on a loaded `api.Model`. Each reply
+  renders the whole conversation with the model's chat template and is one request of the Python
+  API, whose scheduler finds the conversation's cached prefix: a turn costs its new tokens.
+  `/alpha` changes the session's weights, sent with each request; the loaded model's stay.
 - When a conversation outgrows the context, the oldest turns leave the prompt (the system prompt
   stays); the transcript keeps them.
 - `ChatSession.command(line)` runs a slash command and returns the text to show; `/quit` raises
@@ -27,11 +29,10 @@ from typing import Callable, Iterator
 import click
 
 from . import files, llama
-from .engine import Engine, Sequence
+from .api import Model
 from .errors import UserError, plural
-from .generation import Result, chat_template, encode_messages, generate, method_of
+from .generation import Result, chat_template, encode_messages
 from .options import GenerationOptions, apply_alphas, generation_options
-from .scheduler import Request, Scheduler
 
 Message = dict[str, str]
 
@@ -53,24 +54,29 @@ class Turn:
     settings: dict = field(default_factory=dict)  # how the reply was made, for /save
 
 
+@dataclass
+class ArmWeight:
+    name: str
+    alpha: float
+
+
 class ChatSession:
-    def __init__(self, engine: Engine, opts: GenerationOptions):
+    def __init__(self, model: Model, opts: GenerationOptions):
+        engine = model.engine
         if opts.raw:
             raise UserError("chat needs the model's chat template; --raw is for generate")
         self.template = chat_template(engine, opts.chat_template)
         if self.template is None:
             raise UserError(f"{engine.model.path} has no chat template "
                             "(tokenizer.chat_template); chat needs one")
-        self.engine, self.opts = engine, opts
+        self.model, self.engine, self.opts = model, engine, opts
+        self.weights = [ArmWeight(name, alpha) for name, alpha in model.arms.items()]
         self.system = opts.system
         self.sampling = opts.sampling
         self.turns: list[Turn] = []
         self.first = 0            # turns before this one no longer fit the context
         self.n_generated = 0      # every reply, retries included, gets a seed of its own
         self.last: Result | None = None
-        # one request per reply; the scheduler finds the conversation's cached prefix itself
-        self.scheduler = Scheduler(engine)
-        self.seq: Sequence | None = None  # the sequence the last reply ran on
 
     # -- the conversation ------------------------------------------------------------------
     def messages(self, turns: list[Turn]) -> list[Message]:
@@ -115,23 +121,27 @@ class ChatSession:
             self.turns.pop()
             self.first = first
             raise
-        request = self.opts.request(ids, sampling=self.sampling,
-                                    seed=self.opts.seed + self.n_generated)
+        seed = self.opts.seed + self.n_generated
         self.n_generated += 1
-        handle = self.scheduler.submit(request)
-        result = generate(self.scheduler, handle, on_text, should_stop=should_stop)
-        self.seq = handle.sequences[0]
+        for chunk in self.model.stream(ids, should_stop=should_stop, seed=seed,
+                                       arms={w.name: w.alpha for w in self.weights},
+                                       temperature=self.sampling.temperature,
+                                       greedy=self.sampling.greedy):
+            if chunk.text and on_text is not None:
+                on_text(chunk.text)
+            if chunk.result is not None:
+                result = chunk.result
         if result.finish_reason == "context_full":
             notify(f"the context of {self.engine.n_ctx} tokens is full, the reply stops "
                    "here; the next turn drops the oldest turns")
         turn = self.turns[-1]
-        turn.settings = self._settings(result, request)
+        turn.settings = self._settings(result)
         turn.reply, self.last = result.text, result
         return turn
 
-    def _settings(self, result: Result, request: Request) -> dict:
+    def _settings(self, result: Result) -> dict:
         s = self.sampling
-        return {"alphas": dict(result.alphas), **method_of(request),
+        return {"alphas": dict(result.alphas), **result.method,
                 "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                 "min_p": s.min_p, "greedy": s.greedy, **s.penalties(), "seed": result.seed,
                 "max_tokens": self.opts.max_tokens, "system": self.system,
@@ -148,13 +158,14 @@ class ChatSession:
 
     def cmd_alpha(self, arg: str) -> str:
         if arg:
-            apply_alphas(self.engine.arms, arg.split(), flag="/alpha")
+            apply_alphas(self.weights, arg.split(), flag="/alpha")
         return "\n".join(f"{a.name} = {a.alpha:g}" + ("  (off)" if a.alpha == 0 else "")
-                         for a in self.engine.arms) or "no ARM: pass --arm or --preset"
+                         for a in self.weights) or "no ARM: pass --arm or --preset"
 
     def cmd_arms(self, arg: str) -> str:
-        return "\n".join(f"{a.name}: alpha {a.alpha:g}, {a.kind} {a.path}"
-                         for a in self.engine.arms) or "no ARM: pass --arm or --preset"
+        return "\n".join(f"{a.name}: alpha {w.alpha:g}, {a.kind} {a.path}"
+                         for a, w in zip(self.engine.arms, self.weights)) \
+            or "no ARM: pass --arm or --preset"
 
     def cmd_temp(self, arg: str) -> str:
         if arg:
@@ -262,8 +273,8 @@ def chat(history: bool, **kwargs) -> None:
     """
     opts = GenerationOptions.from_kwargs(kwargs)
     llama.set_verbose(opts.verbose)
-    with Engine.load(opts.engine_config()) as engine:
-        session = ChatSession(engine, opts)
+    with Model(opts, parallel=1) as model:
+        session = ChatSession(model, opts)
         if sys.stdin.isatty():
             _run_terminal(session, _history_file() if history else None)
         elif _run_script(session):
@@ -272,7 +283,7 @@ def chat(history: bool, **kwargs) -> None:
 
 def _run_terminal(session: ChatSession, history: Path | None) -> None:
     read = _line_reader(history)
-    arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in session.engine.arms) or "no ARM"
+    arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in session.weights) or "no ARM"
     click.echo(f"edge-genarm chat: {session.engine.model.path.name} guided by {arms}. /help "
                "lists the commands, Ctrl-C stops a reply, Ctrl-D leaves.", err=True)
     while True:

@@ -6,7 +6,6 @@ seed, so that the effect of the ARMs can be read side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,10 +13,9 @@ from pathlib import Path
 import click
 
 from . import llama
+from .api import Model
 from .batch import run_job
-from .engine import Engine
-from .generation import Result, encode_prompt, generate as run_generation
-from .scheduler import Request, Scheduler
+from .generation import Result
 from .options import GenerationOptions, generation_options
 
 
@@ -60,33 +58,33 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
         # bytes that are not UTF-8 are kept for the tokenizer, which refuses them in one line
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
-    with Engine.load(opts.engine_config()) as engine:
-        prompt_ids = encode_prompt(engine, prompt, opts.system, opts.raw, opts.chat_template)
-        scheduler = Scheduler(engine)
-        request = opts.request(prompt_ids)
+    # the two answers of --compare each decode their prompt whole, as they would alone
+    with Model(opts, parallel=1, share_prefixes=not compare) as model:
         if compare:
-            unguided = dataclasses.replace(request, arms={a.name: 0.0 for a in engine.arms},
-                                           method="genarm")
-            base = _run(scheduler, unguided, as_json, "base (unguided)")
-            scheduler.forget()  # the guided answer decodes its prompt afresh, as it would alone
-            guided = _run(scheduler, request, as_json, f"guided ({_describe(engine, request)})")
+            base = _run(model, prompt, as_json, "base (unguided)",
+                        arms={name: 0.0 for name in model.arms}, method="genarm")
+            guided = _run(model, prompt, as_json, f"guided ({_describe(model)})")
             if as_json:
                 _print_json({"base": base.to_dict(), "guided": guided.to_dict()})
         else:
-            result = _run(scheduler, request, as_json, None)
+            result = _run(model, prompt, as_json, None)
             if as_json:
                 _print_json(result.to_dict())
 
 
-def _run(scheduler: Scheduler, request: Request, as_json: bool, heading: str | None) -> Result:
+def _run(model: Model, prompt: str, as_json: bool, heading: str | None, **options) -> Result:
+    """One answer through the Python API, streamed to stdout unless --json."""
     if heading and not as_json:
         click.echo(f"--- {heading} ---")
-    on_text = None if as_json else _stream_out
-    result = run_generation(scheduler, scheduler.submit(request), on_text=on_text)
+    for chunk in model.stream(prompt, seed=model.options.seed, **options):
+        if not as_json:
+            _stream_out(chunk.text)
+        if chunk.result is not None:
+            result = chunk.result
     if not as_json:
         click.echo("")
     if result.finish_reason == "context_full":
-        click.echo(f"warning: the context of {scheduler.engine.n_ctx} tokens is full, the "
+        click.echo(f"warning: the context of {model.engine.n_ctx} tokens is full, the "
                    "answer stops here; raise --ctx-size for longer answers", err=True)
     return result
 
@@ -96,11 +94,13 @@ def _stream_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def _describe(engine: Engine, request: Request) -> str:
-    if request.method != "genarm":
-        return (f"{request.method}: reward model x {request.reward_weight:g} over the top "
-                f"{request.candidates}")
-    arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in engine.arms)
+def _describe(model: Model) -> str:
+    opts = model.options
+    if opts.method != "genarm":
+        candidates = opts.reward.candidates if opts.reward else 10
+        return (f"{opts.method}: reward model x {opts.reward_weight:g} over the top "
+                f"{candidates}")
+    arms = ", ".join(f"{name} x {alpha:g}" for name, alpha in model.arms.items())
     return arms or "no ARM"
 
 

@@ -1,20 +1,16 @@
-"""Generation on the scheduler, as layered generators (as in mlx-lm):
-
-    Scheduler.step  one llama.cpp batch per context for every live sequence (scheduler.py)
-    stream          one request's events, stepping the scheduler until the request is done
-    generate        joins a stream into a `Result` (text, tokens, usage)
-
-and the prompt side: the chat template and the token ids a prompt becomes.
+"""Both ends of a request: the token ids a prompt becomes (the chat template), and the output
+processor that joins the scheduler's events into `Result`s (as vLLM splits its scheduler from
+its output processor).
 
 Contract: the same request (prompt ids, sampling settings, seed, ARM weights) on the same models
-gives the same tokens. `should_stop()` turning true ends a request after its current token, with
-finish reason "interrupted" (its cache is kept for the next turn).
+gives the same tokens. `Answers.add(event)` returns a request's `Result`s once all its answers
+have ended; `run_to_end(scheduler, handles)` steps a scheduler on the caller's thread until the
+handles are done (the Python API steps it on a thread of its own instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from .engine import Engine
 from .errors import UserError
@@ -86,42 +82,49 @@ def _special_text(engine: Engine, name: str) -> str:
     return engine.model.token_text(token) if token >= 0 else ""
 
 
-def stream(scheduler: Scheduler, handle: Handle,
-           should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
-    """Step the scheduler until `handle` is done, yielding its events (others' are dropped: the
-    caller owns the scheduler alone)."""
-    interrupted = False
-    while not handle.done:
-        for event in scheduler.step():
-            if event.handle is handle:
-                yield event
-        if not interrupted and should_stop is not None and should_stop():
-            scheduler.cancel(handle, interrupt=True)
-            interrupted = True
+class Answers:
+    """The output processor: a scheduler's events joined into `Result`s. `add(event)` returns a
+    request's answers (n of them; best-of-n's one) once the last of them has ended, else None."""
 
+    def __init__(self, arm_names: list[str]):
+        self.names = arm_names
+        self.parts: dict = {}   # handle -> answer index -> (tokens, texts, logprobs)
+        self.usages: dict = {}  # handle -> answer index -> Usage
 
-def generate(scheduler: Scheduler, handle: Handle, on_text=None,
-             should_stop: Callable[[], bool] | None = None) -> Result:
-    """Run a submitted request to its end; `on_text(str)` sees each piece of text as it becomes
-    final."""
-    request = handle.request
-    texts: list[str] = []
-    tokens: list[int] = []
-    usage = None
-    for event in stream(scheduler, handle, should_stop):
+    def add(self, event: Event) -> list[Result] | None:
+        h = event.handle
+        tokens, texts, logprobs = self.parts.setdefault(h, {}).setdefault(event.index,
+                                                                           ([], [], []))
         if event.token is not None:
             tokens.append(event.token)
-        if event.text:
-            texts.append(event.text)
-            if on_text is not None:
-                on_text(event.text)
-        usage = event.usage or usage
-    engine = scheduler.engine
-    weights = handle.weights
-    return Result(text="".join(texts), tokens=tokens, prompt_ids=list(request.prompt_ids),
-                  seed=request.seed, alphas={a.name: float(w) for a, w in
-                                             zip(engine.arms, weights)}, usage=usage,
-                  method=method_of(request))
+            if event.logprob is not None:
+                logprobs.append(event.logprob)
+        texts.append(event.text)
+        if event.usage is None:
+            return None
+        usages = self.usages.setdefault(h, {})
+        usages[event.index] = event.usage
+        if len(usages) < (1 if h.best_of else h.request.n):
+            return None
+        parts = self.parts.pop(h)
+        self.usages.pop(h)
+        alphas = dict(zip(self.names, map(float, h.weights)))
+        return [Result(text="".join(texts), tokens=tokens, prompt_ids=list(h.request.prompt_ids),
+                       seed=h.request.seed + j, alphas=alphas, usage=usages[j],
+                       method=method_of(h.request), logprobs=logprobs)
+                for j, (tokens, texts, logprobs) in sorted(parts.items())]
+
+
+def run_to_end(scheduler: Scheduler, handles: list[Handle]) -> list[list[Result]]:
+    """Step a scheduler that the calling thread owns until the handles are done: each one's
+    answers. (Programs use the Python API, whose own thread steps the scheduler.)"""
+    answers = Answers([a.name for a in scheduler.engine.arms])
+    done = {}
+    for event in scheduler.run(handles):
+        results = answers.add(event)
+        if results is not None:
+            done[event.handle] = results
+    return [done[h] for h in handles]
 
 
 def method_of(request) -> dict:

@@ -10,7 +10,8 @@ Contract:
   model's `parallel` running and `max_queue` waiting raises `QueueFull`; a bad request
   raises `UserError` and nothing is submitted. Both are safe from any thread.
 - `cancel(handles)` ends requests at once (a client that went away); their sequences are free
-  at the next step. `stop()` ends the thread and closes every scheduler and engine.
+  at the next step. `interrupt(handles)` ends them after the current token, their last event
+  ("interrupted") still delivered and their caches kept (chat's Ctrl-C). `stop()` ends the thread and closes every scheduler and engine.
 - `on_step(model, events)`, if given, is told each step's events on the stepping thread.
 - llama.cpp releases the GIL in its calls, so the event loop keeps serving while a step runs;
   models are stepped one after another, as contexts are, since their threads share the cores.
@@ -103,6 +104,16 @@ class Worker:
                 if route is not None:
                     route.model.active -= 1
                     route.model.scheduler.cancel(handle)
+        self._wake.set()
+
+    def interrupt(self, handles: list[Handle]) -> None:
+        """End requests after their current token, their events still delivered: the last one
+        says "interrupted", and their sequences keep what they hold for a later prompt."""
+        with self._lock:
+            for handle in handles:
+                route = self._routes.get(handle)
+                if route is not None:
+                    route.model.scheduler.cancel(handle, interrupt=True)
         self._wake.set()
 
     # -- the stepping thread -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from edge_genarm.chat import ChatSession, Resend
 from edge_genarm.chat import chat as chat_command
 from edge_genarm.cli import main
-from edge_genarm.engine import Engine
+from edge_genarm.api import Model
 from edge_genarm.errors import UserError
 from edge_genarm.options import GenerationOptions
 from hf_models import write_smollm2_tokenizer
@@ -30,14 +30,20 @@ def session(*args: str) -> ChatSession:
                                              "--seed", "7", *args])
     with ctx:  # the preset fills only what the command line left out, as in the command
         opts = GenerationOptions.from_kwargs(dict(ctx.params))
-    return ChatSession(Engine.load(opts.engine_config()), opts)
+    return ChatSession(Model(opts, parallel=1), opts)
 
 
 @pytest.fixture
 def chat():
     s = session()
     yield s
-    s.engine.close()
+    s.model.close()
+
+
+def seq_of(chat):
+    """The one sequence of the chat's model: the conversation's cache, kept between turns."""
+    [seq] = chat.model.scheduler._idle.values()
+    return seq
 
 
 def test_the_session_is_the_demo_preset_as_shipped(chat, demo_base):
@@ -58,7 +64,7 @@ def test_a_second_turn_decodes_only_its_new_tokens(chat):
     # message are decoded (a few tokens may re-tokenize differently at the seam).
     assert r2.prefilled_tokens < len(r2.prompt_ids) - len(r1.prompt_ids) - len(r1.tokens) + 4
     for ctx in [chat.engine.base] + [a.context for a in chat.engine.active_arms()]:
-        assert chat.seq.behind(ctx) == len(chat.seq.tokens)
+        assert seq_of(chat).behind(ctx) == len(seq_of(chat).tokens)
 
 
 def test_rendered_conversation_matches_hugging_face(chat, smollm2, tmp_path):
@@ -103,7 +109,7 @@ def assert_arm_holds(chat, name, batches):
     the same tokens in the same batches (so the same kernels run): its cache holds exactly the
     conversation, whatever it missed and caught up on."""
     a = arm(chat, name)
-    assert sum(batches, []) == chat.seq.tokens
+    assert sum(batches, []) == seq_of(chat).tokens
     reference = reference_llama(chat.engine.model.path, lora_path=str(a.path), n_ctx=1024,
                                 flash_attn=True, verbose=False)
     try:
@@ -132,17 +138,18 @@ def test_concise_switched_on_catches_up_and_changes_the_reply(chat):
     default = retried(chat)
     assert default.settings["alphas"] == {"positive": 1.0, "concise": 0.0}
     assert default.settings["method"] == "genarm"
-    assert chat.seq.behind(concise) == 0  # alpha 0: never stepped
+    assert seq_of(chat).behind(concise) == 0  # alpha 0: never stepped
     assert chat.command("/alpha concise=1") == "positive = 1\nconcise = 1"
     on = retried(chat)
     assert on.settings["alphas"] == {"positive": 1.0, "concise": 1.0}
-    n = len(chat.seq.tokens)  # both turns, this reply included
-    assert chat.seq.behind(concise) == chat.seq.behind(chat.engine.base) == n
-    assert chat.seq.behind(arm(chat, "positive").context) == n
+    seq = seq_of(chat)
+    n = len(seq.tokens)  # both turns, this reply included
+    assert seq.behind(concise) == seq.behind(chat.engine.base) == n
+    assert seq.behind(arm(chat, "positive").context) == n
     assert on.reply != default.reply
     # concise caught up on both turns at once, then followed the reply token by token
     prompt = chat.last.prompt_ids
-    assert_arm_holds(chat, "concise", [prompt] + one_by_one(chat.seq.tokens[len(prompt):]))
+    assert_arm_holds(chat, "concise", [prompt] + one_by_one(seq_of(chat).tokens[len(prompt):]))
 
 
 def test_positive_switched_off_is_not_stepped_and_catches_up_when_back_on(chat):
@@ -154,16 +161,18 @@ def test_positive_switched_off_is_not_stepped_and_catches_up_when_back_on(chat):
     chat.reply(SECOND)
     off = retried(chat)
     assert off.settings["alphas"] == {"positive": 0.0, "concise": 0.0}
-    missed = chat.seq.behind(positive)  # it holds the first turn only
-    assert first_prompt < missed < chat.seq.behind(chat.engine.base) == len(chat.seq.tokens)
+    seq = seq_of(chat)
+    missed = seq.behind(positive)  # it holds the first turn only
+    assert first_prompt < missed < seq.behind(chat.engine.base) == len(seq.tokens)
     assert chat.command("/alpha positive=1") == "positive = 1\nconcise = 0  (off)"
     on = retried(chat)
     assert on.settings["alphas"] == {"positive": 1.0, "concise": 0.0}
-    assert chat.seq.behind(positive) == chat.seq.behind(chat.engine.base) == len(chat.seq.tokens)
+    seq = seq_of(chat)
+    assert seq.behind(positive) == seq.behind(chat.engine.base) == len(seq.tokens)
     assert on.reply != off.reply
     # positive: the first prompt, its reply token by token, then what it missed at once, then
     # this reply token by token
-    tokens, prompt = chat.seq.tokens, chat.last.prompt_ids
+    tokens, prompt = seq_of(chat).tokens, chat.last.prompt_ids
     assert_arm_holds(chat, "positive", [tokens[:first_prompt]]
                      + one_by_one(tokens[first_prompt:missed]) + [tokens[missed:len(prompt)]]
                      + one_by_one(tokens[len(prompt):]))
@@ -185,7 +194,7 @@ def test_old_turns_leave_the_prompt_when_the_context_is_full():
             s.reply(long * 20)
         assert len(s.turns) == 4  # the refused message left nothing behind
     finally:
-        s.engine.close()
+        s.model.close()
 
 
 def test_commands_answer_bad_input_with_one_line(chat, tmp_path):

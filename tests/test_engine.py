@@ -12,7 +12,7 @@ import pytest
 from conftest import make_engine, reference_log_softmax
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError
-from edge_genarm.generation import generate
+from edge_genarm.generation import run_to_end
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
@@ -29,8 +29,8 @@ def prompt(engine, text="Hello world, this is a test"):
 def run(engine, req=GREEDY, text="Hello world, this is a test", ids=None):
     ids = prompt(engine, text) if ids is None else ids
     with Scheduler(engine) as scheduler:
-        return generate(scheduler,
-                        scheduler.submit(dataclasses.replace(req, prompt_ids=tuple(ids))))
+        handle = scheduler.submit(dataclasses.replace(req, prompt_ids=tuple(ids)))
+        return run_to_end(scheduler, [handle])[0][0]
 
 
 def guided_trace(engine, ids, n):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from edge_genarm.cli import main as cli
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
-from edge_genarm.generation import encode_prompt, generate
+from edge_genarm.generation import encode_prompt, run_to_end
 from edge_genarm.llama import ContextSettings
 from edge_genarm.registry import Registry
 from edge_genarm.sampling import SamplingSettings
@@ -34,7 +34,7 @@ def test_the_small_coder_guides_the_large_one():
             for weight in (0.0, 1.0):
                 request = Request(ids, SamplingSettings(greedy=True), max_tokens=24,
                                   arms={"small": weight})
-                answers[weight] = generate(scheduler, scheduler.submit(request))
+                answers[weight] = run_to_end(scheduler, [scheduler.submit(request)])[0][0]
     assert answers[0.0].text and answers[1.0].text
     assert answers[0.0].tokens != answers[1.0].tokens
     assert answers[1.0].alphas == {"small": 1.0}

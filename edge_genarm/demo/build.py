@@ -64,38 +64,29 @@ def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int =
                      system: str | None = None) -> list[list[tuple[str, bool]]]:
     """k sampled (answer, finished) per prompt, `group` prompts x k answers decoding together.
 
-    `finished` is False for an answer cut at max_tokens. Each prompt is one scheduler request
-    with n = k (the prompt decoded once, then forked); answer j of prompt i samples with seed
-    seed * 10**6 + i * k + j, so the samples do not depend on the grouping.
+    `finished` is False for an answer cut at max_tokens. Each prompt is one request of the
+    Python API with n = k (the prompt decoded once, then forked); answer j of prompt i samples
+    with seed seed * 10**6 + i * k + j, so the samples do not depend on the grouping.
     """
-    from ..engine import Engine, EngineConfig
-    from ..generation import encode_prompt
+    from ..api import Model
     from ..llama import ContextSettings
+    from ..options import GenerationOptions
     from ..sampling import SamplingSettings
-    from ..scheduler import Request, Scheduler
 
     sampling = SamplingSettings(temperature=temperature, top_k=0, top_p=0.95, min_p=0.0)
-    settings = ContextSettings(n_ctx=max_tokens + 64, n_seq_max=group * k)
-    with Engine.load(EngineConfig(base, [], settings)) as e:
-        scheduler = Scheduler(e)
-        handles = [scheduler.submit(Request(tuple(encode_prompt(e, t, system)), sampling, max_tokens,
-                                            seed=seed * 10**6 + i * k, n=k))
-                   for i, t in enumerate(texts)]
-        tokens = {(h, j): [] for h in handles for j in range(k)}
-        ended = {}
-        for event in scheduler.run(handles):
-            if event.token is not None and not e.model.is_eog(event.token):
-                tokens[(event.handle, event.index)].append(event.token)
-            if event.finish_reason:
-                ended[(event.handle, event.index)] = event.finish_reason == "stop"
-                if sum(h.done for h in handles) % 20 == 0 and event.handle.done:
-                    print(f"sampled {sum(h.done for h in handles)}/{len(texts)} prompts",
-                          flush=True)
-        return [[(_text(e, tokens[(h, j)]), ended[(h, j)]) for j in range(k)] for h in handles]
-
-
-def _text(engine, tokens: list[int]) -> str:
-    return b"".join(engine.model.token_bytes(t) for t in tokens).decode("utf-8", "replace").strip()
+    opts = GenerationOptions(base=base, arms=[], sampling=sampling, max_tokens=max_tokens,
+                             system=system, context=ContextSettings(n_ctx=max_tokens + 64))
+    answers: list = [None] * len(texts)
+    with Model(opts, parallel=group * k) as model:
+        items = [{"prompt": t, "seed": seed * 10**6 + i * k, "n": k} for i, t in enumerate(texts)]
+        for done, finished in zip(model.as_completed(items), range(1, len(texts) + 1)):
+            if done.error is not None:
+                raise done.error
+            answers[done.index] = [(r.text.strip(), r.finish_reason == "stop")
+                                   for r in done.results]
+            if finished % 20 == 0:
+                print(f"sampled {finished}/{len(texts)} prompts", flush=True)
+    return answers
 
 
 # The request words of FORMS say nothing about the topic; what is left of a prompt names it.
