@@ -319,7 +319,7 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     t0 = time.time()
-    held = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")
+    held = (ROOT / "recipes" / "demo" / "held_out_prompts.txt").read_text().split("\n")
     held = [p for p in held if p][: args.prompts]
     judge_path = judge_model()  # joined and checked first: a missing part fails fast
     results = generate_all(args, args.chosen, held)

@@ -39,7 +39,7 @@ from edge_genarm.options import GenerationOptions  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 
-PROMPTS = (ROOT / "edge_genarm" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
+PROMPTS = (ROOT / "recipes" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
 
 
 def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool = False,

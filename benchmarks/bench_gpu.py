@@ -53,8 +53,9 @@ from edge_genarm.generation import encode_prompt  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 
-DEMO = ROOT / "edge_genarm" / "demo"
-PROMPTS = (DEMO / "held_out_prompts.txt").read_text().splitlines()
+DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
+DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
+PROMPTS = (DEMO_DATA / "held_out_prompts.txt").read_text().splitlines()
 KS = (1, 2, 4, 8, 16, 32, 64)
 # each section's share of the time budget (a share left over flows to the sections after it)
 SHARES = {"demo": 1.0, "batch": 3.0, "placement": 1.5, "pargs": 1.5, "server": 3.0}

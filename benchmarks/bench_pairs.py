@@ -1,6 +1,6 @@
 """How far the base alone already separates the demo preference pairs, before any training.
 
-For each demo objective (edge_genarm/demo/<objective>_pairs.jsonl) the pairs are encoded exactly
+For each demo objective (recipes/demo/<objective>_pairs.jsonl) the pairs are encoded exactly
 as `edge-genarm train` encodes them for the demo build (the GGUF's chat template for the prompt,
 the response plus end-of-turn, cut at the build's --max-length), and the shipped Q4_1 SmolLM2
 (`@smollm2`, the base the demo ARMs train on) scores every chosen and rejected response. Printed
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
 from scoring import answer_logprobs  # noqa: E402
-from edge_genarm.demo.build import TRAINING  # noqa: E402
+from recipes.demo.build import TRAINING  # noqa: E402
 from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
 from edge_genarm.registry import resolve_model  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
     settings = ContextSettings(n_ctx=longest, n_seq_max=K, n_threads=args.threads)
     with Engine.load(EngineConfig(base, [], settings)) as engine:
         for objective in args.objectives.split(","):
-            path = ROOT / "edge_genarm" / "demo" / f"{objective}_pairs.jsonl"
+            path = ROOT / "recipes" / "demo" / f"{objective}_pairs.jsonl"
             cut = args.max_length or max_length(objective)
             pairs, skipped = load_pairs(path, encoder, cut)
             summed, mean, lengths = margins(engine, pairs)

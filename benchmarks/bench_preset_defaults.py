@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from judge import Judge, judge_model  # noqa: E402
 from machine import print_header  # noqa: E402
 
-DEMO = ROOT / "edge_genarm" / "demo"
+DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
 SETTINGS = ["base=--alpha positive=0", "GenARM (preset)=", "PARGS (preset)=--method pargs"]
 
 
@@ -67,7 +67,7 @@ def main() -> None:
                     help="keep each setting's records as DIR/<setting>-seed<S>.jsonl")
     args = ap.parse_args()
     settings = [s.partition("=") for s in args.setting or SETTINGS]
-    texts = (DEMO / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
+    texts = (DEMO_DATA / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
     afinn, vader = Afinn(), SentimentIntensityAnalyzer()
     print_header()
     limit = f"at most {args.max_tokens} tokens" if args.max_tokens else "the preset's max tokens"

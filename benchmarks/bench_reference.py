@@ -39,9 +39,9 @@ from edge_genarm.registry import Registry  # noqa: E402
 
 # name -> (base model, LoRA ARM, where its held-out prompts are, alpha)
 PAIRS = {
-    "smollm2": ("@smollm2-q8", "@demo-positive", "edge_genarm/demo/held_out_prompts.txt", 1.0),
+    "smollm2": ("@smollm2-q8", "@demo-positive", "recipes/demo/held_out_prompts.txt", 1.0),
     "coder": ("@qwen-coder-0.5b", "edge_genarm/coder/documented.gguf",
-              "edge_genarm/coder/held_out_requests.txt", 1.0),
+              "recipes/coder/held_out_requests.txt", 1.0),
 }
 
 

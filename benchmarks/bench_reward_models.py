@@ -34,7 +34,8 @@ from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
-DEMO = ROOT / "edge_genarm" / "demo"
+DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
+DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
 POLICY = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     reg = Registry.load()
     base = reg.resolve("@smollm2-q8")
-    texts = (DEMO / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
+    texts = (DEMO_DATA / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
     models = {"partial-BT (positive_rm)": DEMO / "positive_rm.gguf",
               "full-BT (positive_rm_full)": DEMO / "positive_rm_full.gguf"}
     settings = ContextSettings(n_ctx=512, n_seq_max=max(16, args.samples))

@@ -42,7 +42,8 @@ from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
-DEMO = ROOT / "edge_genarm" / "demo"
+DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
+DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
 POLICY = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 GREEDY = SamplingSettings(greedy=True)
 
@@ -152,7 +153,7 @@ def main() -> None:
     reg = Registry.load()
     base = reg.resolve("@smollm2-q8")
     arm = ArmSpec(reg.resolve("@demo-positive"), 0.0, "positive")
-    texts = (DEMO / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
+    texts = (DEMO_DATA / "held_out_prompts.txt").read_text().splitlines()[:args.prompts]
     # best-of-N's samples decode side by side: N of the parallel sequences per request
     settings = ContextSettings(n_ctx=512, n_seq_max=args.parallel)
     afinn, table = Afinn(), []

@@ -1,9 +1,9 @@
 """Weak to strong: does the 0.5B coder ARM move a 1.5B coder, at what speed and at what cost?
 
 Settings, each greedy: the 1.5B alone; the 1.5B guided by the 0.5B + its LoRA ARM
-(`documented.gguf`, built by `python -m edge_genarm.coder.build`) at --weights; the 0.5B alone;
+(`documented.gguf`, built by `python -m recipes.coder.build`) at --weights; the 0.5B alone;
 the 0.5B guided by its ARM at 1. For each, on the held-out coding requests
-(edge_genarm/coder/held_out_requests.txt, never trained on; --requests 20 takes one per task):
+(recipes/coder/held_out_requests.txt, never trained on; --requests 20 takes one per task):
 - the objective: the mean judge score (documented, typed functions; an answer cut off at
   --max-tokens is judged on the code it finished; answers that define no function are left
   out, and their share is shown), and the answers' mean length in tokens;
@@ -17,7 +17,7 @@ HumanEval's order) for the 1.5B at each of
 --humaneval-weights (0: alone; greedy, the answer up to its first closed code block; of the
 block that defines the entry point, its imports, definitions and assignments (judge.definitions:
 not the calls and self-tests an answer adds, nor a tail cut off at --humaneval-tokens), after the
-problem's own text, run by edge_genarm.coder.runner with the problem's tests: a time limit, no
+problem's own text, run by recipes.coder.runner with the problem's tests: a time limit, no
 network, a throwaway directory). The speed target compares
 the guided 1.5B with 1 / (1/base + 1/ARM), the two models' own tokens/s measured alone in the
 same run: the 1.5B alone, and the ARM alone (the 0.5B running with its LoRA adapter as a model,
@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import print_header  # noqa: E402
 from scoring import answer_logprobs, decode_speed  # noqa: E402
-from edge_genarm.coder import judge  # noqa: E402
-from edge_genarm.coder.runner import run_program  # noqa: E402
+from recipes.coder import judge  # noqa: E402
+from recipes.coder.runner import run_program  # noqa: E402
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
 from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
 from edge_genarm.llama import ContextSettings  # noqa: E402
@@ -69,7 +69,8 @@ from edge_genarm.sampling import SamplingSettings  # noqa: E402
 from edge_genarm.registry import Registry  # noqa: E402
 from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
 
-CODER = ROOT / "edge_genarm" / "coder"
+CODER = ROOT / "edge_genarm" / "coder"  # the shipped ARM
+CODER_DATA = ROOT / "recipes" / "coder"  # the requests it was not trained on
 ARM_ALONE = "the ARM alone (0.5B + LoRA as a model)"
 HUMANEVAL_ASK = ("Complete the following Python function. Answer with the whole function in "
                  "one ```python code block.\n\n```python\n{}```")
@@ -263,8 +264,8 @@ def main() -> None:
     large, small = reg.resolve("@qwen-coder-1.5b"), reg.resolve("@qwen-coder-0.5b")
     adapter = CODER / "documented.gguf"
     if not adapter.exists():
-        raise SystemExit(f"{adapter} is missing: run python -m edge_genarm.coder.build first")
-    texts = spread((CODER / "held_out_requests.txt").read_text().splitlines())[:args.requests]
+        raise SystemExit(f"{adapter} is missing: run python -m recipes.coder.build first")
+    texts = spread((CODER_DATA / "held_out_requests.txt").read_text().splitlines())[:args.requests]
     settings = ContextSettings(n_ctx=args.ctx_size, n_seq_max=args.parallel,
                                n_threads=args.threads)
     arm = ArmSpec(small, 0.0, "documented", adapter=adapter)

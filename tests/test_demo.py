@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edge_genarm.cli import main
-from edge_genarm.demo.build import on_topic, pairs_for, prompts
+from recipes.demo.build import on_topic, pairs_for, prompts
 from edge_genarm.registry import Registry
 
 PROMPT = "Tell me about a rainy afternoon."
@@ -48,7 +48,7 @@ def test_concise_arm_makes_held_out_answers_end_sooner(tmp_path):
     with concise at 2 at least five of the six end by themselves, each sooner than its unguided
     counterpart, in under half the tokens in all. (Greedy answers of a 135M model can fall into
     a repetition loop after a near-tie; which one does depends on the batch's kernel order.)"""
-    held = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo" / "held_out_prompts.txt"
+    held = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "held_out_prompts.txt"
     prompts_file = tmp_path / "six.txt"
     prompts_file.write_text("".join(held.read_text().splitlines(keepends=True)[:6]))
     lengths = {}
@@ -73,7 +73,7 @@ def test_held_out_prompts_are_never_trained_on():
     train, held = prompts()
     assert len(train) + len(held) == 300 and len(held) == 40
     assert not set(train) & set(held)
-    demo = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo"
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "demo"
     assert (demo / "prompts.txt").read_text().split("\n")[:-1] == train  # what the build wrote
     assert (demo / "held_out_prompts.txt").read_text().split("\n")[:-1] == held
 

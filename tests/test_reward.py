@@ -289,7 +289,7 @@ def test_args_and_pargs_give_the_same_tokens_with_one_reward_model(tmp_path):
     decoded together: args and pargs give the same tokens, greedy at w 2 and sampled at w 1 with
     one seed. What tells the methods apart is the reward model each is meant for: args with the
     full-BT @demo-positive-rm-full answers otherwise."""
-    held = Path(__file__).resolve().parent.parent / "edge_genarm" / "demo" / "held_out_prompts.txt"
+    held = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "held_out_prompts.txt"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(held.read_text().splitlines(keepends=True)[:3]))
 

