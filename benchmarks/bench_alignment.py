@@ -13,7 +13,7 @@ which its own sampled distributions are as sharp as the guided run's were (see `
 A guided ARM sharpens the distribution, and a sharper distribution alone raises the base's
 log-prob per token; the control shows how much of a change sharpening alone explains.
 
-    python benchmarks/bench_alignment.py [--prompts 30] [--max-tokens 256] [--seeds 3]
+    python -m benchmarks.bench_alignment [--prompts 30] [--max-tokens 256] [--seeds 3]
         [--settings 0:0,1:0,2:0,0:1,0:2,1:1 | grid] [--threads N] [--plot PNG] [--save JSONL]
 
 Sampling: T 0.7, top-k 40, top-p 0.95, min-p 0.05; prompt i of seed s has the seed
@@ -33,17 +33,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from edge_genarm import sampling  # noqa: E402
-from edge_genarm.batch import seed_for  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.errors import UserError  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from judge import Judge, judge_model, teacher_forced  # noqa: E402
+from edge_genarm import sampling
+from edge_genarm.batch import seed_for
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.errors import UserError
+from edge_genarm.generation import encode_prompt
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
+from benchmarks.judge import Judge, judge_model, teacher_forced
+from benchmarks.machine import print_header
 
 SAMPLING = sampling.SamplingSettings(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
 DEFAULT_SETTINGS = "0:0,1:0,2:0,0:1,0:2,1:1"
@@ -318,6 +317,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    print_header()
     t0 = time.time()
     held = (ROOT / "recipes" / "demo" / "held_out_prompts.txt").read_text().split("\n")
     held = [p for p in held if p][: args.prompts]

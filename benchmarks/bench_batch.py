@@ -13,7 +13,7 @@ batched greedy text differs from the one-at-a-time text.
 4. Where the time goes (--split): at K = 1 and K = 8, the time inside llama.cpp's decode calls,
    split into calls that carry a prompt (prefill) and calls of one token per sequence.
 
-    python benchmarks/bench_batch.py [--max-tokens 64] [--skip-types] [--types Q4_1,Q8_0] [--split]
+    python -m benchmarks.bench_batch [--max-tokens 64] [--skip-types] [--types Q4_1,Q8_0] [--split]
                                      [--prompts 40] [--threads N]
 """
 
@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.api import Model  # noqa: E402
-from edge_genarm.batch import Item, run_batch  # noqa: E402
-from edge_genarm.engine import ArmSpec  # noqa: E402
-from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
-from edge_genarm.options import GenerationOptions  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.api import Model
+from edge_genarm.batch import Item, run_batch
+from edge_genarm.engine import ArmSpec
+from edge_genarm.llama import ContextSettings, quantize_model
+from edge_genarm.options import GenerationOptions
+from edge_genarm.registry import Registry
+from edge_genarm.sampling import SamplingSettings
 
 PROMPTS = (ROOT / "recipes" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
 

@@ -7,30 +7,27 @@ The demo preset with both ARMs on (positive 1, concise 0.5: three contexts stepp
 - *fresh*: the same prompt decoded from an empty cache in a second engine (what a chat that
   re-reads the whole conversation every turn would pay).
 
-    python benchmarks/bench_chat.py [--turns 10] [--max-tokens 48] [--repeats 3] [--threads N]
+    python -m benchmarks.bench_chat [--turns 10] [--max-tokens 48] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.api import Model  # noqa: E402
-from edge_genarm.chat import ChatSession  # noqa: E402
-from edge_genarm.engine import ArmSpec  # noqa: E402
-from edge_genarm.generation import encode_messages  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.options import GenerationOptions  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.api import Model
+from edge_genarm.chat import ChatSession
+from edge_genarm.engine import ArmSpec
+from edge_genarm.generation import encode_messages
+from edge_genarm.llama import ContextSettings
+from edge_genarm.options import GenerationOptions
+from edge_genarm.registry import Registry
+from edge_genarm.sampling import SamplingSettings
 
 MESSAGES = ["Hi! I want to start a small garden on my balcony.",
             "Which vegetables grow well in pots?",

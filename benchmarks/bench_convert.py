@@ -8,29 +8,26 @@ llama.cpp's quantizer; each result is compared with PyTorch on the verify probes
 Llama untied and tied, Mistral, Qwen2; hidden size 64, 2 layers, SmolLM2's real vocabulary),
 each written as every --outtype and compared with PyTorch on the same probes.
 
-    python benchmarks/bench_convert.py [--quantize Q8_0,Q5_K_M,Q4_K_M] [--tiny]
+    python -m benchmarks.bench_convert [--quantize Q8_0,Q5_K_M,Q4_K_M] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from machine import print_header  # noqa: E402
+from benchmarks.machine import print_header
 
-from edge_genarm.convert.from_gguf import gguf_to_hf  # noqa: E402
-from edge_genarm.convert.verify import verify  # noqa: E402
-from edge_genarm.cli import main as cli  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
+from edge_genarm.convert.from_gguf import gguf_to_hf
+from edge_genarm.convert.verify import verify
+from edge_genarm.cli import main as cli
+from edge_genarm.registry import resolve_model
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -67,9 +64,8 @@ def real_model(base: Path, tmp: Path, quantize: str) -> None:
 
 
 def tiny_models(base: Path, tmp: Path) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
     import transformers
-    from hf_models import write_smollm2_tokenizer, write_tiny_hf_model
+    from tests.hf_models import write_smollm2_tokenizer, write_tiny_hf_model
 
     transformers.utils.logging.disable_progress_bar()  # keep the table readable
 

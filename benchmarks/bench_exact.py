@@ -13,28 +13,25 @@ top-1 agreement.
 Each weight type of --types is measured: Q4_1 is the shipped file, any other type a
 re-encoding of it made with llama.cpp's quantizer (F32: its weights exactly, dequantized).
 
-    python benchmarks/bench_exact.py [--types Q4_1,Q8_0,F32] [--tokens 200] [--threads N]
+    python -m benchmarks.bench_exact [--types Q4_1,Q8_0,F32] [--tokens 200] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.convert.verify import PROBES  # noqa: E402
-from edge_genarm import guidance  # noqa: E402
-from edge_genarm.llama import Context, ContextSettings, Model, quantize_model  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
-from edge_genarm.templates import build_messages, render_chat  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.convert.verify import PROBES
+from edge_genarm import guidance
+from edge_genarm.llama import Context, ContextSettings, Model, quantize_model
+from edge_genarm.registry import resolve_model
+from edge_genarm.templates import build_messages, render_chat
 
 LIKELY = np.log(1e-4)
 

@@ -20,8 +20,8 @@ share of --budget-s (time a section leaves over goes to the next ones) and print
 skipped when its time is up; a section that fails prints its error and the run goes on. The
 figures go to --json as well, written again after every section.
 
-    python benchmarks/bench_gpu.py --n-gpu-layers -1 --json gpu.json [--budget-s 420] [--no-cpu]
-    python benchmarks/bench_gpu.py --n-gpu-layers 0 --no-cpu --tokens 8 --max-k 2 \\
+    python -m benchmarks.bench_gpu --n-gpu-layers -1 --json gpu.json [--budget-s 420] [--no-cpu]
+    python -m benchmarks.bench_gpu --n-gpu-layers 0 --no-cpu --tokens 8 --max-k 2 \\
         --budget-s 120 --json /tmp/b.json      # a quick check of the script on a CPU-only build
 """
 
@@ -40,18 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_rgtg  # noqa: E402
-import bench_server  # noqa: E402
-from machine import cores, cpu_name, describe  # noqa: E402
-from scoring import decode_speed  # noqa: E402
-from edge_genarm import llama  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
+from benchmarks import bench_rgtg
+from benchmarks import bench_server
+from benchmarks.machine import cores, cpu_name, describe
+from benchmarks.scoring import decode_speed
+from edge_genarm import llama
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
+from edge_genarm.generation import encode_prompt
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
 
 DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
 DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on

@@ -14,7 +14,7 @@ measures the base alone twice more, with edge-genarm's output reservation (one l
 sequence) and with llama.cpp's default (n_outputs_max 0: one row per batch position), to show
 what the reservation does to the compute buffer.
 
-    python benchmarks/bench_guided.py [--tokens 64] [--repeats 15] [--threads 1,2]
+    python -m benchmarks.bench_guided [--tokens 64] [--repeats 15] [--threads 1,2]
                                       [--sections speed,memory,outputs]
 """
 
@@ -33,18 +33,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.convert.gguf_out import write_lora_adapter  # noqa: E402
-from edge_genarm.convert.synthetic import random_lora_pairs  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
-from edge_genarm.gguf_file import inspect_gguf  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.convert.gguf_out import write_lora_adapter
+from edge_genarm.convert.synthetic import random_lora_pairs
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.scheduler import Request, Scheduler
+from edge_genarm.gguf_file import inspect_gguf
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import resolve_model
+from edge_genarm.sampling import SamplingSettings
 
 # Raw text that greedy decoding carries on for hundreds of tokens: the guided loop runs a real
 # request, which would end at an end-of-generation token.
@@ -69,7 +67,9 @@ def bare_loop(ctx, prompt_ids, n_tokens, seq_id=0) -> float:
         token = int(np.argmax(logits))
         logits = ctx.decode([(seq_id, [token], pos)])[0]
         pos += 1
-    return (time.perf_counter() - t0) / n_tokens
+    seconds = (time.perf_counter() - t0) / n_tokens
+    ctx.seq_remove(seq_id)  # the engine's next sequence on this id starts from an empty cache
+    return seconds
 
 
 def guided_loop(engine, prompt_ids, n_tokens) -> tuple[float, float]:

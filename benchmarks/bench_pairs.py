@@ -9,7 +9,7 @@ default) and with their mean per token (`--length-norm`): its median, its smalle
 pairs the base already prefers the chosen answer in, and the mean loss -log sigmoid(beta * margin)
 at beta 0.1 (summed) or 1 (per token) before training.
 
-    python benchmarks/bench_pairs.py [--objectives concise,positive] [--threads N]
+    python -m benchmarks.bench_pairs [--objectives concise,positive] [--threads N]
                                      [--max-length N]   # instead of the build's cut
 """
 
@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import answer_logprobs  # noqa: E402
-from recipes.demo.build import TRAINING  # noqa: E402
-from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
-from edge_genarm.train.base import gguf_encoder  # noqa: E402
-from edge_genarm.train.data import load_pairs  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import answer_logprobs
+from recipes.demo.build import TRAINING
+from edge_genarm.engine import Engine, EngineConfig
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import resolve_model
+from edge_genarm.train.base import gguf_encoder
+from edge_genarm.train.data import load_pairs
 
 K = 8  # sequences decoded together
 
@@ -65,6 +62,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     ap.add_argument("--max-length", type=int, default=0,
                     help="cut prompt plus response at N tokens (0: the demo build's setting)")
+    ap.add_argument("--pairs", type=int, default=0, help="the first N pairs only (0: all)")
     args = ap.parse_args()
     print_header()
     base = resolve_model("@smollm2")
@@ -81,6 +79,7 @@ def main() -> None:
             path = ROOT / "recipes" / "demo" / f"{objective}_pairs.jsonl"
             cut = args.max_length or max_length(objective)
             pairs, skipped = load_pairs(path, encoder, cut)
+            pairs = pairs[:args.pairs or None]
             summed, mean, lengths = margins(engine, pairs)
             n = len(pairs)
             print(f"| {objective} (max length {cut}, {len(skipped)} skipped) | "

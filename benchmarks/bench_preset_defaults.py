@@ -10,7 +10,7 @@ mean over seeds, and the standard deviation across seeds of the per-seed means, 
 - the judge's log-prob per token of the answers (Qwen2.5-Coder-0.5B-Instruct, see judge.py): a
   coherence check, since a method can buy sentiment with broken text.
 
-    python benchmarks/bench_preset_defaults.py [--prompts 40] [--seeds 3] [--max-tokens 256]
+    python -m benchmarks.bench_preset_defaults [--prompts 40] [--seeds 3] [--max-tokens 256]
         [--setting 'NAME=OPTIONS' ...] [--save DIR]
 
 Default settings: the base (`--alpha positive=0`), GenARM at the preset's alphas, PARGS at the
@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from judge import Judge, judge_model  # noqa: E402
-from machine import print_header  # noqa: E402
+from benchmarks.judge import Judge, judge_model
+from benchmarks.machine import print_header
 
 DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
 SETTINGS = ["base=--alpha positive=0", "GenARM (preset)=", "PARGS (preset)=--method pargs"]

@@ -3,26 +3,23 @@ fixed English texts (the docstrings of some standard-library modules, at most 30
 under the shipped Q4_1 file and under requantizations of it made with llama.cpp's quantizer.
 A higher (less negative) figure is a better model of the text; equal figures mean nothing lost.
 
-    python benchmarks/bench_quant.py [--types Q8_0,Q4_0] [--threads N]
+    python -m benchmarks.bench_quant [--types Q8_0,Q4_0] [--texts N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import answer_logprobs  # noqa: E402
-from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
-from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import answer_logprobs
+from edge_genarm.engine import Engine, EngineConfig
+from edge_genarm.llama import ContextSettings, quantize_model
+from edge_genarm.registry import resolve_model
 
 MODULES = ["textwrap", "json", "argparse", "collections", "pathlib", "zipfile", "csv", "logging",
            "sqlite3", "unittest", "email", "http", "tkinter", "decimal", "random", "heapq"]
@@ -57,11 +54,12 @@ def mean_logprob(path: Path, docs: list[str], threads: int = 0) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="Q8_0,Q4_0")
+    ap.add_argument("--texts", type=int, default=0, help="the first N texts only (0: all)")
     ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     args = ap.parse_args()
     print_header()
     shipped = resolve_model("@smollm2")
-    docs = texts()
+    docs = texts()[:args.texts or None]
     print("| weights | mean log-prob per token |")
     print("|---|---|")
     score, n = mean_logprob(shipped, docs, args.threads)

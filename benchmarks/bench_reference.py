@@ -13,29 +13,26 @@ float32 can part at a near-tie), and generated tokens/s of the reference, of edg
 request at a time as the reference runs, and of edge-genarm with every prompt submitted at once
 (its scheduler batches them). Tokens/s counts from the first prompt's prefill to the last token.
 
-    python benchmarks/bench_reference.py [--pairs smollm2,coder] [--prompts 8] [--tokens 32]
+    python -m benchmarks.bench_reference [--pairs smollm2,coder] [--prompts 8] [--tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import greedy_answers  # noqa: E402
-from edge_genarm.convert.from_gguf import gguf_to_hf  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import encode_prompt  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import greedy_answers
+from edge_genarm.convert.from_gguf import gguf_to_hf
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.generation import encode_prompt
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
 
 # name -> (base model, LoRA ARM, where its held-out prompts are, alpha)
 PAIRS = {

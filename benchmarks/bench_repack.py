@@ -5,7 +5,7 @@ prefill tokens/s (one prompt of about 300 tokens) and decode tokens/s (one seque
 fixed length, prefill not timed), unguided. Where llama.cpp reports AMX, `on` takes the AMX
 path that crashes on some CPUs: run it there only in a throwaway process.
 
-    python benchmarks/bench_repack.py [--models @smollm2-q8,q4_0] [--tokens 64] [--repeats 3]
+    python -m benchmarks.bench_repack [--models @smollm2-q8,q4_0] [--tokens 64] [--repeats 3]
 
 `q4_0` is SmolLM2 requantized to Q4_0 (a type CPU_REPACK takes on x86; Q8_0 and Q4_1 it does
 not), made once into a temporary folder; any other name is an @model or a path.
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import decode_speed  # noqa: E402
-from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
-from edge_genarm.llama import ContextSettings, quantize_model  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import decode_speed
+from edge_genarm.engine import Engine, EngineConfig
+from edge_genarm.llama import ContextSettings, quantize_model
+from edge_genarm.registry import resolve_model
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -10,29 +10,26 @@ Pearson correlation of r with the answers' AFINN score over all answers and with
 of the answer that best-of-n keeps among the first n samples, for n = 1 (no choice), 2, 4, ...,
 --samples, with the answer AFINN itself would keep as the ceiling.
 
-    python benchmarks/bench_reward_models.py [--prompts 30] [--samples 8] [--max-tokens 96]
+    python -m benchmarks.bench_reward_models [--prompts 30] [--samples 8] [--max-tokens 96]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.engine import Engine, EngineConfig, RewardSpec  # noqa: E402
-from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.engine import Engine, EngineConfig, RewardSpec
+from edge_genarm.generation import encode_prompt, run_to_end
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
 
 DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
 DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on
@@ -61,8 +58,10 @@ def rewards(engine: Engine, prompt: list[int], answers: list) -> list[float]:
 
 def report(name: str, scores: list[list[float]], afinn: list[list[float]], ns: list[int]) -> None:
     flat = np.corrcoef(sum(scores, []), sum(afinn, []))[0, 1]
-    within = statistics.mean(np.corrcoef(r, a)[0, 1] for r, a in zip(scores, afinn)
-                             if np.ptp(a) > 0 and np.ptp(r) > 0)
+    # prompts whose answers all have one AFINN score say nothing within the prompt
+    varied = [np.corrcoef(r, a)[0, 1] for r, a in zip(scores, afinn)
+              if np.ptp(a) > 0 and np.ptp(r) > 0]
+    within = statistics.mean(varied) if varied else float("nan")
     kept = [statistics.mean(a[int(np.argmax(r[:n]))] for r, a in zip(scores, afinn)) for n in ns]
     print(f"| {name} | {flat:.3f} | {within:.3f} | " + " | ".join(f"{k:.2f}" for k in kept) + " |",
           flush=True)

@@ -18,29 +18,26 @@ method scoring them with k decodes (the authors' way), k = --candidates, greedy,
 --compare-prompts prompts decoded together, each way twice and interleaved (the median
 counts), the same answers (the tokens are compared).
 
-    python benchmarks/bench_rgtg.py [--prompts 30] [--max-tokens 96] [--plot docs/rgtg.png]
+    python -m benchmarks.bench_rgtg [--prompts 30] [--max-tokens 96] [--plot docs/rgtg.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import answer_logprobs  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec  # noqa: E402
-from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import answer_logprobs
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
+from edge_genarm.generation import encode_prompt, run_to_end
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
 
 DEMO = ROOT / "edge_genarm" / "demo"  # the shipped reward models
 DEMO_DATA = ROOT / "recipes" / "demo"  # the prompts the demo ARMs were not trained on

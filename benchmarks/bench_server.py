@@ -16,7 +16,7 @@ sending to the first chunk with content: median and 90th percentile), then the t
 targets name. Traffic goes to 127.0.0.1 only.
 
     pip install pydantic-settings starlette-context   # llama-cpp-python's server extras
-    python benchmarks/bench_server.py [--clients 1,4,16] [--max-tokens 64]
+    python -m benchmarks.bench_server [--clients 1,4,16] [--max-tokens 64]
                                       [--requests-per-client 4] [--threads N] [--quick]
                                       [--n-gpu-layers -1] [--parallel N]
 
@@ -39,12 +39,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from edge_genarm.serve.launch import ServerStartError, local_server  # noqa: E402
-from edge_genarm.registry import resolve_model  # noqa: E402
+from benchmarks.machine import print_header
+from edge_genarm.serve.launch import ServerStartError, local_server
+from edge_genarm.registry import resolve_model
 
 PROMPTS = ["Give me three tips for a good morning.", "What is a healthy breakfast?",
            "How do I start running?", "Explain rain to a child.", "Name three board games.",

@@ -34,13 +34,13 @@ DIR/<setting>-HumanEval.jsonl). --sum-humaneval DIR [DIR ...] loads no model: it
 setting's pass@1 over those runs' HumanEval answers together (problems 0-59 in one folder and
 60-119 in another: pass@1 over 120), a problem in two folders refused.
 
-    python benchmarks/bench_weak_to_strong.py [--weights 0.5,1,2] [--requests 60]
+    python -m benchmarks.bench_weak_to_strong [--weights 0.5,1,2] [--requests 60]
                                               [--humaneval 60] [--humaneval-start 0]
                                               [--humaneval-weights 0,1] [--humaneval-tokens 384]
                                               [--max-tokens 256] [--parallel 16]
                                               [--answers DIR] [--dry-multiplier M
                                               --dry-allowed-length N --dry-sequence-breaker S]
-    python benchmarks/bench_weak_to_strong.py --sum-humaneval DIR [DIR ...]
+    python -m benchmarks.bench_weak_to_strong --sum-humaneval DIR [DIR ...]
 """
 
 from __future__ import annotations
@@ -54,20 +54,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import print_header  # noqa: E402
-from scoring import answer_logprobs, decode_speed  # noqa: E402
-from recipes.coder import judge  # noqa: E402
-from recipes.coder.runner import run_program  # noqa: E402
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig  # noqa: E402
-from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.options import sequence_breakers  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
-from edge_genarm.registry import Registry  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
+from benchmarks.machine import print_header
+from benchmarks.scoring import answer_logprobs, decode_speed
+from recipes.coder import judge
+from recipes.coder.runner import run_program
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.generation import encode_prompt, run_to_end
+from edge_genarm.llama import ContextSettings
+from edge_genarm.options import sequence_breakers
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.registry import Registry
+from edge_genarm.scheduler import Request, Scheduler
 
 CODER = ROOT / "edge_genarm" / "coder"  # the shipped ARM
 CODER_DATA = ROOT / "recipes" / "coder"  # the requests it was not trained on

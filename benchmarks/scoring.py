@@ -16,19 +16,16 @@ per answer a float64 array of log p(answer[t] | prompt, answer[:t]) for every t,
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_genarm import guidance  # noqa: E402
-from edge_genarm.engine import Engine  # noqa: E402
-from edge_genarm.generation import encode_prompt, run_to_end  # noqa: E402
-from edge_genarm.sampling import SamplingSettings  # noqa: E402
-from edge_genarm.scheduler import Request, Scheduler  # noqa: E402
+from edge_genarm import guidance
+from edge_genarm.engine import Engine
+from edge_genarm.generation import encode_prompt, run_to_end
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
 
 
 GREEDY = SamplingSettings(greedy=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -49,17 +48,14 @@ from .engine import Engine
 from .errors import EngineError, UserError
 from .generation import Answers, Result, chat_template, encode_messages, encode_prompt, \
     with_system
-from .options import GenerationOptions, generation_options, sequence_breakers
-from .sampling import SamplingSettings
+from .options import CALL_FIELDS, SAMPLING_FIELDS, GenerationOptions, generation_options, \
+    sequence_breakers
 from .scheduler import Request, Scheduler, TokenLogprob, Usage
 from .worker import Served, Worker
 
 __all__ = ["load", "Model", "Result", "Chunk", "Completion", "UserError", "EngineError"]
 
-_SAMPLING = {f.name for f in dataclasses.fields(SamplingSettings)}
-_REQUEST = {"max_tokens", "stop", "seed", "arms", "n", "logprobs", "method", "reward_weight",
-            "candidates", "samples", "ignore_eos"}
-_CALL = _SAMPLING | _REQUEST | {"system"}
+_CALL = SAMPLING_FIELDS | CALL_FIELDS | {"system"}
 
 
 @dataclass
@@ -255,28 +251,15 @@ class Model:
             raise UserError("this model is closed; load it again")
         unknown = sorted(set(options) - _CALL)
         if unknown:
-            raise UserError(f"unknown option {unknown[0]!r}; a call takes {', '.join(sorted(_CALL))}")
-        opts = self.options
-        sampling = {k: v for k, v in options.items() if k in _SAMPLING}
-        if "dry_sequence_breakers" in sampling:
-            sampling["dry_sequence_breakers"] = sequence_breakers(
-                [sampling["dry_sequence_breakers"]] if isinstance(
-                    sampling["dry_sequence_breakers"], str) else sampling["dry_sequence_breakers"])
-        if "temperature" in sampling and "greedy" not in sampling:
-            sampling["greedy"] = sampling["temperature"] == 0  # as the server reads it
-        settings = dataclasses.replace(opts.sampling, **sampling)
-        try:
-            settings.validate()
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        fields = {k: v for k, v in options.items() if k in _REQUEST}
-        if "stop" in fields:
-            stop = fields["stop"]
-            fields["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        if "seed" not in fields and not opts.seed_given:
-            fields["seed"] = secrets.randbelow(2**31)
-        ids = self._encode(prompt, options.get("system", opts.system))
-        return opts.request(ids, sampling=settings, **fields)
+            raise UserError(f"unknown option {unknown[0]!r}; a call takes "
+                            f"{', '.join(sorted(_CALL))}")
+        given = dict(options)
+        if given.get("dry_sequence_breakers") is not None:  # the command line's escapes
+            breakers = given["dry_sequence_breakers"]
+            given["dry_sequence_breakers"] = sequence_breakers(
+                [breakers] if isinstance(breakers, str) else breakers)
+        ids = self._encode(prompt, options.get("system", self.options.system))
+        return self.options.call(ids, given)
 
     def _encode(self, prompt, system: str | None) -> list[int]:
         if isinstance(prompt, (list, tuple)) and prompt and \

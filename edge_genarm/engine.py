@@ -93,7 +93,12 @@ class Sequence:
     n_past: dict[int, int] = field(default_factory=dict)  # id(context) -> tokens in its cache
 
     def behind(self, ctx: Context) -> int:
+        """How many of the tokens `ctx`'s cache holds for this sequence."""
         return self.n_past.get(id(ctx), 0)
+
+    def holds(self, ctx: Context, n: int) -> None:
+        """Record that `ctx`'s cache now holds the first n tokens (whoever decoded them)."""
+        self.n_past[id(ctx)] = n
 
 
 class Engine:
@@ -217,7 +222,7 @@ class Engine:
             held = min(n, src.behind(ctx))
             if held:
                 ctx.seq_copy(src.seq_id, dst.seq_id, 0, held)
-            dst.n_past[id(ctx)] = held
+            dst.holds(ctx, held)
 
     def fork(self, src: Sequence, dsts: Seq[Sequence]) -> None:
         """Each of dsts becomes a copy of src (tokens and every context's cache)."""
@@ -245,7 +250,7 @@ class Engine:
         for ctx in self._contexts():
             if seq.behind(ctx) > n:
                 ctx.seq_remove(seq.seq_id, n, -1)
-                seq.n_past[id(ctx)] = n
+                seq.holds(ctx, n)
 
     # -- the step -------------------------------------------------------------------------------
     def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
@@ -303,7 +308,7 @@ class Engine:
             entries.append((seq.seq_id, seq.tokens[start:], start, n_out))
         logits = ctx.decode(entries)
         for seq in seqs:
-            seq.n_past[id(ctx)] = len(seq.tokens)
+            seq.holds(ctx, len(seq.tokens))
         return logits if logits.ndim == 2 else logits[None]
 
     def _contexts(self) -> list[Context]:

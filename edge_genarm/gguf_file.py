@@ -1,7 +1,7 @@
 """What a GGUF file is, read from its header before llama.cpp is asked to load it.
 
 Contract: `inspect_gguf(path)` returns a `GGUFInfo` (model or LoRA adapter, architecture, tensor
-shapes) or raises `ModelFileError` with one line that names the file and what is wrong with it:
+shapes, string and float metadata) or raises `ModelFileError` with one line that names the file and what is wrong with it:
 missing, not GGUF, damaged or truncated. `GGUFInfo.check_adapter_fits(base)` refuses an adapter
 made for another architecture or other tensor shapes. llama.cpp's own failures on such files are
 log lines and a NULL pointer; checking here first lets every refusal say what to do.
@@ -9,7 +9,7 @@ log lines and a NULL pointer; checking here first lets every refusal say what to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IncompatibleModelsError, ModelFileError
@@ -25,6 +25,8 @@ class GGUFInfo:
     architecture: str
     adapter_type: str | None  # adapter.type ("lora") for adapters
     shapes: dict[str, tuple[int, ...]]  # tensor name -> ggml dims (ne order: columns first)
+    strings: dict[str, str] = field(default_factory=dict)  # string metadata
+    floats: dict = field(default_factory=dict)  # float32 metadata: values and arrays
 
     @property
     def is_adapter(self) -> bool:
@@ -94,4 +96,5 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         architecture=header.strings.get("general.architecture", "unknown"),
         adapter_type=header.strings.get("adapter.type"),
         shapes={name: ne for name, (ne, _, _) in header.tensors.items()},
+        strings=header.strings, floats=header.floats,
     )

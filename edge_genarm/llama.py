@@ -111,7 +111,7 @@ def repack_decision(choice: str = "auto") -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------------
 # GGUF headers, read with ggml's own parser (the one llama.cpp loads with) without the tensor data.
 
-_GGUF_TYPE_STRING = 8
+_GGUF_TYPE_FLOAT32, _GGUF_TYPE_STRING, _GGUF_TYPE_ARRAY = 6, 8, 9
 
 
 class _GGUFInitParams(ctypes.Structure):
@@ -129,6 +129,10 @@ def _ggml_base() -> ctypes.CDLL:
         "gguf_get_key": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
         "gguf_get_kv_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
         "gguf_get_val_str": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_val_f32": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_float),
+        "gguf_get_arr_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+        "gguf_get_arr_n": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+        "gguf_get_arr_data": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_void_p),
         "gguf_get_data_offset": ([ctypes.c_void_p], ctypes.c_size_t),
         "gguf_get_n_tensors": ([ctypes.c_void_p], ctypes.c_int64),
         "gguf_get_tensor_name": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
@@ -145,6 +149,7 @@ def _ggml_base() -> ctypes.CDLL:
 @dataclass(frozen=True)
 class GGUFHeader:
     strings: dict[str, str]                        # the string-valued metadata
+    floats: dict[str, float | tuple[float, ...]]   # float32 values and float32 arrays
     tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (ne, file offset, bytes)
 
 
@@ -155,11 +160,17 @@ def read_gguf_header(path: str | Path) -> GGUFHeader | None:
     if not ctx:
         return None
     try:
-        strings = {}
+        strings, floats = {}, {}
         for i in range(lib.gguf_get_n_kv(ctx)):
-            if lib.gguf_get_kv_type(ctx, i) == _GGUF_TYPE_STRING:
-                strings[lib.gguf_get_key(ctx, i).decode()] = lib.gguf_get_val_str(ctx, i).decode(
-                    "utf-8", errors="replace")
+            key, kind = lib.gguf_get_key(ctx, i).decode(), lib.gguf_get_kv_type(ctx, i)
+            if kind == _GGUF_TYPE_STRING:
+                strings[key] = lib.gguf_get_val_str(ctx, i).decode("utf-8", errors="replace")
+            elif kind == _GGUF_TYPE_FLOAT32:
+                floats[key] = float(lib.gguf_get_val_f32(ctx, i))
+            elif kind == _GGUF_TYPE_ARRAY and lib.gguf_get_arr_type(ctx, i) == _GGUF_TYPE_FLOAT32:
+                n = lib.gguf_get_arr_n(ctx, i)
+                data = ctypes.cast(lib.gguf_get_arr_data(ctx, i), ctypes.POINTER(ctypes.c_float))
+                floats[key] = tuple(data[:n])
         base = lib.gguf_get_data_offset(ctx)
         tensors = {}
         for i in range(lib.gguf_get_n_tensors(ctx)):
@@ -170,7 +181,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader | None:
             tensors[lib.gguf_get_tensor_name(ctx, i).decode()] = (
                 tuple(dims), base + lib.gguf_get_tensor_offset(ctx, i),
                 lib.gguf_get_tensor_size(ctx, i))
-        return GGUFHeader(strings, tensors)
+        return GGUFHeader(strings, floats, tensors)
     finally:
         lib.gguf_free(ctx)
 

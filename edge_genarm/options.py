@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -326,6 +327,33 @@ class GenerationOptions:
                       method=self.method, reward_weight=self.reward_weight, samples=self.samples,
                       candidates=self.reward.candidates if self.reward else 10)
         return Request(**(fields | changes))
+
+    def call(self, prompt_ids, given: dict) -> Request:
+        """The request of one call (the Python API's, or an HTTP body's) for prompt_ids: its
+        options by their Python names over these (None: not given). The one place where a
+        call's temperature decides greedy, its stop strings are read and a seed is drawn."""
+        sampling = {k: v for k, v in given.items() if k in SAMPLING_FIELDS and v is not None}
+        if "temperature" in sampling and "greedy" not in sampling:
+            sampling["greedy"] = sampling["temperature"] == 0
+        settings = replace(self.sampling, **sampling)
+        try:
+            settings.validate()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        own = {k: v for k, v in given.items() if k in CALL_FIELDS and v is not None}
+        if isinstance(own.get("stop"), str):
+            own["stop"] = (own["stop"],)
+        if "stop" in own:
+            own["stop"] = tuple(own["stop"])
+        if "seed" not in own:
+            own["seed"] = self.seed if self.seed_given else secrets.randbelow(2**31)
+        return self.request(prompt_ids, sampling=settings, **own)
+
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingSettings))
+# a call's own request options beside the sampling settings
+CALL_FIELDS = frozenset({"max_tokens", "stop", "seed", "arms", "n", "logprobs", "method",
+                         "reward_weight", "candidates", "samples", "ignore_eos"})
 
 
 def _check_resources(opts: "GenerationOptions") -> None:

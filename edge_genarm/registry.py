@@ -206,7 +206,8 @@ class Registry:
                                    chat_template=entry.get("chat_template"),
                                    sampling=dict(entry.get("sampling", {})),
                                    reward_model=entry.get("reward_model"),
-                                   request={k: entry[k] for k in REQUEST_KEYS if k in entry})
+                                   request={k: float(entry[k]) if REQUEST_KEYS[k] is _NUMBER
+                                            else entry[k] for k in REQUEST_KEYS if k in entry})
         return cls(models, presets, files)
 
     def preset(self, name: str) -> Preset:

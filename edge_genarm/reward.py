@@ -24,13 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence as Seq
+from typing import TYPE_CHECKING, Sequence as Seq
 
-import gguf
 import numpy as np
 
 from .errors import ModelFileError, UserError
+from .gguf_file import inspect_gguf
 from .llama import Context, ContextSettings
+
+if TYPE_CHECKING:
+    import gguf
 
 HEAD_WEIGHT = "reward.head.weight"
 HEAD_BIAS = "reward.head.bias"
@@ -52,19 +55,16 @@ class RewardHead:
 
 
 def read_head(path: str | Path) -> RewardHead:
-    """The reward head stored in a GGUF's metadata."""
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelFileError(f"{path} could not be read as GGUF: {exc}") from None
-    fields = reader.fields
-    if HEAD_WEIGHT not in fields or HEAD_BIAS not in fields:
+    """The reward head stored in a GGUF's metadata (read with ggml's own parser, as every
+    GGUF header is: `gguf_file.inspect_gguf`)."""
+    header = inspect_gguf(path)
+    weight, bias = header.floats.get(HEAD_WEIGHT), header.floats.get(HEAD_BIAS)
+    if not isinstance(weight, tuple) or not isinstance(bias, float):
         raise ModelFileError(
             f"{path} has no reward head ({HEAD_WEIGHT}, {HEAD_BIAS}); a reward model is made by "
             "`edge-genarm train --objective partial-bt|full-bt`")
-    weight = np.asarray(fields[HEAD_WEIGHT].contents(), dtype=np.float32)
-    objective = fields[OBJECTIVE].contents() if OBJECTIVE in fields else "full-bt"
-    return RewardHead(weight, float(fields[HEAD_BIAS].contents()), str(objective))
+    objective = header.strings.get(OBJECTIVE, "full-bt")
+    return RewardHead(np.asarray(weight, dtype=np.float32), bias, objective)
 
 
 def head_metadata(writer: gguf.GGUFWriter, weight: np.ndarray, bias: float,
@@ -164,7 +164,7 @@ class RewardModel:
             entries.append((seq.seq_id, seq.tokens[start:], start))
         rewards = self.head(ctx.decode(entries))
         for seq in seqs:
-            seq.n_past[id(ctx)] = len(seq.tokens)
+            seq.holds(ctx, len(seq.tokens))
         return rewards
 
     def _keep_chosen(self, seq) -> None:
@@ -177,7 +177,7 @@ class RewardModel:
         if seq.behind(ctx) == pos and len(seq.tokens) > pos and seq.tokens[pos] in toks:
             ctx.seq_copy(self.candidate_id(seq.seq_id, toks.index(seq.tokens[pos])), seq.seq_id,
                          pos, pos + 1)
-            seq.n_past[id(ctx)] = pos + 1
+            seq.holds(ctx, pos + 1)
         self.forget(seq.seq_id)
 
     def _catch_up(self, seqs: Seq) -> None:
@@ -191,4 +191,4 @@ class RewardModel:
         if entries:
             ctx.decode(entries)  # the prefix's cells; its rows are not read
         for seq in seqs:
-            seq.n_past[id(ctx)] = len(seq.tokens)
+            seq.holds(ctx, len(seq.tokens))

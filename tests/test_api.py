@@ -100,6 +100,35 @@ def test_generate_batch_takes_per_item_settings(tiny_model):
     assert len(got[2].tokens) == 3
 
 
+def test_as_completed_hands_back_a_bad_item_and_runs_the_others(tiny_model):
+    too_long = "the cat " * 100  # over the 128-token context
+    items = ["the cat sat on the", too_long, {"prompt": "the dog ran", "arms": {"nobody": 1}},
+             {"prompt": "the bird", "n": 2, "temperature": 1.0, "seed": 3}]
+    done = {c.index: c for c in tiny_model.as_completed(items, greedy=True, max_tokens=8)}
+    assert sorted(done) == [0, 1, 2, 3]
+    assert "context holds 128" in str(done[1].error) and not done[1].results
+    assert "no ARM named 'nobody'" in str(done[2].error)
+    assert done[0].error is None and done[0].results[0].tokens == \
+        tiny_model.generate("the cat sat on the", greedy=True, max_tokens=8).tokens
+    assert [r.seed for r in done[3].results] == [3, 4] and done[3].request.n == 2
+    # the second answer is the one the same request alone gives with seed + 1
+    assert done[3].results[1].tokens == \
+        tiny_model.generate("the bird", temperature=1.0, seed=4, max_tokens=8).tokens
+
+
+def test_a_token_id_prompt_and_should_stop(demo):
+    ids = demo.generate(PROMPT, greedy=True, max_tokens=1).prompt_ids
+    assert demo.generate(ids, greedy=True, max_tokens=6).tokens == \
+        demo.generate(PROMPT, greedy=True, max_tokens=6).tokens
+    seen = []
+    for chunk in demo.stream(ids, greedy=True, max_tokens=40, should_stop=lambda: len(seen) >= 3):
+        seen.append(chunk)
+    last = seen[-1]
+    assert last.finish_reason == "interrupted" and last.result.finish_reason == "interrupted"
+    # tokens decoded before the stop reached the stepping thread still arrive; then it ends
+    assert 3 <= len(last.result.tokens) < 40
+    assert last.result.text == "".join(c.text for c in seen)
+
 def test_chat_messages_and_the_system_default(demo):
     messages = [{"role": "user", "content": "Name a colour."}]
     reply = demo.chat(messages, greedy=True, max_tokens=12)

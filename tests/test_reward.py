@@ -328,7 +328,7 @@ def test_chat_with_pargs_answers_as_generate_and_saves_the_method(tmp_path):
     assert reply[0]["content"] + "\n" == gen.stdout
     settings = reply[0]["settings"]
     assert (settings["method"], settings["reward_weight"], settings["candidates"]) == (
-        "pargs", 1.0, 10)
+        "pargs", 4.0, 10)  # the preset's default weight
 
 
 @pytest.mark.parametrize("args, message", [

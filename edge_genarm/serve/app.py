@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..errors import ContextFullError, EngineError, UserError
 from ..generation import encode_messages, with_system
-from ..scheduler import Handle, Request as GenRequest
+from ..scheduler import Handle
 from . import protocol
 from .protocol import Answer, ApiError
 from ..worker import QueueFull, Served, Worker
@@ -284,17 +284,17 @@ class _Call:
         self.answers: list[Answer] = []
 
     def submit(self, prompts: list[list[int]]) -> None:
-        fields = protocol.settings(self.body, self.model.opts)
+        given = protocol.call_options(self.body)
         param = "messages" if self.kind == "chat" else "prompt"
         try:
-            self.weights = self.model.engine.weights(fields["arms"])
+            self.weights = self.model.engine.weights(given["arms"])
         except UserError as exc:
             raise ApiError(400, str(exc), "arms", "unknown_arm") from None
-        if fields["n"] > self.model.parallel:
+        if given["n"] > self.model.parallel:
             raise ApiError(400, f"n must be at most {self.model.parallel} (the server's "
-                           f"--parallel), got {fields['n']}", "n")
-        requests = [GenRequest(tuple(ids), **fields) for ids in prompts]
+                           f"--parallel), got {given['n']}", "n")
         try:
+            requests = [self.model.opts.call(ids, given) for ids in prompts]
             loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
             self.handles = self.worker.submit(
                 self.model, requests,
@@ -306,7 +306,7 @@ class _Call:
             raise ApiError(400, str(exc), param, "context_length_exceeded") from None
         except UserError as exc:
             raise ApiError(400, str(exc), param) from None
-        n = fields["n"]
+        n = given["n"]
         self.n = n
         self.answers = [Answer(i) for i in range(len(prompts) * n)]
         for ids in prompts:

@@ -5,17 +5,16 @@ Contract:
   pydantic model. Malformed JSON, a wrong type or an out-of-range value raises `ApiError` 400
   with `param` naming the field. Fields that would change the result and are not implemented
   (`UNSUPPORTED`) are refused by name; other unknown fields are ignored.
-- `settings(body, opts)` merges a body over the server's `GenerationOptions` into the fields of
-  a scheduler `Request` (sampling, seed, stops, max tokens, ARM weights, n, log-probs).
+- `call_options(body)` names a body's request options as the Python API does (sampling, seed,
+  stops, max tokens, ARM weights, n, log-probs, method); `GenerationOptions.call` puts them
+  over the server's options into a scheduler `Request`, the same step as for the API.
 - `Answer` gathers one choice's events; the builders return plain dicts in OpenAI's shapes, with
   the ARM weights and seed used as extension fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal
 
@@ -165,39 +164,21 @@ def _validation_error(exc: ValidationError) -> ApiError:
 
 
 # -- the body as scheduler settings --------------------------------------------------------------
-def settings(body: ChatBody | CompletionBody, opts) -> dict:
-    """Request fields (all but prompt_ids) from a body over the server's options."""
-    sampling = opts.sampling
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                 "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length"):
-        value = getattr(body, name)
-        if value is not None:
-            sampling = dataclasses.replace(sampling, **{name: value})
+def call_options(body: ChatBody | CompletionBody) -> dict:
+    """A body's request options by the Python API's names (None: not given, the server's own
+    apply); `GenerationOptions.call` turns them into the request, as for the Python API."""
+    given = {name: getattr(body, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "dry_multiplier", "dry_base", "dry_allowed_length", "seed", "stop", "method",
+        "reward_weight", "candidates", "samples")}
     if body.dry_sequence_breakers is not None:
-        sampling = dataclasses.replace(sampling,
-                                       dry_sequence_breakers=tuple(body.dry_sequence_breakers))
-    if body.temperature is not None:  # an explicit temperature decides greedy or not
-        sampling = dataclasses.replace(sampling, greedy=body.temperature == 0)
-    if body.seed is not None:
-        seed = body.seed
-    else:
-        seed = opts.seed if opts.seed_given else secrets.randbelow(2**31)
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or \
-        opts.max_tokens
-    stop = opts.stop if body.stop is None else \
-        tuple([body.stop] if isinstance(body.stop, str) else body.stop)
+        given["dry_sequence_breakers"] = tuple(body.dry_sequence_breakers)
+    given["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens or None
     if isinstance(body, ChatBody):
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        given["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
     else:
-        logprobs = body.logprobs
-    tokenwise = dict(method=body.method or opts.method,
-                     reward_weight=opts.reward_weight if body.reward_weight is None
-                     else body.reward_weight,
-                     candidates=body.candidates or (opts.reward.candidates if opts.reward
-                                                    else 10),
-                     samples=body.samples or opts.samples)
-    return dict(sampling=sampling, seed=seed, max_tokens=max_tokens, stop=stop,
-                arms=dict(body.arms or {}), n=body.n, logprobs=logprobs, **tokenwise)
+        given["logprobs"] = body.logprobs
+    return given | {"arms": dict(body.arms or {}), "n": body.n}
 
 
 # -- answers and responses ---------------------------------------------------------------------

@@ -53,7 +53,7 @@ TRAINING = {"positive": COMMON + ["--epochs", "2", "--beta", "0.1"],
             "concise": COMMON + ["--epochs", "3", "--beta", "1", "--length-norm"]}
 # Scalar reward models from the same pairs, written as NAME.gguf: (objective's pairs, options).
 # partial-bt scores every prefix (PARGS); full-bt whole answers (ARGS, best-of-N).
-REWARDS = {"positive_rm": ("positive", COMMON + ["--epochs", "1", "--objective", "partial-bt"]),
+REWARDS = {"positive_rm": ("positive", COMMON + ["--epochs", "3", "--objective", "partial-bt"]),
            "positive_rm_full": ("positive", COMMON + ["--epochs", "1", "--objective",
                                                        "full-bt"])}
 

@@ -1,0 +1,77 @@
+"""Every benchmark runs: its --help, and one tiny run with its real models, as
+`python -m benchmarks.NAME` from the repository's root (the way docs/results.md runs them).
+
+A tiny run checks that the script still fits the package it measures (a refactor that breaks a
+benchmark fails here), not its figures: those are measured on a quiet machine and recorded in
+docs/results.md. Each run must exit 0 and print its `machine:` line (the scripts that have one)
+and a table or figure line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                    if p.stem.startswith(("bench_", "gpu_")))
+
+# The smallest run of each that still goes through all of its code paths that a CPU can take.
+TINY = {
+    "bench_alignment": ["--prompts", "2", "--max-tokens", "6", "--seeds", "1",
+                        "--settings", "0:0,1:0"],
+    "bench_batch": ["--max-tokens", "4", "--skip-types", "--skip-curve", "--prompts", "2"],
+    "bench_candidates": ["--prompts", "1", "--tokens", "3", "--candidates", "4"],
+    "bench_chat": ["--turns", "2", "--max-tokens", "4", "--repeats", "1"],
+    "bench_convert": ["--tiny", "--quantize", "Q8_0"],
+    "bench_exact": ["--types", "F32", "--tokens", "6"],
+    "bench_gpu": ["--n-gpu-layers", "0", "--no-cpu", "--sections", "demo", "--tokens", "4",
+                  "--repeats", "1", "--budget-s", "60"],
+    "bench_guided": ["--tokens", "4", "--repeats", "1", "--threads", "1", "--sections", "speed"],
+    "bench_pairs": ["--objectives", "concise", "--max-length", "96", "--pairs", "4"],
+    "bench_preset_defaults": ["--prompts", "1", "--seeds", "1", "--max-tokens", "4",
+                              "--setting", "base=--alpha positive=0"],
+    "bench_quant": ["--types", "Q8_0", "--texts", "1"],
+    "bench_reference": ["--pairs", "smollm2", "--prompts", "1", "--tokens", "4"],
+    "bench_repack": ["--models", "@smollm2-q8", "--tokens", "4", "--prefill", "16",
+                     "--repeats", "1"],
+    "bench_reward_models": ["--prompts", "2", "--samples", "3", "--max-tokens", "6"],
+    "bench_rgtg": ["--prompts", "1", "--max-tokens", "4", "--alphas", "1", "--weights", "1",
+                   "--samples", "2", "--candidates", "2", "--parallel", "2",
+                   "--compare-prompts", "1"],
+    "bench_server": ["--clients", "1", "--requests-per-client", "1", "--max-tokens", "4"],
+    "bench_weak_to_strong": ["--weights", "1", "--requests", "1", "--max-tokens", "4",
+                             "--speed-tokens", "4", "--no-small", "--parallel", "1"],
+    "gpu_import_order": [],
+}
+
+
+def run(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the benchmarks package, from any folder
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_benchmark_has_a_tiny_run():
+    assert sorted(TINY) == BENCHMARKS
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_help(name):
+    res = run(name, "--help", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage:") and "--help" in res.stdout
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_tiny_run(name):
+    res = run(name, *TINY[name])
+    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    out = res.stdout
+    assert "|" in out or "tok/s" in out or "exit" in out, out[-2000:]
+    if name not in ("gpu_import_order", "bench_gpu"):
+        assert out.startswith("machine:") or "\nmachine:" in out, out[:500]
