@@ -20,11 +20,11 @@ Contract:
   ALPHA), `alphas` a dict NAME -> weight, `parallel` how many sequences decode together.
   The options' environment variables are not read (a program says what it wants); models.toml
   files are merged as for the commands.
-- Every call (`generate`, `stream`, `generate_batch`, `as_completed`, `chat`) takes request options as keyword
-  arguments over the loaded defaults: the sampling settings (`temperature`, `top_k`, `top_p`,
-  `min_p`, `greedy`, the penalties), `max_tokens`, `stop`, `seed`, `system`, `arms` (weights by
-  ARM name), `n`, `logprobs`, `method`, `reward_weight`, `candidates`, `samples`,
-  `ignore_eos`. A bad value raises `UserError` before anything runs; `as_completed` instead
+- Every call (`generate`, `stream`, `generate_batch`, `as_completed`, `chat`) takes request
+  options as keyword arguments over the loaded defaults: the sampling settings (`temperature`,
+  `top_k`, `top_p`, `min_p`, `greedy`, the penalties), `max_tokens`, `stop`, `seed`, `system`,
+  `arms` (weights by ARM name), `n`, `logprobs`, `method`, `reward_weight`, `candidates`,
+  `samples`, `ignore_eos`. A bad value raises `UserError` before anything runs; `as_completed` instead
   hands a bad item back with its error and runs the others.
 - A prompt is a string (the chat template and `system` applied), a list of chat messages, or
   a list of token ids (fed as they are). `stream(..., should_stop=f)` ends the answer after

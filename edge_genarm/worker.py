@@ -11,7 +11,8 @@ Contract:
   raises `UserError` and nothing is submitted. Both are safe from any thread.
 - `cancel(handles)` ends requests at once (a client that went away); their sequences are free
   at the next step. `interrupt(handles)` ends them after the current token, their last event
-  ("interrupted") still delivered and their caches kept (chat's Ctrl-C). `stop()` ends the thread and closes every scheduler and engine.
+  ("interrupted") still delivered and their caches kept (chat's Ctrl-C). `stop()` ends the
+  thread and closes every scheduler and engine.
 - `on_step(model, events)`, if given, is told each step's events on the stepping thread.
 - llama.cpp releases the GIL in its calls, so the event loop keeps serving while a step runs;
   models are stepped one after another, as contexts are, since their threads share the cores.
