@@ -24,8 +24,8 @@ Contract:
   options as keyword arguments over the loaded defaults: the sampling settings (`temperature`,
   `top_k`, `top_p`, `min_p`, `greedy`, the penalties), `max_tokens`, `stop`, `seed`, `system`,
   `arms` (weights by ARM name), `n`, `logprobs`, `method`, `reward_weight`, `candidates`,
-  `samples`, `ignore_eos`. A bad value raises `UserError` before anything runs; `as_completed` instead
-  hands a bad item back with its error and runs the others.
+  `samples`, `ignore_eos`. A bad value raises `UserError` before anything runs;
+  `as_completed` instead hands a bad item back with its error and runs the others.
 - A prompt is a string (the chat template and `system` applied), a list of chat messages, or
   a list of token ids (fed as they are). `stream(..., should_stop=f)` ends the answer after
   the chunk where f() turns true, keeping it (finish reason "interrupted").
@@ -130,8 +130,8 @@ class Model:
         """Load the models of checked options (what `load` and the commands build);
         `share_prefixes=False` decodes every prompt whole, to measure what sharing saves."""
         # best-of-n's samples need sequences of their own beside the parallel requests
-        opts.context = dataclasses.replace(opts.context,
-                                           n_seq_max=max(parallel, opts.context.n_seq_max))
+        opts = dataclasses.replace(opts, context=dataclasses.replace(
+            opts.context, n_seq_max=max(parallel, opts.context.n_seq_max)))
         name = name or opts.base.stem
         self.options = opts
         self.engine = Engine.load(opts.engine_config())

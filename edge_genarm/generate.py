@@ -95,11 +95,10 @@ def _stream_out(text: str) -> None:
 
 
 def _describe(model: Model) -> str:
-    opts = model.options
-    if opts.method != "genarm":
-        candidates = opts.reward.candidates if opts.reward else 10
-        return (f"{opts.method}: reward model x {opts.reward_weight:g} over the top "
-                f"{candidates}")
+    request = model.options.request()  # the settings every answer of this command gets
+    if request.method != "genarm":
+        return (f"{request.method}: reward model x {request.reward_weight:g} over the top "
+                f"{request.candidates}")
     arms = ", ".join(f"{name} x {alpha:g}" for name, alpha in model.arms.items())
     return arms or "no ARM"
 

@@ -2,9 +2,10 @@
 
 Contract: `inspect_gguf(path)` returns a `GGUFInfo` (model or LoRA adapter, architecture, tensor
 shapes, string and float metadata) or raises `ModelFileError` with one line that names the file
-and what is wrong with it: missing, not GGUF, damaged or truncated. `GGUFInfo.check_adapter_fits(base)` refuses an adapter
-made for another architecture or other tensor shapes. llama.cpp's own failures on such files are
-log lines and a NULL pointer; checking here first lets every refusal say what to do.
+and what is wrong with it: missing, not GGUF, damaged or truncated.
+`GGUFInfo.check_adapter_fits(base)` refuses an adapter made for another architecture or other
+tensor shapes. llama.cpp's own failures on such files are log lines and a NULL pointer; checking
+here first lets every refusal say what to do.
 """
 
 from __future__ import annotations

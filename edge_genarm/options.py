@@ -341,10 +341,8 @@ class GenerationOptions:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         own = {k: v for k, v in given.items() if k in CALL_FIELDS and v is not None}
-        if isinstance(own.get("stop"), str):
-            own["stop"] = (own["stop"],)
         if "stop" in own:
-            own["stop"] = tuple(own["stop"])
+            own["stop"] = (own["stop"],) if isinstance(own["stop"], str) else tuple(own["stop"])
         if "seed" not in own:
             own["seed"] = self.seed if self.seed_given else secrets.randbelow(2**31)
         return self.request(prompt_ids, sampling=settings, **own)
