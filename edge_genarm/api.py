@@ -303,7 +303,7 @@ class Model:
 def _events(items: queue.Queue, handles) -> Iterator:
     """The handles' events as the stepping thread delivers them, until every answer has ended
     (its last event carries the finish reason; best-of-n returns one answer)."""
-    left = sum(1 if h.best_of else h.request.n for h in handles)
+    left = sum(h.policy.returned for h in handles)
     while left:
         item = items.get()
         if isinstance(item, EngineError):

@@ -220,7 +220,7 @@ def _record(item: Item, request: Request | None, model: Model) -> dict:
     used = {} if request is None else {
         "seed": request.seed, "alphas": {a.name: float(w) if request.method == "genarm" else 0.0
                                          for a, w in zip(engine.arms,
-                                                         engine.weights(dict(request.arms)))},
+                                                         engine.alphas(dict(request.arms)))},
         **method_of(request), "sampling": dataclasses.asdict(request.sampling),
         "max_tokens": request.max_tokens, "n": request.n}
     return {"id": item.id, **given, **used, "text": None, "tokens": [], "finish_reason": None,

@@ -1,11 +1,11 @@
 """`edge-genarm chat`: a guided conversation in the terminal, with live control of the alphas.
 
 Contract:
-- `ChatSession(model, opts)` holds one conversation (system prompt, turns, the ARM weights and
+- `ChatSession(model, opts)` holds one conversation (system prompt, turns, the ARMs' alphas and
   sampling of the next reply, the settings of each reply) on a loaded `api.Model`. Each reply
   renders the whole conversation with the model's chat template and is one request of the Python
   API, whose scheduler finds the conversation's cached prefix: a turn costs its new tokens.
-  `/alpha` changes the session's weights, sent with each request; the loaded model's stay.
+  `/alpha` changes the session's alphas, sent with each request; the loaded model's stay.
 - When a conversation outgrows the context, the oldest turns leave the prompt (the system prompt
   stays); the transcript keeps them.
 - `ChatSession.command(line)` runs a slash command and returns the text to show; `/quit` raises
@@ -55,7 +55,7 @@ class Turn:
 
 
 @dataclass
-class ArmWeight:
+class ArmAlpha:
     name: str
     alpha: float
 
@@ -70,7 +70,7 @@ class ChatSession:
             raise UserError(f"{engine.model.path} has no chat template "
                             "(tokenizer.chat_template); chat needs one")
         self.model, self.engine, self.opts = model, engine, opts
-        self.weights = [ArmWeight(name, alpha) for name, alpha in model.arms.items()]
+        self.alphas = [ArmAlpha(name, alpha) for name, alpha in model.arms.items()]
         self.system = opts.system
         self.sampling = opts.sampling
         self.turns: list[Turn] = []
@@ -124,7 +124,7 @@ class ChatSession:
         seed = self.opts.seed + self.n_generated
         self.n_generated += 1
         for chunk in self.model.stream(ids, should_stop=should_stop, seed=seed,
-                                       arms={w.name: w.alpha for w in self.weights},
+                                       arms={a.name: a.alpha for a in self.alphas},
                                        temperature=self.sampling.temperature,
                                        greedy=self.sampling.greedy):
             if chunk.text and on_text is not None:
@@ -158,13 +158,13 @@ class ChatSession:
 
     def cmd_alpha(self, arg: str) -> str:
         if arg:
-            apply_alphas(self.weights, arg.split(), flag="/alpha")
+            apply_alphas(self.alphas, arg.split(), flag="/alpha")
         return "\n".join(f"{a.name} = {a.alpha:g}" + ("  (off)" if a.alpha == 0 else "")
-                         for a in self.weights) or "no ARM: pass --arm or --preset"
+                         for a in self.alphas) or "no ARM: pass --arm or --preset"
 
     def cmd_arms(self, arg: str) -> str:
         return "\n".join(f"{a.name}: alpha {w.alpha:g}, {a.kind} {a.path}"
-                         for a, w in zip(self.engine.arms, self.weights)) \
+                         for a, w in zip(self.engine.arms, self.alphas)) \
             or "no ARM: pass --arm or --preset"
 
     def cmd_temp(self, arg: str) -> str:
@@ -283,7 +283,7 @@ def chat(history: bool, **kwargs) -> None:
 
 def _run_terminal(session: ChatSession, history: Path | None) -> None:
     read = _line_reader(history)
-    arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in session.weights) or "no ARM"
+    arms = ", ".join(f"{a.name} x {a.alpha:g}" for a in session.alphas) or "no ARM"
     click.echo(f"edge-genarm chat: {session.engine.model.path.name} guided by {arms}. /help "
                "lists the commands, Ctrl-C stops a reply, Ctrl-D leaves.", err=True)
     while True:

@@ -6,7 +6,7 @@ Contract:
   attached), and refuses pairs whose vocabularies differ.
 - A `Sequence` holds one conversation's token ids and, per context, how many of them that
   context's KV cache holds. Several sequences (one sequence id each) can live in one engine.
-- `Engine.step(seqs, new_tokens, weights)` appends tokens to sequences, brings the base and,
+- `Engine.step(seqs, new_tokens, alphas)` appends tokens to sequences, brings the base and,
   for each ARM, the rows whose weight for it is not 0 up to date (an ARM switched back on catches
   up on what it missed) and returns guided scores, one row per sequence, each row with its own
   ARM weights. `advance` is `step` with the ARMs' own alphas for every row. Every model step
@@ -33,7 +33,7 @@ import numpy as np
 
 from . import guidance, memory
 from .errors import (ContextFullError, EngineError, IncompatibleModelsError, ModelFileError,
-                     UserError)
+                     UnknownArmError)
 from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 from .reward import RewardModel, read_head
@@ -229,18 +229,19 @@ class Engine:
         for dst in dsts:
             self.copy_prefix(src, dst, len(src.tokens))
 
-    def weights(self, overrides: dict[str, float] | None = None) -> np.ndarray:
-        """ARM weights in the engine's ARM order: the ARMs' own alphas, with `overrides` by
-        name; an unknown name or a weight that is not finite is refused."""
+    def alphas(self, overrides: dict[str, float] | None = None) -> np.ndarray:
+        """The ARMs' weights (alphas) in the engine's ARM order: their own, with `overrides` by
+        name; an unknown name or a weight that is not finite raises `UnknownArmError`."""
         out = np.array([a.alpha for a in self.arms], dtype=np.float64)  # as given; f32 at use
         for name, value in (overrides or {}).items():
             names = [a.name for a in self.arms]
             if name not in names:
-                raise UserError(f"no ARM named {name!r}; the ARMs are {', '.join(names) or 'none'}")
+                raise UnknownArmError(f"no ARM named {name!r}; the ARMs are "
+                                      f"{', '.join(names) or 'none'}")
             if not isinstance(value, (int, float)) or isinstance(value, bool) or \
                     not np.isfinite(value):
-                raise UserError(f"the weight of ARM {name!r} must be a finite number, "
-                                f"not {value!r}")
+                raise UnknownArmError(f"the weight of ARM {name!r} must be a finite number, "
+                                      f"not {value!r}")
             out[names.index(name)] = value
         return out
 
@@ -256,15 +257,15 @@ class Engine:
     def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
         """`step` with the ARMs' own alphas for every sequence; one row per sequence, or a
         single row when one sequence is given."""
-        weights = np.tile(self.weights(), (len(seqs), 1))
-        rows = self.step(seqs, new_tokens, weights)
+        alphas = np.tile(self.alphas(), (len(seqs), 1))
+        rows = self.step(seqs, new_tokens, alphas)
         return rows if len(seqs) > 1 else rows[0]
 
     def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]],
-             weights: np.ndarray) -> np.ndarray:
+             alphas: np.ndarray) -> np.ndarray:
         """Append tokens; return guided scores for each sequence's next token (rows x vocab).
 
-        weights[r, i] is row r's weight for ARM i: an ARM context decodes only the rows whose
+        alphas[r, i] is row r's weight for ARM i: an ARM context decodes only the rows whose
         weight for it is not 0, so requests with different weights share one batch.
         """
         for seq, toks in zip(seqs, new_tokens):
@@ -275,24 +276,24 @@ class Engine:
             seq.tokens.extend(toks)
         guided = np.array(self._catch_up(self.base, seqs)[:, :self.n_vocab], dtype=np.float32)
         for i, arm in enumerate(self.arms):
-            rows = np.flatnonzero(weights[:, i])
+            rows = np.flatnonzero(alphas[:, i])
             if rows.size:
                 logits = self._catch_up(arm.context, [seqs[r] for r in rows])
-                guidance.add_weighted(guided, rows, weights[rows, i], logits)
+                guidance.add_weighted(guided, rows, alphas[rows, i], logits)
         return guided
 
-    def score(self, seq: Sequence, tokens: Seq[int], weights: np.ndarray | None = None
+    def score(self, seq: Sequence, tokens: Seq[int], alphas: np.ndarray | None = None
               ) -> np.ndarray:
         """Append tokens to seq; guided scores after each of them (len(tokens) rows), from one
         decode per context: teacher-forced scoring, or checking drafted tokens at once."""
-        weights = self.weights() if weights is None else weights
+        alphas = self.alphas() if alphas is None else alphas
         if len(seq.tokens) + len(tokens) > self.n_ctx:
             raise ContextFullError(f"{len(seq.tokens) + len(tokens)} tokens do not fit the "
                                    f"context of {self.n_ctx}")
         seq.tokens.extend(tokens)
         n, rows = len(tokens), np.arange(len(tokens))
         guided = np.array(self._catch_up(self.base, [seq], n)[:, :self.n_vocab], dtype=np.float32)
-        for arm, w in zip(self.arms, weights):
+        for arm, w in zip(self.arms, alphas):
             if w:
                 logits = self._catch_up(arm.context, [seq], n)
                 guidance.add_weighted(guided, rows, np.full(n, w, dtype=np.float32), logits)

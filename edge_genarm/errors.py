@@ -6,7 +6,12 @@ Contract: every message is one line that says what is wrong and what to do. The 
 
 
 class UserError(Exception):
-    """Bad input: a file, an option or a prompt that cannot be used as given."""
+    """Bad input: a file, an option or a prompt that cannot be used as given. `param` names the
+    request option at fault, where one is (a server's error body names it)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelFileError(UserError):
@@ -15,6 +20,13 @@ class ModelFileError(UserError):
 
 class IncompatibleModelsError(UserError):
     """A base and an ARM that cannot be combined (tokenizer or architecture differs)."""
+
+
+class UnknownArmError(UserError):
+    """A request names an ARM the model does not have, or gives one a weight that is not a number."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(message, "arms")
 
 
 class ContextFullError(UserError):

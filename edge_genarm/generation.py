@@ -2,8 +2,9 @@
 processor that joins the scheduler's events into `Result`s (as vLLM splits its scheduler from
 its output processor).
 
-Contract: the same request (prompt ids, sampling settings, seed, ARM weights) on the same models
-gives the same tokens. `Answers.add(event)` returns a request's `Result`s once all its answers
+Contract: the same request (prompt ids, sampling settings, seed, ARM alphas) on the same models
+gives the same tokens. `Answer.add(event)` gathers one answer's events (the server keeps one per
+OpenAI choice); `Answers.add(event)` returns a request's `Result`s once all its answers
 have ended; `run_to_end(scheduler, handles)` steps a scheduler on the caller's thread until the
 handles are done (the Python API steps it on a thread of its own instead).
 """
@@ -82,37 +83,50 @@ def _special_text(engine: Engine, name: str) -> str:
     return engine.model.token_text(token) if token >= 0 else ""
 
 
+@dataclass
+class Answer:
+    """One answer as its events arrive: tokens, text pieces and log-probs, and its usage once
+    it has ended (the server keeps one per choice; `Answers` one per answer of a request)."""
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token, when asked for
+    usage: Usage | None = None
+
+    def add(self, event: Event) -> None:
+        if event.token is not None:
+            self.tokens.append(event.token)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        self.pieces.append(event.text)
+        self.usage = event.usage or self.usage
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 class Answers:
     """The output processor: a scheduler's events joined into `Result`s. `add(event)` returns a
     request's answers (n of them; best-of-n's one) once the last of them has ended, else None."""
 
     def __init__(self, arm_names: list[str]):
         self.names = arm_names
-        self.parts: dict = {}   # handle -> answer index -> (tokens, texts, logprobs)
-        self.usages: dict = {}  # handle -> answer index -> Usage
+        self.parts: dict[Handle, dict[int, Answer]] = {}
 
     def add(self, event: Event) -> list[Result] | None:
         h = event.handle
-        tokens, texts, logprobs = self.parts.setdefault(h, {}).setdefault(event.index,
-                                                                           ([], [], []))
-        if event.token is not None:
-            tokens.append(event.token)
-            if event.logprob is not None:
-                logprobs.append(event.logprob)
-        texts.append(event.text)
-        if event.usage is None:
+        answers = self.parts.setdefault(h, {})
+        answers.setdefault(event.index, Answer(event.index)).add(event)
+        if event.usage is None or \
+                sum(a.usage is not None for a in answers.values()) < h.policy.returned:
             return None
-        usages = self.usages.setdefault(h, {})
-        usages[event.index] = event.usage
-        if len(usages) < (1 if h.best_of else h.request.n):
-            return None
-        parts = self.parts.pop(h)
-        self.usages.pop(h)
-        alphas = dict(zip(self.names, map(float, h.weights)))
-        return [Result(text="".join(texts), tokens=tokens, prompt_ids=list(h.request.prompt_ids),
-                       seed=h.request.seed + j, alphas=alphas, usage=usages[j],
-                       method=method_of(h.request), logprobs=logprobs)
-                for j, (tokens, texts, logprobs) in sorted(parts.items())]
+        del self.parts[h]
+        alphas = dict(zip(self.names, map(float, h.policy.alphas)))
+        return [Result(text=a.text, tokens=a.tokens, prompt_ids=list(h.request.prompt_ids),
+                       seed=h.request.seed + j, alphas=alphas, usage=a.usage,
+                       method=method_of(h.request), logprobs=a.logprobs)
+                for j, a in sorted(answers.items())]
 
 
 def run_to_end(scheduler: Scheduler, handles: list[Handle]) -> list[list[Result]]:

@@ -19,10 +19,10 @@ import click
 from . import llama
 from .engine import ArmSpec, EngineConfig, RewardSpec
 from .errors import UserError
-from .scheduler import METHODS, Request
+from .policy import METHODS, Request
 from .llama import ContextSettings
 from .registry import DEFAULT_BASE, Registry
-from .reward import MAX_CANDIDATES
+from .reward import check_candidates
 from .sampling import SamplingSettings
 
 _SAMPLING = SamplingSettings()  # the defaults live in one place
@@ -335,11 +335,7 @@ class GenerationOptions:
         sampling = {k: v for k, v in given.items() if k in SAMPLING_FIELDS and v is not None}
         if "temperature" in sampling and "greedy" not in sampling:
             sampling["greedy"] = sampling["temperature"] == 0
-        settings = replace(self.sampling, **sampling)
-        try:
-            settings.validate()
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        settings = replace(self.sampling, **sampling)  # checked with the request, at submit
         own = {k: v for k, v in given.items() if k in CALL_FIELDS and v is not None}
         if "stop" in own:
             own["stop"] = (own["stop"],) if isinstance(own["stop"], str) else tuple(own["stop"])
@@ -375,8 +371,7 @@ def _check_resources(opts: "GenerationOptions") -> None:
 
 
 def _check_reward(opts: "GenerationOptions", candidates: int) -> None:
-    if not 1 <= candidates <= MAX_CANDIDATES:
-        raise UserError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {candidates}")
+    check_candidates(candidates)  # before any model loads
     if not math.isfinite(opts.reward_weight):
         raise UserError(f"--reward-weight must be a finite number, got {opts.reward_weight}")
     if opts.samples < 1:

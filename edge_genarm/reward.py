@@ -81,8 +81,7 @@ def context_settings(settings: ContextSettings, k: int) -> ContextSettings:
     """A reward model's context beside an engine of `settings`: hidden states out, k candidate
     sequence ids (and cells) per sequence; refuses what llama.cpp could not hold."""
     n = settings.n_seq_max
-    if not 1 <= k <= MAX_CANDIDATES:
-        raise UserError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {k}")
+    check_candidates(k)
     if n * (1 + k) > LLAMA_MAX_SEQ:
         raise UserError(f"{n} parallel sequences with {k} candidates each need {n * (1 + k)} "
                         f"sequence ids; llama.cpp has {LLAMA_MAX_SEQ}: lower --n-parallel or "
@@ -91,6 +90,12 @@ def context_settings(settings: ContextSettings, k: int) -> ContextSettings:
     # candidates, not llama.cpp's 512 rows of vocabulary-wide logits
     return replace(settings, hidden=True, n_seq_max=n * (1 + k), n_cells=settings.cells + n * k,
                    n_batch=max(64, n * k))
+
+
+def check_candidates(k: int) -> None:
+    """The most candidates a reward model's context is made for (--candidates)."""
+    if not 1 <= k <= MAX_CANDIDATES:
+        raise UserError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {k}")
 
 
 def tokenwise_scores(scores: np.ndarray, candidates: np.ndarray, rewards: np.ndarray,
@@ -135,9 +140,9 @@ class RewardModel:
         self._catch_up(seqs)
         entries = []
         for seq, toks in zip(seqs, tokens):
-            if not 1 <= len(toks) <= self.k:
-                raise UserError(f"{len(toks)} candidates; this reward model was loaded for 1 to "
-                                f"{self.k}")
+            if not 1 <= len(toks) <= self.k:  # requests are checked at submit (policy.py)
+                raise ValueError(f"{len(toks)} candidates; this reward model was loaded for 1 "
+                                 f"to {self.k}")
             end = len(seq.tokens)
             for j, tok in enumerate(toks):
                 ctx.seq_copy(seq.seq_id, self.candidate_id(seq.seq_id, j), 0, end)

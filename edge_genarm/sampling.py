@@ -99,6 +99,14 @@ def categorical(cands: Candidates, temperature: float, rng: np.random.Generator)
     return i if ids is None else int(ids[i])
 
 
+class SettingError(ValueError):
+    """A sampling setting out of range; `field` is its name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Defaults are llama.cpp's; T = 1 with every filter and penalty off samples
@@ -116,32 +124,33 @@ class SamplingSettings:
     dry_sequence_breakers: tuple[str, ...] = field(default=DRY_BREAKERS)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting out of range."""
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.temperature > MAX_TEMPERATURE:  # float32 scores divided by it would underflow
-            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g} (every candidate "
-                             f"is then about equally likely), got {self.temperature:g}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        """Raise `SettingError` (a ValueError) for the first setting out of range: the one
+        check of every sampling setting, for the commands, the Python API and the server."""
+        t = self.temperature
+        _require("temperature", np.isfinite(t) and t >= 0,
+                 f"temperature must be a finite number >= 0, got {t}")
+        _require("temperature", t <= MAX_TEMPERATURE,  # float32 scores / t would underflow
+                 f"temperature must be at most {MAX_TEMPERATURE:g} (every candidate is then "
+                 f"about equally likely), got {t:g}")
+        _require("top_k", self.top_k >= 0, f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        _require("top_p", 0.0 < self.top_p <= 1.0,
+                 f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        _require("min_p", 0.0 <= self.min_p <= 1.0,
+                 f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not (np.isfinite(value) and -2.0 <= value <= 2.0):
-                raise ValueError(f"{_flag(name)} must be between -2 and 2 (0 turns it off), "
-                                 f"got {value}")
-        if not (np.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0):
-            raise ValueError(f"dry-multiplier must be a finite number >= 0 (0 turns it off), "
-                             f"got {self.dry_multiplier}")
-        if not (np.isfinite(self.dry_base) and self.dry_base >= 1):
-            raise ValueError(f"dry-base must be a finite number >= 1, got {self.dry_base}")
-        if self.dry_allowed_length < 1:
-            raise ValueError(f"dry-allowed-length must be >= 1, got {self.dry_allowed_length}")
-        if any(not isinstance(b, str) or not b for b in self.dry_sequence_breakers):
-            raise ValueError("dry-sequence-breaker must be a non-empty string")
+            _require(name, np.isfinite(value) and -2.0 <= value <= 2.0,
+                     f"{_flag(name)} must be between -2 and 2 (0 turns it off), got {value}")
+        _require("dry_multiplier", np.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0,
+                 f"dry-multiplier must be a finite number >= 0 (0 turns it off), got "
+                 f"{self.dry_multiplier}")
+        _require("dry_base", np.isfinite(self.dry_base) and self.dry_base >= 1,
+                 f"dry-base must be a finite number >= 1, got {self.dry_base}")
+        _require("dry_allowed_length", self.dry_allowed_length >= 1,
+                 f"dry-allowed-length must be >= 1, got {self.dry_allowed_length}")
+        _require("dry_sequence_breakers",
+                 all(isinstance(b, str) and b for b in self.dry_sequence_breakers),
+                 "dry-sequence-breaker must be a non-empty string")
 
     @property
     def penalized(self) -> bool:
@@ -161,6 +170,11 @@ class SamplingSettings:
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
+
+
+def _require(field: str, ok, message: str) -> None:
+    if not ok:
+        raise SettingError(field, message)
 
 
 def _flag(name: str) -> str:

@@ -161,11 +161,20 @@ def test_reward_guided_methods_through_the_same_calls(demo):
     (lambda m: m.generate_batch([{"arms": {}}]), 'needs "prompt" or "messages"'),
     (lambda m: m.chat([]), "non-empty list"),
     (lambda m: m.chat([{"text": "hi"}]), "{'role', 'content'}"),
+    (lambda m: m.generate(PROMPT, seed=1.5), "seed must be between 0 and"),
+    (lambda m: m.generate(PROMPT, n=0), "n must be between 1 and 4"),
+    (lambda m: m.generate(PROMPT, logprobs=21), "top logprobs must be between 0 and 20"),
+    (lambda m: m.generate(PROMPT, method="prags"), "unknown method 'prags'"),
 ])
 def test_bad_calls_raise_one_user_error_and_the_model_goes_on(demo, call, message):
     with pytest.raises(edge_genarm.UserError, match=None) as info:
         call(demo)
     assert message in str(info.value) and "\n" not in str(info.value)
+    named = {"temperature": "temperature", "seed": "seed", "n must": "n", "top logprobs":
+             "logprobs", "unknown method": "method", "no ARM": "arms"}
+    for start, param in named.items():  # the option at fault, for a caller to point at
+        if message.startswith(start) or start in message:
+            assert info.value.param == param
     assert demo.generate("Hi!", greedy=True, max_tokens=2).usage.completion_tokens == 2
 
 

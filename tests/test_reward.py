@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from edge_genarm.cli import main
 from edge_genarm.convert.gguf_out import with_reward_head
-from edge_genarm.engine import Engine, EngineConfig, RewardSpec
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError, UserError
 from edge_genarm.gguf_file import inspect_gguf
 from edge_genarm.llama import ContextSettings
@@ -355,3 +355,40 @@ def test_bad_reward_options_are_one_line(smollm2, smollm2_lora, smollm2_rm, args
     assert res.exit_code == (2 if "Invalid value" in message else 1)
     assert res.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")
     assert "Traceback" not in res.stderr
+
+
+def test_every_method_in_one_step_answers_as_alone_with_one_reward_decode(tiny, rm):
+    """GenARM, PARGS, ARGS with ignore_eos, best-of-n and a penalized request decode side by
+    side, each with its own policy: every answer equals the same request alone, and each step
+    scores every tokenwise row's candidates in one call of the reward model."""
+    sampling = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    greedy = SamplingSettings(greedy=True)
+    requests = [
+        Request(tuple(PROMPTS[0]), greedy, 8, arms={"lora": 1.5}),
+        Request(tuple(PROMPTS[1]), greedy, 8, method="pargs", reward_weight=2.0, candidates=3),
+        Request(tuple(PROMPTS[2]), greedy, 8, method="args", ignore_eos=True),
+        Request(tuple(PROMPTS[1]), sampling, 6, seed=3, method="best-of-n", samples=2),
+        Request(tuple(PROMPTS[2]), SamplingSettings(greedy=True, presence_penalty=1.5), 8,
+                arms={"lora": 0.0}),
+    ]
+    arm = ArmSpec(tiny.lora, 1.0, "lora")
+    with load(tiny.base, rm["lora"], k=4, n_seq=6, arms=[arm]) as engine:
+        def tokens(scheduler, handles):
+            out = {h: [] for h in handles}
+            for e in scheduler.run(handles):
+                if e.token is not None:
+                    out[e.handle].append(e.token)
+            return [out[h] for h in handles]
+
+        alone = []
+        for request in requests:
+            with Scheduler(engine, share_prefixes=False) as scheduler:
+                alone += tokens(scheduler, [scheduler.submit(request)])
+        calls = []
+        score = engine.reward.candidates
+        engine.reward.candidates = lambda seqs, toks: calls.append(len(seqs)) or score(seqs, toks)
+        with Scheduler(engine, share_prefixes=False) as scheduler:
+            together = tokens(scheduler, [scheduler.submit(r) for r in requests])
+    assert together == alone
+    assert all(len(t) == 8 for t in together[:3] + together[4:]) and 1 <= len(together[3]) <= 6
+    assert calls[0] == 2 and calls.count(2) >= 7  # PARGS and ARGS rows: one call per step

@@ -190,9 +190,9 @@ def test_logprobs_are_the_guided_distributions(engine):
     request = Request(prompt, GREEDY, max_tokens=3, arms={"lora": 1.5}, logprobs=3)
     handle = scheduler.submit(request)
     events = [e for e in scheduler.run([handle]) if e.token is not None]
-    weights = engine.weights({"lora": 1.5})
+    alphas = engine.alphas({"lora": 1.5})
     seq = engine.new_sequence()
-    row = engine.step([seq], [list(prompt)], weights[None])[0]
+    row = engine.step([seq], [list(prompt)], alphas[None])[0]
     lp = reference_log_softmax(row)
     first = events[0].logprob
     assert first.token == int(np.argmax(lp))

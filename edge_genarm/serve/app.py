@@ -32,11 +32,12 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..errors import ContextFullError, EngineError, UserError
+from ..errors import ContextFullError, EngineError, UnknownArmError, UserError
 from ..generation import encode_messages, with_system
 from ..scheduler import Handle
 from . import protocol
-from .protocol import Answer, ApiError
+from ..generation import Answer
+from .protocol import ApiError, finish_reason
 from ..worker import QueueFull, Served, Worker
 
 FINGERPRINT = f"edge-genarm-{__version__}"
@@ -286,10 +287,6 @@ class _Call:
     def submit(self, prompts: list[list[int]]) -> None:
         given = protocol.call_options(self.body)
         param = "messages" if self.kind == "chat" else "prompt"
-        try:
-            self.weights = self.model.engine.weights(given["arms"])
-        except UserError as exc:
-            raise ApiError(400, str(exc), "arms", "unknown_arm") from None
         if given["n"] > self.model.parallel:
             raise ApiError(400, f"n must be at most {self.model.parallel} (the server's "
                            f"--parallel), got {given['n']}", "n")
@@ -304,8 +301,13 @@ class _Call:
                            headers={"Retry-After": "1"}) from None
         except ContextFullError as exc:
             raise ApiError(400, str(exc), param, "context_length_exceeded") from None
-        except UserError as exc:
-            raise ApiError(400, str(exc), param) from None
+        except UnknownArmError as exc:
+            raise ApiError(400, str(exc), "arms", "unknown_arm") from None
+        except UserError as exc:  # a request option out of range names itself
+            if exc.param is None:
+                raise ApiError(400, str(exc), param) from None
+            name = "top_logprobs" if exc.param == "logprobs" and self.kind == "chat" else exc.param
+            raise ApiError(400, str(exc), name, "invalid_value") from None
         n = given["n"]
         self.n = n
         self.answers = [Answer(i) for i in range(len(prompts) * n)]
@@ -330,7 +332,8 @@ class _Call:
 
     def _extras(self) -> dict:
         return {"system_fingerprint": FINGERPRINT, "seed": self.handles[0].request.seed,
-                "arms": {a.name: float(w) for a, w in zip(self.model.engine.arms, self.weights)}}
+                "arms": {a.name: float(w) for a, w in zip(self.model.engine.arms,
+                                                          self.handles[0].policy.alphas)}}
 
     def _finished(self) -> dict:
         usage = protocol.usage_body(self.answers, self.n)
@@ -359,18 +362,18 @@ class _Call:
         token_bytes = self.model.engine.model.token_bytes
         choices = []
         for a in self.answers:
-            text = "".join(a.text)
+            text = a.text
             if self.kind == "chat":
                 lp = protocol.chat_logprobs(token_bytes, a.logprobs) \
                     if self.body.logprobs else None
                 choices.append({"index": a.index, "message": {"role": "assistant",
                                 "content": text}, "logprobs": lp,
-                                "finish_reason": a.finish_reason})
+                                "finish_reason": finish_reason(a)})
             else:
                 lp = protocol.completion_logprobs(token_bytes, a.logprobs) \
                     if self.body.logprobs is not None else None
                 choices.append({"index": a.index, "text": text, "logprobs": lp,
-                                "finish_reason": a.finish_reason})
+                                "finish_reason": finish_reason(a)})
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
                 "choices": choices, "usage": usage, **self._extras()}
@@ -401,14 +404,14 @@ class _Call:
                                                             logprobs=logprobs))
                     if event.finish_reason:
                         yield _dump(head, self._chat_choice(answer.index, {},
-                                                            answer.finish_reason))
+                                                            finish_reason(answer)))
                 elif event.text or lp or event.finish_reason:
                     logprobs = protocol.completion_logprobs(
                         token_bytes, lp, offsets[answer.index]) if lp else None
                     offsets[answer.index] += len(event.text)
                     yield _dump(head, {"index": answer.index, "text": event.text,
                                        "logprobs": logprobs,
-                                       "finish_reason": answer.finish_reason})
+                                       "finish_reason": finish_reason(answer)})
             usage = self._finished()
             if include_usage:
                 yield json.dumps(head | {"choices": [], "usage": usage})

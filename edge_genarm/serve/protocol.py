@@ -6,25 +6,25 @@ Contract:
   with `param` naming the field. Fields that would change the result and are not implemented
   (`UNSUPPORTED`) are refused by name; other unknown fields are ignored.
 - `call_options(body)` names a body's request options as the Python API does (sampling, seed,
-  stops, max tokens, ARM weights, n, log-probs, method); `GenerationOptions.call` puts them
+  stops, max tokens, ARM alphas, n, log-probs, method); `GenerationOptions.call` puts them
   over the server's options into a scheduler `Request`, the same step as for the API.
-- `Answer` gathers one choice's events; the builders return plain dicts in OpenAI's shapes, with
-  the ARM weights and seed used as extension fields.
+- One choice's events are gathered by `generation.Answer` (the output processor's, as for the
+  Python API); the builders here turn answers into plain dicts in OpenAI's shapes, with the ARM
+  alphas and seed used as extension fields.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..scheduler import MAX_TOP_LOGPROBS, Event, TokenLogprob, Usage
-from ..reward import MAX_CANDIDATES
+from ..policy import METHODS
+from ..generation import Answer
+from ..scheduler import TokenLogprob
 
 MAX_STOPS = 16
-MAX_SEED = 2**63 - 1
 # The scheduler's reasons, as OpenAI names them: a stop string is a stop, a full context a length.
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "context_full": "length",
           "cancelled": "stop", "interrupted": "stop"}
@@ -73,41 +73,42 @@ class Message(_Body):
 
 class _Common(_Body):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)           # extension
-    min_p: float | None = Field(None, ge=0, le=1)   # extension
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Types only: the values are checked with the request (policy.py), as for every caller.
+    max_tokens: int | None = Field(None, ge=1)      # 0 is not "none" here, as at OpenAI
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None                        # extension
+    min_p: float | None = None                      # extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # extensions, llama-server's names: DRY, a penalty on repeating the answer's own text
-    dry_multiplier: float | None = Field(None, ge=0)
-    dry_base: float | None = Field(None, ge=1)
-    dry_allowed_length: int | None = Field(None, ge=1)
-    dry_sequence_breakers: list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     arms: dict[str, float] | None = None            # extension: ARM weights by name
     # extensions: guidance by the server's reward model over the base's top candidates
-    method: Literal["genarm", "pargs", "args", "best-of-n"] | None = None
+    method: Literal[METHODS] | None = None
     reward_weight: float | None = None
-    candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
-    samples: int | None = Field(None, ge=1)
+    candidates: int | None = None
+    samples: int | None = None
 
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = None
 
 
 class CompletionBody(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = None
 
 
 def _off(value: Any) -> bool:
@@ -182,23 +183,9 @@ def call_options(body: ChatBody | CompletionBody) -> dict:
 
 
 # -- answers and responses ---------------------------------------------------------------------
-@dataclass
-class Answer:
-    """One choice: its text, its tokens' log-probs and, once finished, its usage."""
-    index: int
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    usage: Usage | None = None
-
-    def add(self, event: Event) -> None:
-        self.text.append(event.text)
-        if event.logprob is not None:
-            self.logprobs.append(event.logprob)
-        self.usage = event.usage or self.usage
-
-    @property
-    def finish_reason(self) -> str | None:
-        return FINISH.get(self.usage.finish_reason) if self.usage else None
+def finish_reason(answer: Answer) -> str | None:
+    """OpenAI's finish reason of an answer that has ended (None before)."""
+    return FINISH.get(answer.usage.finish_reason) if answer.usage else None
 
 
 def usage_body(answers: list[Answer], n: int) -> dict:
