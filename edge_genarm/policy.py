@@ -67,9 +67,6 @@ class Request:
         return min(n_ctx, len(self.prompt_ids) + self.max_tokens) * answers
 
 
-Processor = Callable[[np.ndarray, list, list], np.ndarray]
-
-
 @dataclass
 class Policy:
     """A request's chain, built and checked at submit."""

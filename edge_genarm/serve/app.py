@@ -33,10 +33,9 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import ContextFullError, EngineError, UnknownArmError, UserError
-from ..generation import encode_messages, with_system
+from ..generation import Answer, encode_messages, with_system
 from ..scheduler import Handle
 from . import protocol
-from ..generation import Answer
 from .protocol import ApiError, finish_reason
 from ..worker import QueueFull, Served, Worker
 
