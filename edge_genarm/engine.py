@@ -112,6 +112,7 @@ class Engine:
             [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
         self.n_ctx = base.n_ctx
         self.n_seq_max = base.settings.n_seq_max
+        self.max_draft = base.settings.n_logits - 1  # draft tokens one verify can check
         self._free_ids = list(reversed(range(self.n_seq_max)))  # a stack: id 0 is taken first
 
     # -- loading --------------------------------------------------------------------------------
@@ -261,12 +262,15 @@ class Engine:
         rows = self.step(seqs, new_tokens, alphas)
         return rows if len(seqs) > 1 else rows[0]
 
-    def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]],
-             alphas: np.ndarray) -> np.ndarray:
+    def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]], alphas: np.ndarray,
+             outputs: Seq[int] | None = None) -> np.ndarray:
         """Append tokens; return guided scores for each sequence's next token (rows x vocab).
 
-        alphas[r, i] is row r's weight for ARM i: an ARM context decodes only the rows whose
-        weight for it is not 0, so requests with different weights share one batch.
+        alphas[r, i] is sequence r's weight for ARM i: an ARM context decodes only the
+        sequences whose weight for it is not 0, so requests with different weights share one
+        batch. With `outputs`, sequence r gives the rows after each of its last outputs[r] new
+        tokens (a draft verified in one decode; at most the contexts' n_logits), all sequences'
+        rows in order.
         """
         for seq, toks in zip(seqs, new_tokens):
             if len(seq.tokens) + len(toks) > self.n_ctx:
@@ -274,12 +278,21 @@ class Engine:
                     f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
                     f"{self.n_ctx}; raise --ctx-size or shorten the input")
             seq.tokens.extend(toks)
-        guided = np.array(self._catch_up(self.base, seqs)[:, :self.n_vocab], dtype=np.float32)
+        counts = np.ones(len(seqs), dtype=np.int64) if outputs is None else np.asarray(outputs)
+        starts = np.cumsum(counts) - counts
+        guided = np.array(self._catch_up(self.base, seqs, counts)[:, :self.n_vocab],
+                          dtype=np.float32)
         for i, arm in enumerate(self.arms):
-            rows = np.flatnonzero(alphas[:, i])
-            if rows.size:
-                logits = self._catch_up(arm.context, [seqs[r] for r in rows])
-                guidance.add_weighted(guided, rows, alphas[rows, i], logits)
+            on = np.flatnonzero(alphas[:, i])
+            if on.size:
+                logits = self._catch_up(arm.context, [seqs[r] for r in on], counts[on])
+                if outputs is None:
+                    rows, weights = on, alphas[on, i]
+                else:
+                    rows = np.concatenate([np.arange(starts[r], starts[r] + counts[r])
+                                           for r in on])
+                    weights = np.repeat(alphas[on, i], counts[on])
+                guidance.add_weighted(guided, rows, weights, logits)
         return guided
 
     def score(self, seq: Sequence, tokens: Seq[int], alphas: np.ndarray | None = None
@@ -299,14 +312,17 @@ class Engine:
                 guidance.add_weighted(guided, rows, np.full(n, w, dtype=np.float32), logits)
         return guided
 
-    def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out: int = 1) -> np.ndarray:
+    def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out=1) -> np.ndarray:
+        """Decode what ctx misses of each sequence; the rows of each one's last n_out tokens
+        (n_out: one count for all, or one per sequence)."""
+        counts = np.broadcast_to(np.asarray(n_out), (len(seqs),))
         entries = []
-        for seq in seqs:
+        for seq, n in zip(seqs, counts):
             start = seq.behind(ctx)
             if start >= len(seq.tokens):  # nothing new: re-read the last token's logits
                 ctx.seq_remove(seq.seq_id, start - 1, -1)
                 start -= 1
-            entries.append((seq.seq_id, seq.tokens[start:], start, n_out))
+            entries.append((seq.seq_id, seq.tokens[start:], start, int(n)))
         logits = ctx.decode(entries)
         for seq in seqs:
             seq.holds(ctx, len(seq.tokens))

@@ -24,9 +24,11 @@ from .llama import ContextSettings
 from .registry import DEFAULT_BASE, Registry
 from .reward import check_candidates
 from .sampling import SamplingSettings
+from .speculative import DRAFTERS
 
 _SAMPLING = SamplingSettings()  # the defaults live in one place
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
+MAX_DRAFT = 32  # each context reserves K + 1 rows of vocabulary-wide logits per sequence
 
 _PRESET_HELP = ("A preset from models.toml: base, ARMs, alphas, sampling; explicit options "
                 "override it [env EDGE_GENARM_PRESET].")
@@ -70,6 +72,16 @@ _OPTIONS = [
     click.option("--samples", type=int, default=4, show_default=True, metavar="N",
                  help="best-of-n: whole answers sampled from the base (at most --n-parallel, or "
                  "4 sequences for generate and chat)."),
+    click.option("--speculative", type=click.Choice(("off",) + DRAFTERS), default="off",
+                 show_default=True, envvar="EDGE_GENARM_SPECULATIVE", help="Speculative "
+                 "decoding: lookup drafts the next tokens from the answer's own context (prompt "
+                 "and answer so far) and checks them in one decode of every model, exactly (the "
+                 "same tokens greedy, the same distribution sampled) [env "
+                 "EDGE_GENARM_SPECULATIVE]."),
+    click.option("--draft-tokens", type=int, default=8, show_default=True, metavar="K",
+                 help=f"speculative: the most draft tokens one check takes (1 to {MAX_DRAFT}; "
+                 "fewer after rejections); every context reserves K + 1 rows of logits per "
+                 "sequence."),
     click.option("--temperature", "-t", type=float, default=_SAMPLING.temperature,
                  show_default=True, help="Sampling temperature; 0 takes the argmax."),
     click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True,
@@ -233,6 +245,8 @@ class GenerationOptions:
     reward_weight: float = 1.0
     samples: int = 4
     repack: str = "auto"              # llama.cpp's extra CPU buffer types
+    speculative: str = "off"          # the default drafter of requests; not off: room reserved
+    draft_tokens: int = 8
 
     @classmethod
     def from_kwargs(cls, kw: dict, explicit: set[str] | None = None) -> "GenerationOptions":
@@ -296,12 +310,17 @@ class GenerationOptions:
             reward_weight=kw.pop("reward_weight"),
             samples=kw.pop("samples"),
             repack=kw.pop("repack"),
+            speculative=kw.pop("speculative"),
+            draft_tokens=kw.pop("draft_tokens"),
         )
         opts.seed_given = opts.seed is not None
         if opts.seed is None:
             opts.seed = secrets.randbelow(2**31)
         if opts.max_tokens < 0:
             raise UserError(f"--max-tokens must be >= 0, got {opts.max_tokens}")
+        if not 1 <= opts.draft_tokens <= MAX_DRAFT:
+            raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}, got "
+                            f"{opts.draft_tokens}")
         if opts.context.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16 tokens, got {opts.context.n_ctx}")
         if opts.context.n_cells and opts.context.n_cells < opts.context.n_ctx:
@@ -316,6 +335,8 @@ class GenerationOptions:
         context = self.context
         if self.method == "best-of-n":  # one request's samples decode side by side
             context = replace(context, n_seq_max=max(context.n_seq_max, self.samples))
+        if self.speculative != "off":  # a verify reads every drafted position's row
+            context = replace(context, n_logits=self.draft_tokens + 1)
         return EngineConfig(base=self.base, arms=self.arms, context=context,
                             n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter,
                             reward=self.reward, repack=self.repack)
@@ -325,7 +346,8 @@ class GenerationOptions:
         fields = dict(prompt_ids=tuple(prompt_ids), sampling=self.sampling,
                       max_tokens=self.max_tokens, stop=self.stop, seed=self.seed,
                       method=self.method, reward_weight=self.reward_weight, samples=self.samples,
-                      candidates=self.reward.candidates if self.reward else 10)
+                      candidates=self.reward.candidates if self.reward else 10,
+                      speculative=None if self.speculative == "off" else self.speculative)
         return Request(**(fields | changes))
 
     def call(self, prompt_ids, given: dict) -> Request:
@@ -347,7 +369,8 @@ class GenerationOptions:
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingSettings))
 # a call's own request options beside the sampling settings
 CALL_FIELDS = frozenset({"max_tokens", "stop", "seed", "arms", "n", "logprobs", "method",
-                         "reward_weight", "candidates", "samples", "ignore_eos"})
+                         "reward_weight", "candidates", "samples", "ignore_eos", "speculative",
+                         "draft_tokens"})
 
 
 def _check_resources(opts: "GenerationOptions") -> None:

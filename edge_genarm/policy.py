@@ -29,7 +29,8 @@ import numpy as np
 
 from . import guidance, penalties, reward
 from .errors import ContextFullError, UserError
-from .sampling import Sampler, SamplingSettings, SettingError, make_sampler
+from .sampling import Sampler, SamplingSettings, SettingError, make_distribution, make_sampler
+from .speculative import DRAFTERS, Drafting, LookupDrafter
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
@@ -61,6 +62,8 @@ class Request:
     samples: int = 4             # best-of-n: whole answers sampled; the best one is returned
     ignore_eos: bool = False     # end-of-generation ids never drawn: the answer runs to
                                  # max_tokens (or a stop string), as a fixed-length benchmark wants
+    speculative: str | None = None  # "lookup": drafts verified in one decode (exact); None: off
+    draft_tokens: int | None = None  # the most draft tokens per verify (None: the engine's most)
 
     def cells(self, n_ctx: int, answers: int) -> int:
         """The most KV cells `answers` of its answers can take, each ending at n_ctx."""
@@ -78,12 +81,26 @@ class Policy:
     finish: "Emit | BestOfN"
     answers: int   # sequences it generates
     returned: int  # answers its caller gets
+    drafter: LookupDrafter | None = None
+    draft_tokens: int = 0
+    greedy: bool = False
+    _distribution: Callable | None = None
 
     def next_token(self, row: np.ndarray, tokens: list[int], rng: np.random.Generator) -> int:
         """An answer's next token: penalties over its own tokens, then the sampler."""
         if self.penalize is not None:
             row = self.penalize(row, tokens)
         return self.sampler(row, rng)
+
+    def distribution(self, row: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """What `next_token` draws from, as (token ids, probabilities)."""
+        if self.penalize is not None:
+            row = self.penalize(row, tokens)
+        return self._distribution(row)
+
+    def drafting(self) -> Drafting | None:
+        """A new answer's speculation state (None: it does not draft)."""
+        return Drafting(self.draft_tokens) if self.drafter is not None else None
 
 
 class EogMask:
@@ -214,10 +231,15 @@ class Policies:
                 if sampling.dry_multiplier and sampling.dry_sequence_breakers else None
             penalize = functools.partial(_penalize, settings=sampling, breakers=breakers)
         best_of = method == "best-of-n"
+        drafting = request.speculative not in (None, "off")
         return Policy(request, alphas, processors, sampler, penalize,
                       BestOfN(self.judge) if best_of else Emit(),
                       answers=request.samples if best_of else request.n,
-                      returned=1 if best_of else request.n)
+                      returned=1 if best_of else request.n,
+                      drafter=LookupDrafter() if drafting else None,
+                      draft_tokens=(request.draft_tokens or self.engine.max_draft) if drafting
+                      else 0, greedy=sampling.is_greedy,
+                      _distribution=make_distribution(sampling) if drafting else None)
 
     def after_step(self, out: list) -> None:
         if self.judge is not None:
@@ -265,11 +287,30 @@ def _check(request: Request, engine: "Engine") -> None:
         raise UserError(str(exc), exc.field) from None
     if request.method != "genarm":
         _check_method(request, engine)
+    if request.speculative not in (None, "off"):
+        _check_speculative(request, engine)
     answers = request.samples if request.method == "best-of-n" else request.n
     if request.cells(engine.n_ctx, answers) > engine.base.n_cells:
         raise UserError(f"{answers} answers of up to {request.cells(engine.n_ctx, 1)} tokens need "
                         f"more KV cells than the cache holds ({engine.base.n_cells}); lower "
                         "max_tokens or n, or raise --kv-size")
+
+
+def _check_speculative(request: Request, engine: "Engine") -> None:
+    if request.speculative not in DRAFTERS:
+        raise UserError(f"unknown drafter {request.speculative!r}; choose one of off, "
+                        f"{', '.join(DRAFTERS)}", "speculative")
+    if request.method != "genarm":
+        raise UserError(f"speculative decoding verifies GenARM's guided target; --method "
+                        f"{request.method} scores each token with the reward model: drop one",
+                        "speculative")
+    if engine.max_draft < 1:
+        raise UserError("this model was loaded without room for drafts: load it with "
+                        "--speculative (or draft_tokens > 0)", "speculative")
+    if request.draft_tokens is not None:
+        _integer("draft_tokens", request.draft_tokens, 1, engine.max_draft, f"draft_tokens "
+                 f"must be between 1 and {engine.max_draft} (the most the model was loaded "
+                 f"for), got {request.draft_tokens}")
 
 
 def _check_method(request: Request, engine: "Engine") -> None:

@@ -33,7 +33,8 @@ MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub"
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
 # A preset's request defaults, named as the command-line options they stand in for.
 REQUEST_KEYS = {"system": _TEXT, "stop": (list,), "max_tokens": (int,),
-                "reward_weight": _NUMBER, "candidates": (int,)}
+                "reward_weight": _NUMBER, "candidates": (int,), "speculative": _TEXT,
+                "draft_tokens": (int,)}
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
                "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT} | REQUEST_KEYS
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,

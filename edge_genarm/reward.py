@@ -89,7 +89,7 @@ def context_settings(settings: ContextSettings, k: int) -> ContextSettings:
     # every token of a batch comes out (hidden state and logits): a batch of one step's
     # candidates, not llama.cpp's 512 rows of vocabulary-wide logits
     return replace(settings, hidden=True, n_seq_max=n * (1 + k), n_cells=settings.cells + n * k,
-                   n_batch=max(64, n * k))
+                   n_batch=max(64, n * k), n_logits=1)
 
 
 def check_candidates(k: int) -> None:

@@ -181,6 +181,22 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def make_distribution(settings: SamplingSettings):
+    """The distribution `make_sampler(settings)` draws from, as a function from a row to
+    (token ids, probabilities in float64): what speculative decoding accepts a draft against.
+    Greedy: the argmax, with probability 1."""
+    def distribution(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if settings.is_greedy:
+            return np.array([greedy(logprobs)]), np.ones(1)
+        cands = min_p(top_p(top_k(all_candidates(logprobs), settings.top_k), settings.top_p),
+                      settings.min_p)
+        vals = cands[1].astype(np.float64)
+        probs = np.exp((vals - vals.max()) / settings.temperature)
+        return candidate_ids(cands), probs / probs.sum()
+
+    return distribution
+
+
 def make_sampler(settings: SamplingSettings) -> Sampler:
     """One function from logprobs and rng to a token id, with only the steps that are on."""
     settings.validate()

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import guidance
+from . import guidance, speculative
 from .engine import Engine, Sequence
 from .policy import MAX_TOP_LOGPROBS, METHODS, Policies, Policy, Request, run_processors
 from .text import TextStream
@@ -54,6 +54,8 @@ class Usage:
     time_to_first_token: float = 0.0   # seconds from submit to the first token
     tokens_per_second: float = 0.0     # tokens after the first over the time since the first
     finish_reason: str | None = None
+    drafted_tokens: int = 0            # speculative: draft tokens verified
+    accepted_tokens: int = 0           # speculative: of those, kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +106,7 @@ class _Slot:
     forks: list[Sequence] = field(default_factory=list)  # ids held for n > 1, filled after prefill
     tokens: list[int] = field(default_factory=list)
     t_first: float = 0.0
+    drafting: speculative.Drafting | None = None
 
 
 class Scheduler:
@@ -183,18 +186,59 @@ class Scheduler:
         return events
 
     def _decode(self, events: list[Event]) -> None:
-        """One decode of every live answer's new tokens; each row through its request's
-        processors, then each answer's next token drawn by its policy."""
+        """One decode of every live answer's new tokens (and its draft, if its policy drafts);
+        each row through its request's processors, then each answer's next tokens drawn by its
+        policy."""
         slots = list(self._slots)
+        drafts = [self._draft(s) for s in slots]
+        counts = [1 + len(d) for d in drafts]
         alphas = np.stack([s.handle.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
-        rows = self.engine.step(seqs, [s.pending for s in slots], alphas)
-        rows = run_processors(rows, seqs, [s.handle.policy for s in slots])
-        now = time.perf_counter()
-        for slot, row in zip(slots, rows):
+        rows = self.engine.step(seqs, [s.pending + d for s, d in zip(slots, drafts)], alphas,
+                                counts if any(drafts) else None)
+        rows = run_processors(rows, [q for q, c in zip(seqs, counts) for _ in range(c)],
+                              [s.handle.policy for s, c in zip(slots, counts) for _ in range(c)])
+        now, at = time.perf_counter(), 0
+        for slot, draft in zip(slots, drafts):
+            own, at = rows[at:at + 1 + len(draft)], at + 1 + len(draft)
+            if draft:
+                self._verify(slot, own, draft, now, events)
+                continue
             for child in self._fork(slot):
-                self._sample(child, row, now, events)
-            self._sample(slot, row, now, events)
+                self._sample(child, own[0], now, events)
+            self._sample(slot, own[0], now, events)
+
+    def _draft(self, slot: _Slot) -> list[int]:
+        """The tokens an answer's policy drafts after its pending one (none on its first step,
+        and never past max_tokens or the context)."""
+        if slot.drafting is None or not slot.tokens:
+            return []
+        room = min(slot.drafting.k, slot.handle.request.max_tokens - len(slot.tokens) - 1,
+                   self.engine.n_ctx - len(slot.seq.tokens) - len(slot.pending))
+        return slot.handle.policy.drafter.draft(slot.seq.tokens + slot.pending, room) \
+            if room > 0 else []
+
+    def _verify(self, slot: _Slot, rows: np.ndarray, draft: list[int], now: float,
+                events: list[Event]) -> None:
+        """Keep draft tokens as the policy accepts them (exactly its distribution), then the
+        token drawn at the first rejection, or the bonus after the last draft token; the
+        rejected positions leave every context."""
+        policy, tokens = slot.handle.policy, []
+        for i, row in enumerate(rows):
+            history = slot.tokens + tokens
+            if i < len(draft):
+                token, kept = speculative.accept(draft[i], policy, row, history, slot.rng)
+            else:
+                token, kept = policy.next_token(row, history, slot.rng), False
+            tokens.append(token)
+            if not kept:
+                break
+        accepted = len(tokens) - 1
+        slot.drafting.verified(len(draft), accepted)
+        self.engine.truncate(slot.seq, len(slot.seq.tokens) - len(draft) + accepted)
+        for token, row in zip(tokens, rows):
+            if self._emit(slot, token, row, now, events):
+                break
 
     def run(self, handles: Iterable[Handle] = ()) -> Iterator[Event]:
         """Step until every given handle (every request, if none given) is done."""
@@ -264,7 +308,8 @@ class Scheduler:
         forks = [self._acquire() for _ in range(handle.n - 1)]
         usage = Usage(prompt_tokens=len(prompt), cached_tokens=shared)
         slot = _Slot(handle, 0, seq, prompt[shared:], TextStream(self.engine, request),
-                     np.random.default_rng(request.seed), usage, forks)
+                     np.random.default_rng(request.seed), usage, forks,
+                     drafting=handle.policy.drafting())
         answers = [slot] + (self._children(slot) if request.max_tokens == 0 else [])
         self._slots.extend(answers)
         for answer in answers if request.max_tokens == 0 else []:
@@ -295,7 +340,8 @@ class Scheduler:
         for j, seq in enumerate(slot.forks, start=1):
             children.append(_Slot(slot.handle, j, seq, [], TextStream(self.engine, request),
                                   np.random.default_rng(request.seed + j),
-                                  Usage(slot.usage.prompt_tokens, 0, slot.usage.cached_tokens)))
+                                  Usage(slot.usage.prompt_tokens, 0, slot.usage.cached_tokens),
+                                  drafting=slot.handle.policy.drafting()))
         slot.forks = []
         return children
 
@@ -309,8 +355,13 @@ class Scheduler:
         return children
 
     def _sample(self, slot: _Slot, row: np.ndarray, now: float, events: list[Event]) -> None:
+        token = slot.handle.policy.next_token(row, slot.tokens, slot.rng)
+        self._emit(slot, token, row, now, events)
+
+    def _emit(self, slot: _Slot, token: int, row: np.ndarray, now: float,
+              events: list[Event]) -> bool:
+        """An answer's next token out as an event; whether it ended the answer."""
         policy = slot.handle.policy
-        token = policy.next_token(row, slot.tokens, slot.rng)
         if not slot.tokens:
             slot.t_first = now
             slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
@@ -323,6 +374,7 @@ class Scheduler:
         policy.finish.emit(slot.handle, event, events)
         if finish:
             self._finish(slot, finish, events, event=event)
+        return bool(finish)
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:
@@ -336,6 +388,9 @@ class Scheduler:
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
         usage.tokens_per_second = round(steps / elapsed, 3) if steps > 0 and elapsed > 0 else 0.0
         usage.finish_reason = event.finish_reason = reason
+        if slot.drafting is not None:
+            usage.drafted_tokens, usage.accepted_tokens = (slot.drafting.drafted,
+                                                           slot.drafting.accepted)
         event.usage = usage
         self._slots.remove(slot)
         slot.handle.finished += 1

@@ -64,6 +64,10 @@ class Metrics:
                               registry=r)
         self.completion = Counter("edge_genarm_completion_tokens", "Generated tokens", by_model,
                                   registry=r)
+        self.drafted = Counter("edge_genarm_draft_tokens", "Speculative draft tokens verified",
+                               by_model, registry=r)
+        self.accepted = Counter("edge_genarm_accepted_draft_tokens",
+                                "Speculative draft tokens kept", by_model, registry=r)
         self.ttft = Histogram("edge_genarm_time_to_first_token_seconds",
                               "Seconds from submission to an answer's first token", by_model,
                               registry=r)
@@ -84,6 +88,8 @@ class Metrics:
         for a in answers:
             if a.usage is not None:
                 self.completion.labels(model).inc(a.usage.completion_tokens)
+                self.drafted.labels(model).inc(a.usage.drafted_tokens)
+                self.accepted.labels(model).inc(a.usage.accepted_tokens)
                 if a.usage.completion_tokens:
                     self.ttft.labels(model).observe(a.usage.time_to_first_token)
 

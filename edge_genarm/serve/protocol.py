@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..policy import METHODS
+from ..speculative import DRAFTERS
 from ..generation import Answer
 from ..scheduler import TokenLogprob
 
@@ -97,6 +98,9 @@ class _Common(_Body):
     reward_weight: float | None = None
     candidates: int | None = None
     samples: int | None = None
+    # extension: exact speculative decoding (drafts checked in one decode)
+    speculative: Literal[("off",) + DRAFTERS] | None = None
+    draft_tokens: int | None = None
 
 
 class ChatBody(_Common):
@@ -171,7 +175,7 @@ def call_options(body: ChatBody | CompletionBody) -> dict:
     given = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
         "dry_multiplier", "dry_base", "dry_allowed_length", "seed", "stop", "method",
-        "reward_weight", "candidates", "samples")}
+        "reward_weight", "candidates", "samples", "speculative", "draft_tokens")}
     if body.dry_sequence_breakers is not None:
         given["dry_sequence_breakers"] = tuple(body.dry_sequence_breakers)
     given["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens or None
@@ -189,13 +193,19 @@ def finish_reason(answer: Answer) -> str | None:
 
 
 def usage_body(answers: list[Answer], n: int) -> dict:
-    """Prompt tokens once per prompt (answer 0 of each), completion tokens of every answer."""
+    """Prompt tokens once per prompt (answer 0 of each), completion tokens of every answer;
+    speculative draft tokens kept and rejected under OpenAI's names for predicted outputs."""
     firsts = [a.usage for a in answers if a.index % n == 0 and a.usage]
     prompt = sum(u.prompt_tokens for u in firsts)
-    completion = sum(a.usage.completion_tokens for a in answers if a.usage)
+    used = [a.usage for a in answers if a.usage]
+    completion = sum(u.completion_tokens for u in used)
+    accepted = sum(u.accepted_tokens for u in used)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in firsts)},
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": sum(u.drafted_tokens for u in used) - accepted}}
 
 
 def token_entry(token_bytes: Callable[[int], bytes], token: int, logprob: float) -> dict:

@@ -1,0 +1,298 @@
+"""Exact speculative decoding: drafts verified in one decode give what decoding without them
+gives: the same tokens greedy (F32 weights in exact mode, where a verify's batched rows equal
+one-row decodes), the same distribution sampled (a chi-square test on a tiny model, which also
+rejects a wrong acceptance rule, so it can fail)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+import edge_genarm
+from edge_genarm import scheduler as scheduler_module
+from edge_genarm.cli import main
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.errors import UserError
+from edge_genarm.llama import ContextSettings
+from edge_genarm.sampling import SamplingSettings
+from edge_genarm.scheduler import Request, Scheduler
+from edge_genarm.speculative import Drafting, LookupDrafter
+from test_serve import running_server
+
+GREEDY = SamplingSettings(greedy=True)
+NEAR_TIE = 1.0  # logits apart at the first difference of 8-bit batched and one-row decodes
+TOP3 = SamplingSettings(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)
+
+
+def load(tiny, draft: int, n_seq: int = 8, alphas=(1.0, 0.5)) -> Engine:
+    settings = ContextSettings(n_ctx=160, n_seq_max=n_seq, exact=True, n_logits=draft + 1)
+    arms = [ArmSpec(tiny.lora, alphas[0], "lora"), ArmSpec(tiny.arm, alphas[1], "arm")]
+    return Engine.load(EngineConfig(Path(tiny.base), arms, settings))
+
+
+def run(engine, requests, drafters=None) -> list[tuple[list[int], object]]:
+    """Each request's tokens and usage, all in one scheduler; `drafters` replaces the policy's
+    drafter of request i (a deliberately bad one)."""
+    with Scheduler(engine, share_prefixes=False) as s:
+        handles = [s.submit(r) for r in requests]
+        for i, drafter in (drafters or {}).items():
+            handles[i].policy.drafter = drafter
+        tokens = {(h, j): [] for h in handles for j in range(h.request.n)}
+        usage = {}
+        for e in s.run(handles):
+            if e.token is not None:
+                tokens[(e.handle, e.index)].append(e.token)
+            if e.usage is not None:
+                usage[(e.handle, e.index)] = e.usage
+    return [(tokens[(h, j)], usage[(h, j)]) for h in handles for j in range(h.request.n)]
+
+
+class RandomDrafter:
+    """A bad drafter: tokens drawn uniformly from `pool`, whatever the context."""
+
+    def __init__(self, pool, seed: int):
+        self.pool, self.rng = np.asarray(pool), np.random.default_rng(seed)
+
+    def draft(self, tokens, k):
+        return [int(t) for t in self.rng.choice(self.pool, size=k)]
+
+
+class CorruptedOracle:
+    """A drafter that knows the answer (its tokens after the prompt) and gets every third
+    token wrong: verifies that keep some tokens and reject others."""
+
+    def __init__(self, prompt_len: int, answer: list[int]):
+        self.prompt_len, self.answer = prompt_len, answer
+
+    def draft(self, tokens, k):
+        at = len(tokens) - self.prompt_len
+        out = list(self.answer[at:at + k])
+        return [t if (at + i) % 3 else (t + 1) % 3000 for i, t in enumerate(out)]
+
+
+# -- the drafter and its state ------------------------------------------------------------------
+
+def test_lookup_drafts_what_followed_the_latest_match_of_the_longest_ngram():
+    d = LookupDrafter()
+    assert d.draft([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]        # "6 7" seen before
+    assert d.draft([1, 2, 3, 1, 2, 4, 9, 1, 2], 2) == [4, 9]        # the latest "1 2" wins
+    assert d.draft([1, 2, 3, 4, 2, 3, 4, 5, 3, 4], 9) == [5, 3, 4]  # the trigram first, to the end
+    assert d.draft([1, 2, 3], 4) == []                               # nothing seen: no draft
+    assert d.draft([1, 2, 1], 0) == []
+
+
+def test_drafting_grows_after_a_full_accept_and_shrinks_after_a_rejection():
+    state = Drafting(limit=6, k=2)
+    state.verified(2, 2)
+    assert state.k == 4
+    state.verified(4, 1)
+    assert state.k == 3
+    state.verified(3, 3), state.verified(5, 5)
+    assert state.k == 6 and (state.drafted, state.accepted) == (14, 11)
+
+
+# -- greedy: the same tokens ----------------------------------------------------------------
+
+def test_greedy_speculative_decoding_gives_the_same_tokens_for_each_drafter(tiny):
+    """Prompt lookup, a drafter right two times in three, a random one, and a mixed batch
+    (n = 2, penalties, rows without drafts): every answer equals the same request decoded
+    without speculation, token for token."""
+    prompts = [(1, 504, 3458, 504, 3458, 6357, 282), (1, 378, 1300, 314, 378, 1300),
+               (1, 17, 9, 3000, 42, 7)]
+    with load(tiny, draft=6) as engine:
+        plain = [Request(p, GREEDY, 40, arms={"lora": a}) for p, a in zip(prompts, (1, 0, 2))]
+        plain.append(Request(prompts[2], SamplingSettings(greedy=True, presence_penalty=0.7),
+                             40, n=2))
+        spec = [Request(**{**r.__dict__, "speculative": "lookup"}) for r in plain]
+        want = run(engine, plain)
+        lookup = run(engine, spec)
+        oracle = run(engine, spec, {i: CorruptedOracle(len(r.prompt_ids), want[i][0])
+                                    for i, r in enumerate(spec)})
+        bad = run(engine, spec[:3], {i: RandomDrafter(range(0, 3000, 7), i) for i in range(3)})
+        mixed = run(engine, [spec[0], plain[1], spec[2], plain[3], spec[3]],
+                    {0: CorruptedOracle(len(spec[0].prompt_ids), want[0][0])})
+    tokens = [t for t, _ in want]
+    assert [t for t, _ in lookup] == tokens
+    assert [t for t, _ in oracle] == tokens
+    assert [t for t, _ in bad] == tokens[:3]
+    assert [t for t, _ in mixed] == tokens + tokens[3:]  # n = 2: two answers each
+    assert [u.finish_reason for _, u in oracle] == [u.finish_reason for _, u in want]
+    drafted = sum(u.drafted_tokens for _, u in oracle)
+    accepted = sum(u.accepted_tokens for _, u in oracle)
+    assert drafted > 40 and 0.3 * drafted < accepted < drafted, (drafted, accepted)
+    assert sum(u.drafted_tokens for _, u in bad) > 20
+    assert sum(u.accepted_tokens for _, u in mixed) > 10
+    assert all(u.drafted_tokens == 0 for _, u in want)
+
+
+# -- sampling: the same distribution --------------------------------------------------------
+
+def exact_distribution(engine, prompt) -> dict[tuple[int, int, int], float]:
+    """P(t1, t2, t3) under top-3 sampling at T = 1 of the guided rows, from one-row decodes,
+    written out again here (top 3 of the row, softmax)."""
+    def top3(row):
+        best = np.argsort(-row.astype(np.float64), kind="stable")[:3]
+        p = np.exp(row[best].astype(np.float64) - row[best].max())
+        return dict(zip(best.tolist(), p / p.sum()))
+
+    def rows(tokens):
+        seq = engine.new_sequence()
+        try:
+            return engine.score(seq, list(tokens))
+        finally:
+            engine.release(seq)
+
+    out = {}
+    for t1, p1 in top3(rows(prompt)[-1]).items():
+        for t2, p2 in top3(rows(prompt + (t1,))[-1]).items():
+            for t3, p3 in top3(rows(prompt + (t1, t2))[-1]).items():
+                out[(t1, t2, t3)] = p1 * p2 * p3
+    return out
+
+
+def chi_square_rejects(samples, probs, alpha_z=3.09) -> tuple[bool, float, int]:
+    """Pearson's test at significance 0.001 (z = 3.09), cells of expected count under 5 pooled;
+    a sample outside the support rejects at once. The critical value is Wilson and
+    Hilferty's approximation of the chi-square quantile."""
+    n = len(samples)
+    counts: dict = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    if any(s not in probs for s in counts):
+        return True, math.inf, 0
+    big = [c for c in probs if n * probs[c] >= 5]
+    small = [c for c in probs if n * probs[c] < 5]
+    observed = [counts.get(c, 0) for c in big] + ([sum(counts.get(c, 0) for c in small)]
+                                                  if small else [])
+    expected = [n * probs[c] for c in big] + ([n * sum(probs[c] for c in small)]
+                                              if small else [])
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    df = len(observed) - 1
+    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return stat > critical, stat, df
+
+
+class LikelyDrafter:
+    """Drafts the second token as the one the target most likely draws after the first, so
+    that verifies both keep and reject draft tokens of real probability (a drafter that chose
+    uniformly among the three would hide a rule that redraws from p: its errors cancel)."""
+
+    def __init__(self, probs: dict):
+        after: dict[int, dict[int, float]] = {}
+        for (t1, t2, _), p in probs.items():
+            after.setdefault(t1, {})[t2] = after.get(t1, {}).get(t2, 0.0) + p
+        self.best = {t1: max(p, key=p.get) for t1, p in after.items()}
+
+    def draft(self, tokens, k):
+        return [self.best[tokens[-1]]] if k else []
+
+
+def sample(engine, prompt, n, probs) -> tuple[list[tuple[int, ...]], int]:
+    requests = [Request(prompt, TOP3, 3, seed=s, speculative="lookup") for s in range(n)]
+    drafter = LikelyDrafter(probs)
+    answers = run(engine, requests, {i: drafter for i in range(n)})
+    assert all(len(t) == 3 for t, _ in answers)
+    assert all(u.drafted_tokens == 1 for _, u in answers)
+    return [tuple(t) for t, _ in answers], sum(u.accepted_tokens for _, u in answers)
+
+
+def redraw_from_p(x, target, row, tokens, rng):
+    """A wrong rule: keeps x with probability p(x), but redraws from p itself (x included)
+    instead of p without x, which makes x too likely."""
+    ids, p = target.distribution(row, tokens)
+    at = np.flatnonzero(ids == x)
+    if at.size and rng.random() < p[at[0]]:
+        return x, True
+    return target.next_token(row, tokens, rng), False
+
+
+def test_sampled_speculation_matches_the_guided_distribution_and_wrong_rules_fail(
+        tiny, monkeypatch):
+    """2,000 answers of 3 tokens (top-3 at T = 1, ARMs on), each second token drafted as the
+    token the target most likely draws there: the joint distribution of the three tokens
+    passes a chi-square test against the exact one; two wrong acceptance rules (keep every
+    draft token; redraw from p instead of p without x) fail the same test."""
+    prompt, n = (1, 378, 1300, 314, 17), 2000
+    with load(tiny, draft=2) as engine:
+        probs = exact_distribution(engine, prompt)
+        samples, accepted = sample(engine, prompt, n, probs)
+        rejects, stat, df = chi_square_rejects(samples, probs)
+        assert not rejects and df >= 10, (stat, df)
+        assert 0.1 * n < accepted < 0.9 * n  # both ways of the rule were taken
+        for wrong_rule in (lambda x, target, row, tokens, rng: (x, True), redraw_from_p):
+            monkeypatch.setattr(scheduler_module.speculative, "accept", wrong_rule)
+            wrong, _ = sample(engine, prompt, n, probs)
+            assert chi_square_rejects(wrong, probs)[0], wrong_rule
+
+
+# -- the options -----------------------------------------------------------------------------
+
+def test_refusals_name_the_option(tiny):
+    with load(tiny, draft=2) as engine, Scheduler(engine) as s:
+        with pytest.raises(UserError, match="draft_tokens must be between 1 and 2") as info:
+            s.submit(Request((1, 2, 3), speculative="lookup", draft_tokens=3))
+        assert info.value.param == "draft_tokens"
+        with pytest.raises(UserError, match="unknown drafter 'ngram'"):
+            s.submit(Request((1, 2, 3), speculative="ngram"))
+    with load(tiny, draft=0) as engine, Scheduler(engine) as s:
+        with pytest.raises(UserError, match="loaded without room for drafts"):
+            s.submit(Request((1, 2, 3), speculative="lookup"))
+
+
+def test_the_cli_reports_drafted_and_accepted_tokens_on_the_demo():
+    args = ["generate", "--preset", "demo", "--greedy", "-n", "48", "--json", "--raw",
+            "one two three four five six seven, one two three four five six seven, one two"]
+    off = CliRunner().invoke(main, args)
+    on = CliRunner().invoke(main, args + ["--speculative", "lookup", "--draft-tokens", "6"])
+    assert off.exit_code == 0 and on.exit_code == 0, on.output
+    a, b = json.loads(off.stdout), json.loads(on.stdout)
+    assert b["speculative"] == "lookup" and b["drafted_tokens"] > 0 and b["accepted_tokens"] > 0
+    assert a["drafted_tokens"] == 0 and "speculative" not in a
+    # 8-bit weights: a verify's batched rows may part from one-row decodes at a near-tie only
+    d = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
+    if d is not None:
+        with edge_genarm.load("demo") as model:
+            seq = model.engine.new_sequence()
+            row = model.engine.score(seq, a["prompt_ids"] + a["tokens"][:d])[-1]
+        assert abs(float(row[a["tokens"][d]] - row[b["tokens"][d]])) < NEAR_TIE, d
+    bad = CliRunner().invoke(main, args + ["--draft-tokens", "0", "--speculative", "lookup"])
+    assert bad.exit_code == 1 and "--draft-tokens must be between 1 and 32" in bad.output
+
+
+def test_the_server_takes_speculative_as_an_extension_field_and_counts_drafts():
+    """A server loaded with --speculative: a request's `speculative` field turns it on or off;
+    the usage names kept and rejected draft tokens as OpenAI names predicted outputs' tokens,
+    and /metrics counts them."""
+    prompt = "Repeat after me, twice: red green blue yellow, red green blue yellow."
+    with running_server("--preset", "demo", "--speculative", "lookup", "--parallel", "2",
+                        "--ctx-size", "256") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        got = {}
+        for mode in ("off", "lookup"):
+            got[mode] = client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": prompt}], temperature=0,
+                max_tokens=40, extra_body={"speculative": mode})
+        details = {m: r.usage.completion_tokens_details for m, r in got.items()}
+        assert details["off"].accepted_prediction_tokens == 0
+        assert details["off"].rejected_prediction_tokens == 0
+        assert details["lookup"].accepted_prediction_tokens > 0
+        assert got["lookup"].choices[0].message.content == got["off"].choices[0].message.content
+        bad = httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "speculative": "lookup",
+            "draft_tokens": 99})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft_tokens"
+        metrics = {s.name: s.value for f in text_string_to_metric_families(
+            httpx.get(f"{url}/metrics").text) for s in f.samples if s.labels.get("model") == "demo"}
+        assert metrics["edge_genarm_accepted_draft_tokens_total"] == \
+            details["lookup"].accepted_prediction_tokens
+        assert metrics["edge_genarm_draft_tokens_total"] >= \
+            metrics["edge_genarm_accepted_draft_tokens_total"]
