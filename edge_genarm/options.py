@@ -78,7 +78,7 @@ _OPTIONS = [
                  "and answer so far) and checks them in one decode of every model, exactly (the "
                  "same tokens greedy, the same distribution sampled) [env "
                  "EDGE_GENARM_SPECULATIVE]."),
-    click.option("--draft-tokens", type=int, default=8, show_default=True, metavar="K",
+    click.option("--draft-tokens", type=int, default=16, show_default=True, metavar="K",
                  help=f"speculative: the most draft tokens one check takes (1 to {MAX_DRAFT}; "
                  "fewer after rejections); every context reserves K + 1 rows of logits per "
                  "sequence."),
@@ -246,7 +246,7 @@ class GenerationOptions:
     samples: int = 4
     repack: str = "auto"              # llama.cpp's extra CPU buffer types
     speculative: str = "off"          # the default drafter of requests; not off: room reserved
-    draft_tokens: int = 8
+    draft_tokens: int = 16
 
     @classmethod
     def from_kwargs(cls, kw: dict, explicit: set[str] | None = None) -> "GenerationOptions":

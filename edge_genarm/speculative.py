@@ -3,8 +3,10 @@
 Contract:
 - A drafter proposes the next tokens of an answer from its tokens so far. `LookupDrafter`
   (prompt lookup) costs no model: it finds the latest earlier occurrence of the context's last
-  n tokens (n from `max_ngram` down to `min_ngram`) and proposes the tokens that followed it;
-  where nothing matches it proposes nothing, so a row that drafts nothing decodes as usual.
+  n tokens (n from `max_ngram` down to `min_ngram`, 16 to 4) and proposes at most n of the
+  tokens that followed it (a longer match is likelier to go on; on this CPU a verify of k + 1
+  positions costs nearly k + 1 steps, so short, spurious matches must not draft); where nothing
+  matches it proposes nothing, so a row that drafts nothing decodes as usual.
 - `Drafting` is one answer's state: how many tokens to draft next (up to its limit; +2 after a
   verify that kept every draft token, -1 after one that did not) and the counts its usage
   reports (drafted, accepted).
@@ -30,7 +32,7 @@ DRAFTERS = ("lookup",)
 class LookupDrafter:
     """Prompt lookup: the continuation of the context's latest earlier n-gram match."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 16, min_ngram: int = 4):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def draft(self, tokens: list[int], k: int) -> list[int]:
@@ -38,6 +40,7 @@ class LookupDrafter:
             return []
         arr = np.asarray(tokens)
         for n in range(min(self.max_ngram, len(arr) - 1), self.min_ngram - 1, -1):
+            k = min(k, n)  # a longer match is likelier to go on: draft no further than it
             tail = arr[-n:]
             # every start i < len - n where arr[i:i+n] == tail; the latest one wins
             hits = np.flatnonzero(arr[:len(arr) - n] == tail[0])

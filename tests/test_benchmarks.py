@@ -44,6 +44,8 @@ TINY = {
                    "--samples", "2", "--candidates", "2", "--parallel", "2",
                    "--compare-prompts", "1"],
     "bench_server": ["--clients", "1", "--requests-per-client", "1", "--max-tokens", "4"],
+    "bench_speculative": ["--preset", "demo", "--task", "rewrite", "--prompts", "1",
+                          "--max-tokens", "4", "--temperatures", "0", "--parallel", "1"],
     "bench_weak_to_strong": ["--weights", "1", "--requests", "1", "--max-tokens", "4",
                              "--speed-tokens", "4", "--no-small", "--parallel", "1"],
     "gpu_import_order": [],

@@ -81,12 +81,16 @@ class CorruptedOracle:
 # -- the drafter and its state ------------------------------------------------------------------
 
 def test_lookup_drafts_what_followed_the_latest_match_of_the_longest_ngram():
-    d = LookupDrafter()
-    assert d.draft([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]        # "6 7" seen before
+    d = LookupDrafter(max_ngram=3, min_ngram=1)
+    assert d.draft([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9]           # "6 7": at most 2 after it
     assert d.draft([1, 2, 3, 1, 2, 4, 9, 1, 2], 2) == [4, 9]        # the latest "1 2" wins
-    assert d.draft([1, 2, 3, 4, 2, 3, 4, 5, 3, 4], 9) == [5, 3, 4]  # the trigram first, to the end
+    assert d.draft([1, 2, 3, 4, 2, 3, 4, 5, 3, 4], 9) == [5, 3]     # "3 4" (no trigram seen)
+    assert d.draft([7, 1, 2, 3, 9, 9, 1, 2, 3], 9) == [9, 9, 1]     # the trigram, 3 at most
     assert d.draft([1, 2, 3], 4) == []                               # nothing seen: no draft
     assert d.draft([1, 2, 1], 0) == []
+    shipped = LookupDrafter()                                        # 4 tokens must match
+    assert shipped.draft([4, 1, 2, 3, 8, 9, 1, 2, 3], 9) == []
+    assert shipped.draft([1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4], 9) == [5, 6, 7, 0]
 
 
 def test_drafting_grows_after_a_full_accept_and_shrinks_after_a_rejection():
@@ -271,7 +275,7 @@ def test_the_server_takes_speculative_as_an_extension_field_and_counts_drafts():
     """A server loaded with --speculative: a request's `speculative` field turns it on or off;
     the usage names kept and rejected draft tokens as OpenAI names predicted outputs' tokens,
     and /metrics counts them."""
-    prompt = "Repeat after me, twice: red green blue yellow, red green blue yellow."
+    prompt = "one two three four five six seven, one two three four five six seven, one two"
     with running_server("--preset", "demo", "--speculative", "lookup", "--parallel", "2",
                         "--ctx-size", "256") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,

