@@ -65,6 +65,17 @@ class RandomDrafter:
         return [int(t) for t in self.rng.choice(self.pool, size=k)]
 
 
+class Oracle:
+    """A drafter that knows the answer (its tokens after the prompt)."""
+
+    def __init__(self, prompt_len: int, answer: list[int]):
+        self.prompt_len, self.answer = prompt_len, answer
+
+    def draft(self, tokens, k):
+        at = len(tokens) - self.prompt_len
+        return list(self.answer[at:at + k])
+
+
 class CorruptedOracle:
     """A drafter that knows the answer (its tokens after the prompt) and gets every third
     token wrong: verifies that keep some tokens and reject others."""
@@ -135,6 +146,26 @@ def test_greedy_speculative_decoding_gives_the_same_tokens_for_each_drafter(tiny
     assert sum(u.drafted_tokens for _, u in bad) > 20
     assert sum(u.accepted_tokens for _, u in mixed) > 10
     assert all(u.drafted_tokens == 0 for _, u in want)
+
+
+def test_drafts_end_where_a_stop_string_the_token_limit_or_the_context_ends(tiny):
+    """A stop string inside a kept draft, max_tokens inside a draft, and a context that fills:
+    the same text, tokens and finish reason as without drafts, with a drafter that knows the
+    answer (every draft token kept)."""
+    prompt = (1, 378, 1300, 314, 17)
+    with load(tiny, draft=6) as engine:
+        full = run(engine, [Request(prompt, GREEDY, 500)])[0][0]  # to the context's end
+        stop = b"".join(engine.model.token_bytes(t) for t in full[20:23]).decode(
+            "utf-8", errors="replace")  # text deep inside a draft
+        cases = [Request(prompt, GREEDY, 60, stop=(stop,)), Request(prompt, GREEDY, 17),
+                 Request(prompt, GREEDY, 500)]
+        plain = run(engine, cases)
+        spec = [Request(**{**r.__dict__, "speculative": "lookup"}) for r in cases]
+        got = run(engine, spec, {i: Oracle(len(prompt), full) for i in range(3)})
+    assert [t for t, _ in got] == [t for t, _ in plain]
+    assert [u.finish_reason for _, u in got] == [u.finish_reason for _, u in plain] == \
+        ["stop_string", "length", "context_full"]
+    assert got[0][1].accepted_tokens > 5
 
 
 # -- sampling: the same distribution --------------------------------------------------------
