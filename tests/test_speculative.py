@@ -331,3 +331,32 @@ def test_the_server_takes_speculative_as_an_extension_field_and_counts_drafts():
             details["lookup"].accepted_prediction_tokens
         assert metrics["edge_genarm_draft_tokens_total"] >= \
             metrics["edge_genarm_accepted_draft_tokens_total"]
+
+
+def test_a_preset_may_turn_speculation_on_and_an_option_off(tmp_path):
+    """speculative and draft_tokens in a preset: its answers draft, the same tokens as
+    --speculative lookup given by hand; --speculative off turns it off."""
+    f = tmp_path / "spec.toml"
+    f.write_text('''[presets.spec]
+base = "@smollm2"
+speculative = "lookup"
+draft_tokens = 4
+[presets.spec.sampling]
+temperature = 0.0
+''')
+
+    def record(*args):
+        res = CliRunner().invoke(main, ["generate", "--json", "--models-file", str(f), "-n", "48",
+                                        *args, "Count: one two three four five, one two three "
+                                        "four five, one two three four five."])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    preset = record("--preset", "spec")
+    by_hand = record("--greedy", "--speculative", "lookup", "--draft-tokens", "4")
+    off = record("--preset", "spec", "--speculative", "off")
+    assert preset["speculative"] == "lookup" and preset["drafted_tokens"] > 0
+    assert preset["tokens"] == by_hand["tokens"]
+    assert (preset["drafted_tokens"], preset["accepted_tokens"]) == \
+        (by_hand["drafted_tokens"], by_hand["accepted_tokens"])
+    assert off["drafted_tokens"] == 0 and "speculative" not in off
