@@ -19,12 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import edge_genarm
 from edge_genarm import scheduler as scheduler_module
 from edge_genarm.cli import main
-from edge_genarm.engine import ArmSpec, Engine, EngineConfig
+from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
 from edge_genarm.errors import UserError
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from edge_genarm.speculative import Drafting, LookupDrafter
+from test_reward import rm  # noqa: F401 (a fixture: reward models on the tiny base)
 from test_serve import running_server
 
 GREEDY = SamplingSettings(greedy=True)
@@ -360,3 +361,23 @@ temperature = 0.0
     assert (preset["drafted_tokens"], preset["accepted_tokens"]) == \
         (by_hand["drafted_tokens"], by_hand["accepted_tokens"])
     assert off["drafted_tokens"] == 0 and "speculative" not in off
+
+
+def test_speculative_rows_share_a_step_with_reward_model_rows(tiny, rm):
+    """A drafting GenARM request beside PARGS and best-of-n requests (the reward model scores
+    one row per PARGS answer while the drafting row gives several): each answers as alone."""
+    settings = ContextSettings(n_ctx=160, n_seq_max=6, exact=True, n_logits=5)
+    config = EngineConfig(Path(tiny.base), [ArmSpec(tiny.lora, 1.0, "lora")], settings,
+                          reward=RewardSpec(rm["lora"], 4))
+    prompt = (1, 378, 1300, 314, 17)
+    sampled = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    with Engine.load(config) as engine:
+        full = run(engine, [Request(prompt, GREEDY, 30)])[0][0]
+        requests = [Request(prompt, GREEDY, 30, speculative="lookup"),
+                    Request((1, 504, 3458, 6357), GREEDY, 12, method="pargs", reward_weight=2.0),
+                    Request((1, 17, 9, 3000), sampled, 8, seed=4, method="best-of-n", samples=2)]
+        alone = [run(engine, [r], {0: Oracle(len(prompt), full)} if i == 0 else None)[0]
+                 for i, r in enumerate(requests)]
+        together = run(engine, requests, {0: Oracle(len(prompt), full)})
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert together[0][0] == full and together[0][1].accepted_tokens > 10
