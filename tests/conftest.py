@@ -107,3 +107,27 @@ def reference_log_softmax(x: np.ndarray) -> np.ndarray:
 def _quiet_environment(monkeypatch):
     for name in [k for k in os.environ if k.startswith("EDGE_GENARM_")]:
         monkeypatch.delenv(name)
+
+
+def n_embd(path: Path) -> int:
+    return inspect_gguf(path).shapes["token_embd.weight"][0]
+
+
+def head_for(path: Path, seed: int = 0) -> tuple[np.ndarray, float]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, n_embd(path)).astype(np.float32), 0.25
+
+
+@pytest.fixture(scope="module")
+def rm(tiny, tmp_path_factory):
+    """Reward models on the tiny base: a LoRA of it with a head, and the merged model with the
+    same head (the two must score alike)."""
+    from edge_genarm.convert.gguf_out import with_reward_head
+    d = tmp_path_factory.mktemp("rm")
+    weight, bias = head_for(tiny.base)
+    return {"lora": with_reward_head(tiny.lora, d / "lora-rm.gguf", weight, bias, "partial-bt"),
+            "merged": with_reward_head(tiny.merged, d / "merged-rm.gguf", weight, bias,
+                                       "partial-bt"),
+            "renamed": with_reward_head(tiny.renamed, d / "renamed-rm.gguf", weight, bias,
+                                        "full-bt"),
+            "head": (weight, bias)}

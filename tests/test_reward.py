@@ -20,32 +20,10 @@ from edge_genarm.llama import ContextSettings
 from edge_genarm.reward import read_head, tokenwise_scores, top_candidates
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
+from conftest import n_embd
 from hf_models import write_smollm2_tokenizer, write_tiny_hf_model
 
 PROMPTS = ([1, 504, 3458, 6357, 282, 260, 2103, 30], [1, 378, 1300, 314], [1, 17, 9, 3000, 42, 7])
-
-
-def n_embd(path: Path) -> int:
-    return inspect_gguf(path).shapes["token_embd.weight"][0]
-
-
-def head_for(path: Path, seed: int = 0) -> tuple[np.ndarray, float]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(0, 1, n_embd(path)).astype(np.float32), 0.25
-
-
-@pytest.fixture(scope="module")
-def rm(tiny, tmp_path_factory):
-    """Reward models on the tiny base: a LoRA of it with a head, and the merged model with the
-    same head (the two must score alike)."""
-    d = tmp_path_factory.mktemp("rm")
-    weight, bias = head_for(tiny.base)
-    return {"lora": with_reward_head(tiny.lora, d / "lora-rm.gguf", weight, bias, "partial-bt"),
-            "merged": with_reward_head(tiny.merged, d / "merged-rm.gguf", weight, bias,
-                                       "partial-bt"),
-            "renamed": with_reward_head(tiny.renamed, d / "renamed-rm.gguf", weight, bias,
-                                        "full-bt"),
-            "head": (weight, bias)}
 
 
 def load(base, reward, k=4, n_seq=2, adapter=None, arms=()):

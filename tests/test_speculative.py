@@ -25,7 +25,6 @@ from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from edge_genarm.speculative import Drafting, LookupDrafter
-from test_reward import rm  # noqa: F401 (a fixture: reward models on the tiny base)
 from test_serve import running_server
 
 GREEDY = SamplingSettings(greedy=True)
