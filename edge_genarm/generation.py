@@ -144,8 +144,8 @@ def run_to_end(scheduler: Scheduler, handles: list[Handle]) -> list[list[Result]
 def method_of(request) -> dict:
     """How a request was guided, for its record: the method, and a tokenwise one's settings."""
     if request.method == "genarm":
-        drafter = request.speculative not in (None, "off")
-        return {"method": "genarm"} | ({"speculative": request.speculative} if drafter else {})
+        return {"method": "genarm"} | ({"speculative": request.speculative}
+                                       if request.drafts else {})
     if request.method == "best-of-n":
         return {"method": "best-of-n", "samples": request.samples}
     return {"method": request.method, "reward_weight": request.reward_weight,

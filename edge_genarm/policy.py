@@ -65,6 +65,11 @@ class Request:
     speculative: str | None = None  # "lookup": drafts verified in one decode (exact); None: off
     draft_tokens: int | None = None  # the most draft tokens per verify (None: the engine's most)
 
+    @property
+    def drafts(self) -> bool:
+        """Whether its answers draft (speculative decoding is on)."""
+        return self.speculative not in (None, "off")
+
     def cells(self, n_ctx: int, answers: int) -> int:
         """The most KV cells `answers` of its answers can take, each ending at n_ctx."""
         return min(n_ctx, len(self.prompt_ids) + self.max_tokens) * answers
@@ -83,8 +88,11 @@ class Policy:
     returned: int  # answers its caller gets
     drafter: LookupDrafter | None = None
     draft_tokens: int = 0
-    greedy: bool = False
     _distribution: Callable | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.sampling.is_greedy
 
     def next_token(self, row: np.ndarray, tokens: list[int], rng: np.random.Generator) -> int:
         """An answer's next token: penalties over its own tokens, then the sampler."""
@@ -211,6 +219,7 @@ class Policies:
         model = engine.reward
         self.rerank = Rerank(model) if model is not None else None
         self.judge = Judge(model) if model is not None else None
+        self.lookup = LookupDrafter()  # stateless: one for every request
         self._samplers: dict[SamplingSettings, Sampler] = {}
 
     def build(self, request: Request) -> Policy:
@@ -229,16 +238,17 @@ class Policies:
         if sampling.penalized:  # DRY's sequence breakers, processed as llama.cpp does
             breakers = self.engine.model.dry_breakers(sampling.dry_sequence_breakers) \
                 if sampling.dry_multiplier and sampling.dry_sequence_breakers else None
-            penalize = functools.partial(_penalize, settings=sampling, breakers=breakers)
+            penalize = functools.partial(penalties.penalize, settings=sampling,
+                                         breakers=breakers)  # the row itself when off
         best_of = method == "best-of-n"
-        drafting = request.speculative not in (None, "off")
+        drafting = request.drafts
         return Policy(request, alphas, processors, sampler, penalize,
                       BestOfN(self.judge) if best_of else Emit(),
                       answers=request.samples if best_of else request.n,
                       returned=1 if best_of else request.n,
-                      drafter=LookupDrafter() if drafting else None,
+                      drafter=self.lookup if drafting else None,
                       draft_tokens=(request.draft_tokens or self.engine.max_draft) if drafting
-                      else 0, greedy=sampling.is_greedy,
+                      else 0,
                       _distribution=make_distribution(sampling) if drafting else None)
 
     def after_step(self, out: list) -> None:
@@ -259,10 +269,6 @@ def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.nda
         at = groups[p]
         rows[at] = p(rows[at], [seqs[i] for i in at], [policies[i].request for i in at])
     return rows
-
-
-def _penalize(row, tokens, settings, breakers):
-    return penalties.penalize(row, tokens, settings, breakers)  # the row itself when off
 
 
 def _check(request: Request, engine: "Engine") -> None:
@@ -287,7 +293,7 @@ def _check(request: Request, engine: "Engine") -> None:
         raise UserError(str(exc), exc.field) from None
     if request.method != "genarm":
         _check_method(request, engine)
-    if request.speculative not in (None, "off"):
+    if request.drafts:
         _check_speculative(request, engine)
     answers = request.samples if request.method == "best-of-n" else request.n
     if request.cells(engine.n_ctx, answers) > engine.base.n_cells:

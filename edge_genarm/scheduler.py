@@ -4,9 +4,9 @@ Contract:
 - `Scheduler(engine)` takes sequences from the engine's id pool and gives them back (all of
   them at `close()`, so that another scheduler can use the engine after it). `submit`
   builds a `Request`'s policy, which checks it at once (an unknown ARM name, a bad value, a
-  prompt that leaves no room in the context raise `UserError`), and returns a `Handle`; `cancel(handle)` ends a request, its
-  sequences freed at the start of the next step. Both are safe from other threads while one
-  thread calls `step()`.
+  prompt that leaves no room in the context raise `UserError`), and returns a `Handle`;
+  `cancel(handle)` ends a request, its sequences freed at the start of the next step. Both are
+  safe from other threads while one thread calls `step()`.
 - `step()` admits waiting requests (first come, first served) while the engine has sequence
   ids free (or idle ones to give up) and KV cells to spare, then decodes every live sequence's
   new tokens in one batch per context, each row with its own request's ARM weights (an ARM

@@ -131,3 +131,15 @@ def rm(tiny, tmp_path_factory):
             "renamed": with_reward_head(tiny.renamed, d / "renamed-rm.gguf", weight, bias,
                                         "full-bt"),
             "head": (weight, bias)}
+
+
+def answers(scheduler, handles) -> dict:
+    """Step a scheduler until the handles are done: (handle, answer index) -> (tokens, usage)."""
+    out = {(h, i): [] for h in handles for i in range(h.request.n)}
+    usage = {}
+    for event in scheduler.run(handles):
+        if event.token is not None:
+            out[(event.handle, event.index)].append(event.token)
+        if event.usage is not None:
+            usage[(event.handle, event.index)] = event.usage
+    return {k: (v, usage[k]) for k, v in out.items()}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import llama_cpp
-from conftest import make_engine, reference_log_softmax
+from conftest import answers, make_engine, reference_log_softmax
 from edge_genarm import penalties
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import EngineError, UserError
@@ -41,17 +41,6 @@ def engine(tiny):
 
 def ids(engine, text: str) -> tuple[int, ...]:
     return tuple(engine.model.tokenize(text, add_special=True))
-
-
-def answers(scheduler, handles) -> dict:
-    out = {(h, i): [] for h in handles for i in range(h.request.n)}
-    usage = {}
-    for event in scheduler.run(handles):
-        if event.token is not None:
-            out[(event.handle, event.index)].append(event.token)
-        if event.usage is not None:
-            usage[(event.handle, event.index)] = event.usage
-    return {k: (v, usage[k]) for k, v in out.items()}
 
 
 def one_answer(engine, request: Request) -> tuple[list[int], Usage]:

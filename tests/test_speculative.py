@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import edge_genarm
+from conftest import answers
 from edge_genarm import scheduler as scheduler_module
 from edge_genarm.cli import main
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
@@ -45,14 +46,8 @@ def run(engine, requests, drafters=None) -> list[tuple[list[int], object]]:
         handles = [s.submit(r) for r in requests]
         for i, drafter in (drafters or {}).items():
             handles[i].policy.drafter = drafter
-        tokens = {(h, j): [] for h in handles for j in range(h.request.n)}
-        usage = {}
-        for e in s.run(handles):
-            if e.token is not None:
-                tokens[(e.handle, e.index)].append(e.token)
-            if e.usage is not None:
-                usage[(e.handle, e.index)] = e.usage
-    return [(tokens[(h, j)], usage[(h, j)]) for h in handles for j in range(h.request.n)]
+        got = answers(s, handles)
+    return [got[(h, j)] for h in handles for j in range(h.request.n)]
 
 
 class RandomDrafter:
