@@ -1,5 +1,6 @@
 """Speculative guided decoding side by side: the unguided base, plain guided decoding and guided
-decoding with prompt-lookup drafts, one request at a time and several at once.
+decoding with each drafter (prompt lookup; the draft model alone, and guided by the ARMs; the
+ARM drafting alone), one request at a time and several at once.
 
 For each sampling setting (--temperatures; 0 is greedy) and each mode it prints tokens per
 second over the prompts, the acceptance rate (draft tokens kept over draft tokens verified) and
@@ -11,7 +12,11 @@ loaded model, in one process, back to back.
 
     python -m benchmarks.bench_speculative [--preset qwen-coder-1.5b] [--task code]
         [--prompts 4] [--max-tokens 192] [--temperatures 0,0.7] [--parallel 4]
-        [--draft-tokens 8]
+        [--draft-tokens 8] [--drafters lookup,model,guided,arm] [--draft-model @NAME]
+        [--ways one,batch]
+
+A drafter the preset cannot run (arm, where every ARM is a LoRA of the base) is skipped with
+the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 
 import edge_genarm
 from benchmarks.machine import print_header
+from edge_genarm.errors import UserError
 
 REWRITE = [
     "Rewrite this paragraph in a friendlier tone, keeping every fact: The meeting is moved to "
@@ -70,34 +76,52 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--drafters", default="lookup,model,guided,arm")
+    ap.add_argument("--draft-model", default=None, help="default: the preset's")
+    ap.add_argument("--ways", default="one,batch", help="one (a request at a time), batch")
     args = ap.parse_args()
     print_header()
     texts = prompts(args.task, args.prompts)
+    drafters = args.drafters.split(",")
+    extra = {"draft_model": args.draft_model} if args.draft_model else {}
     with edge_genarm.load(args.preset, parallel=args.parallel, speculative="lookup",
-                          draft_tokens=args.draft_tokens, threads=args.threads) as model:
+                          draft_tokens=args.draft_tokens, threads=args.threads,
+                          **extra) as model:
         off = {name: 0.0 for name in model.arms}
+        draft = model.options.draft
         print(f"preset {args.preset}: {', '.join(f'{k} x {v:g}' for k, v in model.arms.items())}"
-              f"; task {args.task}, {len(texts)} prompts, up to {args.max_tokens} tokens, "
-              f"draft up to {args.draft_tokens}")
+              f"; draft model {draft.name if draft else 'none'}; task {args.task}, "
+              f"{len(texts)} prompts, up to {args.max_tokens} tokens, draft up to "
+              f"{args.draft_tokens}")
         modes = [("base alone", {"arms": off, "speculative": "off"}),
-                 ("guided", {"speculative": "off"}),
-                 ("guided + lookup", {"speculative": "lookup"}),
-                 ("base alone + lookup", {"arms": off, "speculative": "lookup"})]
+                 ("guided", {"speculative": "off"})] + \
+            [(f"guided + {d}", {"speculative": d}) for d in drafters]
         for t in (float(x) for x in args.temperatures.split(",")):
             sampling = {"temperature": t, "seed": 1, "max_tokens": args.max_tokens}
-            for parallel in (False, True):
-                print(f"temperature {t:g}, " + (f"{len(texts)} at once (parallel "
-                                                f"{args.parallel})" if parallel else
-                                                "one request at a time"))
-                done = {}
-                for name, options in modes:
-                    seconds, results = run(model, texts, options | sampling, parallel)
-                    done[name] = (seconds, results)
-                    print(row(name, seconds, results), flush=True)
-                plain, fast = done["guided"], done["guided + lookup"]
-                same = sum(a.tokens == b.tokens for a, b in zip(plain[1], fast[1]))
-                print(f"  speculative / plain guided: {plain[0] / fast[0]:.2f}x"
-                      + (f"; identical greedy answers {same} of {len(texts)}" if t == 0 else ""))
+            for way in args.ways.split(","):
+                measure(model, texts, modes, sampling, way == "batch", args.parallel)
+
+
+def measure(model, texts, modes, sampling: dict, parallel: bool, width: int) -> None:
+    t = sampling["temperature"]
+    print(f"temperature {t:g}, " + (f"{len(texts)} at once (parallel {width})" if parallel
+                                    else "one request at a time"))
+    done = {}
+    for name, options in modes:
+        try:
+            seconds, results = run(model, texts, options | sampling, parallel)
+        except UserError as exc:
+            print(f"  {name:<24} skipped: {exc}")
+            continue
+        done[name] = (seconds, results)
+        print(row(name, seconds, results), flush=True)
+    plain = done["guided"]
+    for name, (seconds, results) in done.items():
+        if "+" not in name:
+            continue
+        same = sum(a.tokens == b.tokens for a, b in zip(plain[1], results))
+        print(f"  {name} / plain guided: {plain[0] / seconds:.2f}x"
+              + (f"; identical greedy answers {same} of {len(texts)}" if t == 0 else ""))
 
 
 if __name__ == "__main__":

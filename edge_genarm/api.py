@@ -112,7 +112,7 @@ def load(preset: str | None = None, *, arms: Iterable[str] | dict | None = None,
     for name in ("stop", "dry_sequence_breakers"):
         if isinstance(given.get(name), str):
             given[name] = (given[name],)
-    for name in ("base", "reward_model", "models_file"):
+    for name in ("base", "reward_model", "draft_model", "models_file"):
         if given.get(name) is not None:
             given[name] = str(given[name])
     if not isinstance(parallel, int) or parallel < 1:

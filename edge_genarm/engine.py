@@ -16,6 +16,12 @@ Contract:
   conversations on one engine never share a cache.
 - `fork(src, dsts)` and `copy_prefix(src, dst, n)` give sequences the cache of another without
   decoding it again (llama_memory_seq_cp in every context that holds it).
+- With `EngineConfig.draft`, `engine.drafter` is a context of a draft model (sharing the base's
+  tokenizer; a model already loaded, as a small ARM's, shares its weights) that follows every
+  sequence like an ARM's. `propose(seqs, tokens, drafters)` steps it and the ARMs a drafter
+  weighs, one token per sequence, and returns the drafters' rows; the ARM rows it computed are
+  kept for the next `step` of those sequences (the verify), which reads them instead of
+  decoding those positions again.
 - With `EngineConfig.reward`, `engine.reward` is a `reward.RewardModel` whose context follows
   every sequence like an ARM's (released, truncated, copied with it); the scheduler steps it for
   the methods that use it (PARGS, ARGS, best-of-N).
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
@@ -38,6 +44,7 @@ from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 from .reward import RewardModel, read_head
 from .reward import context_settings as reward_context
+from .speculative import ModelDrafter
 
 
 @dataclass
@@ -63,6 +70,8 @@ class EngineConfig:
     base_adapter: Path | None = None  # a LoRA adapter the base runs with (MODEL+ADAPTER)
     reward: RewardSpec | None = None  # a scalar reward model, for tokenwise methods (PARGS)
     repack: str = "auto"  # llama.cpp's extra CPU buffer types: auto, on or off
+    draft: Path | None = None          # a draft model for speculative decoding
+    draft_adapter: Path | None = None  # a LoRA it runs with (MODEL+ADAPTER)
 
 
 @dataclass
@@ -91,6 +100,8 @@ class Sequence:
     seq_id: int
     tokens: list[int] = field(default_factory=list)
     n_past: dict[int, int] = field(default_factory=dict)  # id(context) -> tokens in its cache
+    # id(context) -> (position, its rows): rows a drafter's decodes computed for the verify
+    kept: dict[int, tuple[int, list]] = field(default_factory=dict)
 
     def behind(self, ctx: Context) -> int:
         """How many of the tokens `ctx`'s cache holds for this sequence."""
@@ -103,10 +114,11 @@ class Sequence:
 
 class Engine:
     def __init__(self, base: Context, arms: list[Arm], models: list[Model],
-                 reward: RewardModel | None = None):
+                 reward: RewardModel | None = None, drafter: Context | None = None):
         self.base = base
         self.arms = arms
         self.reward = reward
+        self.drafter = drafter
         self._models = models
         self.n_vocab = guidance.common_vocab_size(
             [base.model.n_vocab] + [a.context.model.n_vocab for a in arms])
@@ -129,6 +141,10 @@ class Engine:
             if spec.adapter is not None and inspect_gguf(spec.path).is_adapter:
                 raise ModelFileError(f"{spec.path} is a LoRA adapter; an ARM's model+adapter "
                                      "pair needs the full model first: MODEL.gguf+ADAPTER.gguf")
+        if config.draft is not None and config.draft_adapter is None and \
+                inspect_gguf(config.draft).is_adapter:
+            raise ModelFileError(f"{config.draft} is a LoRA adapter; a draft model is a full "
+                                 "model (MODEL.gguf, or MODEL.gguf+ADAPTER.gguf)")
         if config.reward is not None:  # before the dry runs price its context
             reward_context(config.context, config.reward.candidates)
         memory.check(config)
@@ -148,13 +164,16 @@ class Engine:
                                                     models, config)
             if reward is not None:
                 contexts.append(reward.context)
+            drafter = config.draft and _load_drafter(config, base_model, models)
+            if drafter is not None:
+                contexts.append(drafter)
         except BaseException:
             for ctx in contexts:
                 ctx.close()
             for model in models.values():
                 model.close()
             raise
-        return cls(base, arms, list(models.values()), reward)
+        return cls(base, arms, list(models.values()), reward, drafter)
 
     def close(self) -> None:
         for ctx in self._contexts():
@@ -213,6 +232,7 @@ class Engine:
             self.reward.forget(seq.seq_id)
         seq.tokens.clear()
         seq.n_past.clear()
+        seq.kept.clear()
 
     def copy_prefix(self, src: Sequence, dst: Sequence, n: int) -> None:
         """Make dst's first n tokens those of src, copying whatever part of them each context
@@ -249,6 +269,7 @@ class Engine:
     def truncate(self, seq: Sequence, n: int) -> None:
         """Keep the first n tokens of a sequence, in its list and in every KV cache."""
         del seq.tokens[n:]
+        seq.kept.clear()
         for ctx in self._contexts():
             if seq.behind(ctx) > n:
                 ctx.seq_remove(seq.seq_id, n, -1)
@@ -293,7 +314,35 @@ class Engine:
                                            for r in on])
                     weights = np.repeat(alphas[on, i], counts[on])
                 guidance.add_weighted(guided, rows, weights, logits)
+        for seq in seqs:
+            seq.kept.clear()
         return guided
+
+    def propose(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]],
+                drafters: Seq["ModelDrafter"]) -> np.ndarray:
+        """Append tokens; return each sequence's drafter row for its next token (one decode
+        per context). The ARM rows are kept for the sequence's next `step`."""
+        for seq, toks in zip(seqs, new_tokens):
+            if len(seq.tokens) + len(toks) > self.n_ctx:
+                raise ContextFullError(f"{len(seq.tokens) + len(toks)} tokens do not fit the "
+                                       f"context of {self.n_ctx}")
+            seq.tokens.extend(toks)
+        out = np.zeros((len(seqs), self.n_vocab), dtype=np.float32)
+        own = [r for r, d in enumerate(drafters) if d.draft_model]
+        if own:
+            out[own] = self._catch_up(self.drafter, [seqs[r] for r in own])[:, :self.n_vocab]
+        weights = np.stack([d.weights for d in drafters])
+        for i, arm in enumerate(self.arms):
+            on = np.flatnonzero(weights[:, i])
+            if on.size:
+                logits = self._catch_up(arm.context, [seqs[r] for r in on])
+                guidance.add_weighted(out, on, weights[on, i], logits)
+                for r, row in zip(on, logits):
+                    seq = seqs[r]
+                    at, rows = seq.kept.setdefault(id(arm.context), (len(seq.tokens) - 1, []))
+                    if at + len(rows) == len(seq.tokens) - 1:  # contiguous with those kept
+                        rows.append(np.array(row))
+        return out
 
     def score(self, seq: Sequence, tokens: Seq[int], alphas: np.ndarray | None = None
               ) -> np.ndarray:
@@ -316,21 +365,43 @@ class Engine:
         """Decode what ctx misses of each sequence; the rows of each one's last n_out tokens
         (n_out: one count for all, or one per sequence)."""
         counts = np.broadcast_to(np.asarray(n_out), (len(seqs),))
-        entries = []
+        entries, reused = [], []
         for seq, n in zip(seqs, counts):
-            start = seq.behind(ctx)
-            if start >= len(seq.tokens):  # nothing new: re-read the last token's logits
-                ctx.seq_remove(seq.seq_id, start - 1, -1)
-                start -= 1
-            entries.append((seq.seq_id, seq.tokens[start:], start, int(n)))
-        logits = ctx.decode(entries)
+            start, end = seq.behind(ctx), len(seq.tokens)
+            rows = _kept_rows(seq, ctx, end - n, start)
+            if rows is None and start > end - n:  # rows it decoded before: decode them again
+                ctx.seq_remove(seq.seq_id, end - n, -1)
+                start = end - n
+            reused.append(rows or [])
+            if start < end:
+                entries.append((seq.seq_id, seq.tokens[start:], start, int(min(n, end - start))))
+        logits = ctx.decode(entries) if entries else np.empty((0, ctx.model.n_vocab), np.float32)
+        logits = logits if logits.ndim == 2 else logits[None]
         for seq in seqs:
             seq.holds(ctx, len(seq.tokens))
-        return logits if logits.ndim == 2 else logits[None]
+        if not any(reused):
+            return logits
+        out, at = [], 0
+        for rows, n in zip(reused, counts):
+            out.extend(rows)
+            out.extend(logits[at:at + n - len(rows)])
+            at += n - len(rows)
+        return np.stack(out)
 
     def _contexts(self) -> list[Context]:
         reward = [self.reward.context] if self.reward is not None else []
-        return [self.base] + [a.context for a in self.arms] + reward
+        drafter = [self.drafter] if self.drafter is not None else []
+        return [self.base] + [a.context for a in self.arms] + reward + drafter
+
+
+def _kept_rows(seq: Sequence, ctx: Context, first: int, held: int) -> list | None:
+    """The rows a drafter kept for positions first..held-1 of ctx (None: not all of them)."""
+    if held <= first:
+        return []
+    at, rows = seq.kept.get(id(ctx), (0, []))
+    if at <= first and held <= at + len(rows):
+        return rows[first - at:held - at]
+    return None
 
 
 def _load_model(models: dict, path: Path, n_gpu_layers: int, repack: str) -> Model:
@@ -389,6 +460,16 @@ def check_vocab(base: Model, arm: Model, role: str = "an ARM") -> None:
             f"{base.token_texts[mismatch]!r} in the base and {arm.token_texts[mismatch]!r} "
             f"in the {role.removeprefix('an ').removeprefix('a ')}; {role} must share the base's tokenizer")
 
+
+
+def _load_drafter(config: EngineConfig, base_model: Model, models: dict) -> Context:
+    """The draft model's context: one logits row per sequence, as a plain step reads."""
+    if config.draft_adapter is not None:
+        inspect_gguf(config.draft_adapter).check_adapter_fits(inspect_gguf(config.draft))
+    model = _load_model(models, config.draft, config.n_gpu_layers, config.repack)
+    check_vocab(base_model, model, "a draft model")
+    adapter = LoraAdapter(model, config.draft_adapter) if config.draft_adapter else None
+    return Context(model, replace(config.context, n_logits=1), adapter)
 
 
 def _load_reward(spec: RewardSpec, base_model: Model, base_info: GGUFInfo, models: dict,

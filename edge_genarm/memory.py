@@ -62,6 +62,12 @@ class Plan:
         reward = getattr(config, "reward", None)
         if reward is not None:
             self._add_reward(reward)
+        draft = getattr(config, "draft", None)
+        if draft is not None:  # priced as a full context: one logits row is a little less
+            self.models.setdefault(Path(draft).resolve(), Path(draft))
+            if config.draft_adapter is not None:
+                self.adapters.append(Path(config.draft_adapter))
+            self.contexts.append((Path(draft), config.draft_adapter is not None, 0))
 
     def _add_reward(self, spec) -> None:
         """A reward model: a model of its own (with its LoRA, if any), or a LoRA of the base."""

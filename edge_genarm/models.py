@@ -76,8 +76,9 @@ def show(models_file, repack, name) -> None:
     else:
         preset = reg.preset(name)
         click.echo(f"preset {name}: {preset.description}")
-        defaults = preset.sampling | preset.request | (
-            {"reward_model": preset.reward_model} if preset.reward_model else {})
+        defaults = preset.sampling | preset.request | {
+            k: v for k, v in (("reward_model", preset.reward_model),
+                              ("draft_model", preset.draft_model)) if v}
         if defaults:  # the options a user's own flags override
             click.echo("defaults: " + ", ".join(f"{k} {v!r}" for k, v in defaults.items()))
         refs = [("base", preset.base, None)] + [(f"arm {a.name}", a.model, a.alpha)

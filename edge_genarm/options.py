@@ -74,10 +74,16 @@ _OPTIONS = [
                  "4 sequences for generate and chat)."),
     click.option("--speculative", type=click.Choice(("off",) + DRAFTERS), default="off",
                  show_default=True, envvar="EDGE_GENARM_SPECULATIVE", help="Speculative "
-                 "decoding: lookup drafts the next tokens from the answer's own context (prompt "
-                 "and answer so far) and checks them in one decode of every model, exactly (the "
-                 "same tokens greedy, the same distribution sampled) [env "
-                 "EDGE_GENARM_SPECULATIVE]."),
+                 "decoding: a drafter proposes the next tokens and one decode of every model "
+                 "checks them, exactly (the same tokens greedy, the same distribution sampled). "
+                 "lookup: from the answer's own context (prompt and answer so far); model: the "
+                 "--draft-model; guided: the draft model guided by the ARMs; arm: an ARM that is "
+                 "a small model of its own [env EDGE_GENARM_SPECULATIVE]."),
+    click.option("--draft-model", default=None, envvar="EDGE_GENARM_DRAFT_MODEL",
+                 metavar="PATH", help="speculative: a small model sharing the base's "
+                 "tokenizer, for the model and guided drafters: a GGUF, @NAME or MODEL+ADAPTER "
+                 "(a model an ARM already loads shares its weights) "
+                 "[env EDGE_GENARM_DRAFT_MODEL]."),
     click.option("--draft-tokens", type=int, default=16, show_default=True, metavar="K",
                  help=f"speculative: the most draft tokens one check takes (1 to {MAX_DRAFT}; "
                  "fewer after rejections); every context reserves K + 1 rows of logits per "
@@ -247,6 +253,8 @@ class GenerationOptions:
     repack: str = "auto"              # llama.cpp's extra CPU buffer types
     speculative: str = "off"          # the default drafter of requests; not off: room reserved
     draft_tokens: int = 16
+    draft: Path | None = None         # the draft model (loaded when speculation is on)
+    draft_adapter: Path | None = None
 
     @classmethod
     def from_kwargs(cls, kw: dict, explicit: set[str] | None = None) -> "GenerationOptions":
@@ -290,7 +298,10 @@ class GenerationOptions:
             model, adapter = split_adapter(reward_ref)
             reward = RewardSpec(registry.resolve(model), candidates,
                                 registry.resolve(adapter) if adapter else None)
+        draft_model, draft_adapter = split_adapter(kw.pop("draft_model") or "")
         opts = cls(
+            draft=registry.resolve(draft_model) if draft_model else None,
+            draft_adapter=registry.resolve(draft_adapter) if draft_adapter else None,
             base=registry.resolve(base),
             base_adapter=registry.resolve(base_adapter) if base_adapter else None,
             arms=arms,
@@ -339,7 +350,9 @@ class GenerationOptions:
             context = replace(context, n_logits=self.draft_tokens + 1)
         return EngineConfig(base=self.base, arms=self.arms, context=context,
                             n_gpu_layers=self.n_gpu_layers, base_adapter=self.base_adapter,
-                            reward=self.reward, repack=self.repack)
+                            reward=self.reward, repack=self.repack,
+                            draft=self.draft if self.speculative != "off" else None,
+                            draft_adapter=self.draft_adapter)
 
     def request(self, prompt_ids=(), **changes) -> Request:
         """A scheduler request with these options, for prompt_ids; `changes` override fields."""
@@ -418,6 +431,8 @@ def _apply_preset(kw: dict, preset, explicit: set[str]) -> None:
         kw["preset_arms"] = preset.arms
     if "reward_model" not in explicit and preset.reward_model and kw.get("method") != "genarm":
         kw["reward_model"] = preset.reward_model  # loaded only where a method uses it
+    if "draft_model" not in explicit and preset.draft_model:
+        kw["draft_model"] = preset.draft_model  # loaded only where speculation is on
     if "ctx_size" not in explicit and preset.ctx_size:
         kw["ctx_size"] = preset.ctx_size
     for key, value in (preset.sampling | preset.request).items():

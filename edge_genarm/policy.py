@@ -30,7 +30,7 @@ import numpy as np
 from . import guidance, penalties, reward
 from .errors import ContextFullError, UserError
 from .sampling import Sampler, SamplingSettings, SettingError, make_distribution, make_sampler
-from .speculative import DRAFTERS, Drafting, LookupDrafter
+from .speculative import DRAFTERS, Drafting, LookupDrafter, ModelDrafter
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
@@ -62,7 +62,8 @@ class Request:
     samples: int = 4             # best-of-n: whole answers sampled; the best one is returned
     ignore_eos: bool = False     # end-of-generation ids never drawn: the answer runs to
                                  # max_tokens (or a stop string), as a fixed-length benchmark wants
-    speculative: str | None = None  # "lookup": drafts verified in one decode (exact); None: off
+    speculative: str | None = None  # a drafter (lookup, model, guided, arm): drafts verified
+                                    # in one decode (exact); None: off
     draft_tokens: int | None = None  # the most draft tokens per verify (None: the engine's most)
 
     @property
@@ -86,7 +87,7 @@ class Policy:
     finish: "Emit | BestOfN"
     answers: int   # sequences it generates
     returned: int  # answers its caller gets
-    drafter: LookupDrafter | None = None
+    drafter: LookupDrafter | ModelDrafter | None = None
     draft_tokens: int = 0
     _distribution: Callable | None = None
 
@@ -246,10 +247,21 @@ class Policies:
                       BestOfN(self.judge) if best_of else Emit(),
                       answers=request.samples if best_of else request.n,
                       returned=1 if best_of else request.n,
-                      drafter=self.lookup if drafting else None,
+                      drafter=self._drafter(request, alphas) if drafting else None,
                       draft_tokens=(request.draft_tokens or self.engine.max_draft) if drafting
                       else 0,
                       _distribution=make_distribution(sampling) if drafting else None)
+
+    def _drafter(self, request: Request, alphas: np.ndarray) -> LookupDrafter | ModelDrafter:
+        kind = request.speculative
+        if kind == "lookup":
+            return self.lookup
+        weights = np.zeros(len(alphas), dtype=np.float32)
+        if kind == "arm":
+            weights[_own_model_arm(self.engine, alphas)] = 1.0
+        elif kind == "guided":
+            weights[:] = alphas
+        return ModelDrafter(kind != "arm", weights)
 
     def after_step(self, out: list) -> None:
         if self.judge is not None:
@@ -313,10 +325,24 @@ def _check_speculative(request: Request, engine: "Engine") -> None:
     if engine.max_draft < 1:
         raise UserError("this model was loaded without room for drafts: load it with "
                         "--speculative (or draft_tokens > 0)", "speculative")
+    if request.speculative in ("model", "guided") and engine.drafter is None:
+        raise UserError(f"the {request.speculative} drafter needs a draft model: load one with "
+                        "--draft-model MODEL.gguf (sharing the base's tokenizer)", "speculative")
+    if request.speculative == "arm" and \
+            _own_model_arm(engine, engine.alphas(dict(request.arms))) is None:
+        raise UserError("the arm drafter needs an ARM that is a model of its own (not a LoRA of "
+                        "the base) and switched on for this request; use another drafter",
+                        "speculative")
     if request.draft_tokens is not None:
         _integer("draft_tokens", request.draft_tokens, 1, engine.max_draft, f"draft_tokens "
                  f"must be between 1 and {engine.max_draft} (the most the model was loaded "
                  f"for), got {request.draft_tokens}")
+
+
+def _own_model_arm(engine: "Engine", alphas: np.ndarray) -> int | None:
+    """The first ARM switched on whose model is not the base's: small enough to draft."""
+    return next((i for i, (arm, a) in enumerate(zip(engine.arms, alphas))
+                 if a and arm.context.model is not engine.model), None)
 
 
 def _check_method(request: Request, engine: "Engine") -> None:

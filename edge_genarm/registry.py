@@ -36,7 +36,8 @@ REQUEST_KEYS = {"system": _TEXT, "stop": (list,), "max_tokens": (int,),
                 "reward_weight": _NUMBER, "candidates": (int,), "speculative": _TEXT,
                 "draft_tokens": (int,)}
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
-               "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT} | REQUEST_KEYS
+               "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT,
+               "draft_model": _TEXT} | REQUEST_KEYS
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
             "n_gpu_layers": (int,)}
 SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER,
@@ -89,6 +90,7 @@ class Preset:
     chat_template: str | None = None
     sampling: dict = field(default_factory=dict)
     reward_model: str | None = None  # for --method pargs/args (MODEL, @NAME or MODEL+ADAPTER)
+    draft_model: str | None = None   # for speculative decoding's model drafters (likewise)
     request: dict = field(default_factory=dict)  # REQUEST_KEYS: system, stop, max_tokens...
 
 
@@ -207,6 +209,7 @@ class Registry:
                                    chat_template=entry.get("chat_template"),
                                    sampling=dict(entry.get("sampling", {})),
                                    reward_model=entry.get("reward_model"),
+                                   draft_model=entry.get("draft_model"),
                                    request={k: float(entry[k]) if REQUEST_KEYS[k] is _NUMBER
                                             else entry[k] for k in REQUEST_KEYS if k in entry})
         return cls(models, presets, files)

@@ -190,36 +190,80 @@ class Scheduler:
         each row through its request's processors, then each answer's next tokens drawn by its
         policy."""
         slots = list(self._slots)
-        drafts = [self._draft(s) for s in slots]
+        drafts, feeds, qs = self._drafts(slots)
         counts = [1 + len(d) for d in drafts]
         alphas = np.stack([s.handle.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
-        rows = self.engine.step(seqs, [s.pending + d for s, d in zip(slots, drafts)], alphas,
-                                counts if any(drafts) else None)
+        rows = self.engine.step(seqs, feeds, alphas, counts if any(drafts) else None)
         rows = run_processors(rows, [q for q, c in zip(seqs, counts) for _ in range(c)],
                               [s.handle.policy for s, c in zip(slots, counts) for _ in range(c)])
         now, at = time.perf_counter(), 0
-        for slot, draft in zip(slots, drafts):
+        for slot, draft, q in zip(slots, drafts, qs):
             own, at = rows[at:at + 1 + len(draft)], at + 1 + len(draft)
             if draft:
-                self._verify(slot, own, draft, now, events)
+                self._verify(slot, own, draft, q, now, events)
                 continue
             for child in self._fork(slot):
                 self._sample(child, own[0], now, events)
             self._sample(slot, own[0], now, events)
 
-    def _draft(self, slot: _Slot) -> list[int]:
-        """The tokens an answer's policy drafts after its pending one (none on its first step,
-        and never past max_tokens or the context)."""
-        if slot.drafting is None or not slot.tokens:
-            return []
-        room = min(slot.drafting.k, slot.handle.request.max_tokens - len(slot.tokens) - 1,
-                   self.engine.n_ctx - len(slot.seq.tokens) - len(slot.pending))
-        return slot.handle.policy.drafter.draft(slot.seq.tokens + slot.pending, room) \
-            if room > 0 else []
+    def _drafts(self, slots: list[_Slot]) -> tuple[list, list, list]:
+        """Each answer's draft (none on its first step, never past max_tokens or the context),
+        the tokens the step feeds it, and the drafter's distributions (None: a certain one)."""
+        drafts: list[list[int]] = [[] for _ in slots]
+        feeds = [list(s.pending) for s in slots]
+        qs: list = [None] * len(slots)
+        by_model: dict[int, int] = {}  # answer -> its room, for the model drafters
+        for i, slot in enumerate(slots):
+            drafter, room = slot.handle.policy.drafter, self._room(slot)
+            if room <= 0:
+                continue
+            if isinstance(drafter, speculative.ModelDrafter):
+                by_model[i] = room
+            else:
+                drafts[i] = drafter.draft(slot.seq.tokens + slot.pending, room)
+                feeds[i] += drafts[i]
+        if by_model:
+            self._model_drafts(slots, dict(by_model), drafts, qs)
+            for i in by_model:  # the drafter's decodes appended all but the last draft token
+                feeds[i] = drafts[i][-1:]
+        return drafts, feeds, qs
 
-    def _verify(self, slot: _Slot, rows: np.ndarray, draft: list[int], now: float,
-                events: list[Event]) -> None:
+    def _room(self, slot: _Slot) -> int:
+        if slot.drafting is None or not slot.tokens:
+            return 0
+        return min(slot.drafting.k, slot.handle.request.max_tokens - len(slot.tokens) - 1,
+                   self.engine.n_ctx - len(slot.seq.tokens) - len(slot.pending))
+
+    def _model_drafts(self, slots: list[_Slot], rooms: dict[int, int],
+                      drafts: list[list[int]], qs: list) -> None:
+        """Draft with models, one token of every drafting answer per round; greedy answers
+        draft the drafter's argmax, sampled ones a draw from its distribution. A draft ends
+        at its room or after a token the drafter was unsure of."""
+        feed = {i: list(slots[i].pending) for i in rooms}
+        for i in rooms:
+            qs[i] = []
+        while rooms:
+            rows = self.engine.propose([slots[i].seq for i in rooms], list(feed.values()),
+                                       [slots[i].handle.policy.drafter for i in rooms])
+            for i, row in zip(list(rooms), rows):
+                slot = slots[i]
+                policy, history = slot.handle.policy, slot.tokens + drafts[i]
+                if policy.greedy:
+                    token, q = policy.next_token(row, history, slot.rng), None
+                    sure = np.exp(guidance.log_softmax(row)[token])
+                else:
+                    q = policy.distribution(row, history)
+                    token = speculative.draw(*q, slot.rng)
+                    sure = q[1][np.flatnonzero(q[0] == token)[0]]
+                drafts[i].append(token)
+                qs[i].append(q)
+                feed[i] = [token]
+                if sure < speculative.CONFIDENCE or len(drafts[i]) >= rooms[i]:
+                    del rooms[i], feed[i]
+
+    def _verify(self, slot: _Slot, rows: np.ndarray, draft: list[int], qs: list | None,
+                now: float, events: list[Event]) -> None:
         """Keep draft tokens as the policy accepts them (exactly its distribution), then the
         token drawn at the first rejection, or the bonus after the last draft token; the
         rejected positions leave every context."""
@@ -227,7 +271,8 @@ class Scheduler:
         for i, row in enumerate(rows):
             history = slot.tokens + tokens
             if i < len(draft):
-                token, kept = speculative.accept(draft[i], policy, row, history, slot.rng)
+                token, kept = speculative.accept(draft[i], policy, row, history, slot.rng,
+                                                 qs[i] if qs else None)
             else:
                 token, kept = policy.next_token(row, history, slot.rng), False
             tokens.append(token)

@@ -10,14 +10,21 @@ Contract:
 - `Drafting` is one answer's state: how many tokens to draft next (up to its limit; +2 after a
   verify that kept every draft token, -1 after one that did not) and the counts its usage
   reports (drafted, accepted).
-- `accept(draft_token, target, tokens, rng)` decides one position of a verify. `target` is the
-  request's policy at that position (`next_token` draws from p, `distribution` gives p: the
-  final distribution its sampler draws from, after the processors, penalties, filters and
-  temperature). A draft token x from a drafter that proposes it with certainty (q = the point
-  mass at x, as prompt lookup does) is kept with probability min(1, p(x) / q(x)) = p(x); at a
-  rejection the token is drawn from max(0, p - q) normalised, which is p without x. So each
-  token is distributed exactly as p, whatever the drafter proposes. Greedy requests keep a
-  draft token while it equals the target's argmax, so their tokens equal non-speculative ones.
+- `ModelDrafter` drafts with models, one token per decode: its row is the draft model's
+  logits (`draft_model`) plus each ARM's log-probs times its weight (`weights`), put through
+  the request's own penalties and sampler. The kinds in `DRAFTERS`: "model" (the draft model
+  alone), "guided" (the draft model guided by the request's ARMs) and "arm" (an ARM that is a
+  small model of its own, alone). An ARM row computed while drafting is part of the target at
+  that position too: the engine keeps it for the verify instead of decoding it again.
+- `accept(draft_token, target, row, tokens, rng, q)` decides one position of a verify.
+  `target` is the request's policy at that position (`next_token` draws from p,
+  `distribution` gives p: the final distribution its sampler draws from, after the
+  processors, penalties, filters and temperature); `q` is the drafter's distribution there as
+  (ids, probabilities), None for a drafter that proposes x with certainty (prompt lookup).
+  Draft token x is kept with probability min(1, p(x) / q(x)); at a rejection the token is
+  drawn from max(0, p - q) normalised (for a certain drafter: p without x). So each token is
+  distributed exactly as p, whatever the drafter proposes. Greedy requests keep a draft token
+  while it equals the target's argmax, so their tokens equal non-speculative ones.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DRAFTERS = ("lookup",)
+DRAFTERS = ("lookup", "model", "guided", "arm")
+MODEL_DRAFTERS = ("model", "guided", "arm")
+# A model drafter ends its draft after a token it gave less than this probability: an unsure
+# draft token is likely rejected, and every further one costs a drafter step (transformers'
+# assisted generation stops at 0.4 too). The stop depends on the draft alone: still exact.
+CONFIDENCE = 0.4
 
 
 class LookupDrafter:
@@ -52,6 +64,14 @@ class LookupDrafter:
         return []
 
 
+@dataclass(frozen=True, eq=False)
+class ModelDrafter:
+    """A drafter's row: the draft model's logits (if `draft_model`) + sum_i weights[i] * the
+    log-probs of ARM i (the engine's ARM order)."""
+    draft_model: bool
+    weights: np.ndarray
+
+
 @dataclass
 class Drafting:
     """One answer's speculation: the next draft's length and the counts for its usage."""
@@ -71,19 +91,39 @@ class Drafting:
 
 
 def accept(draft_token: int, target, row: np.ndarray, tokens: list[int],
-           rng: np.random.Generator) -> tuple[int, bool]:
+           rng: np.random.Generator, q: tuple[np.ndarray, np.ndarray] | None = None
+           ) -> tuple[int, bool]:
     """The token at one drafted position, and whether it is the draft token (see the module's
     contract): exactly a draw from the target's distribution at that position."""
     if target.greedy:
         token = target.next_token(row, tokens, rng)
         return token, token == draft_token
     ids, probs = target.distribution(row, tokens)
+    q_at = _probabilities(q, ids, draft_token)  # q over p's support
     at = np.flatnonzero(ids == draft_token)
     p_x = float(probs[at[0]]) if at.size else 0.0
-    if rng.random() < p_x:
+    q_x = 1.0 if q is None else float(_probabilities(q, np.array([draft_token]), draft_token)[0])
+    if rng.random() * q_x < p_x:  # kept with probability min(1, p(x) / q(x))
         return draft_token, True
-    rest = probs.copy()
-    rest[at] = 0.0  # p without x, normalised: max(0, p - q) for a point mass q
-    cum = np.cumsum(rest)
+    rest = np.maximum(probs - q_at, 0.0)  # max(0, p - q), zero wherever p is
+    if not rest.sum() > 0:  # p <= q everywhere: a rejection cannot happen but by rounding
+        rest = probs
+    return draw(ids, rest, rng), False
+
+
+def draw(ids: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """One of ids, with probability proportional to its weight."""
+    cum = np.cumsum(weights)
     i = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), ids.size - 1)
-    return int(ids[i]), False
+    return int(ids[i])
+
+
+def _probabilities(q, ids: np.ndarray, draft_token: int) -> np.ndarray:
+    """q(t) for each t of ids (a certain drafter's q: 1 at the draft token, 0 elsewhere)."""
+    if q is None:
+        return (ids == draft_token).astype(np.float64)
+    q_ids, q_probs = q
+    order = np.argsort(q_ids)
+    sorted_ids = q_ids[order]
+    at = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
+    return np.where(sorted_ids[at] == ids, q_probs[order][at], 0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from conftest import answers
 from edge_genarm import scheduler as scheduler_module
 from edge_genarm.cli import main
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
-from edge_genarm.errors import UserError
+from edge_genarm.errors import IncompatibleModelsError, ModelFileError, UserError
 from edge_genarm.llama import ContextSettings
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
@@ -33,10 +34,13 @@ NEAR_TIE = 1.0  # logits apart at the first difference of 8-bit batched and one-
 TOP3 = SamplingSettings(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)
 
 
-def load(tiny, draft: int, n_seq: int = 8, alphas=(1.0, 0.5)) -> Engine:
+def load(tiny, draft: int, n_seq: int = 8, alphas=(1.0, 0.5), draft_model=None,
+         arm=None) -> Engine:
+    """The tiny base with a LoRA ARM and a full-model ARM ("arm": tiny.arm unless given), room
+    for `draft` tokens."""
     settings = ContextSettings(n_ctx=160, n_seq_max=n_seq, exact=True, n_logits=draft + 1)
-    arms = [ArmSpec(tiny.lora, alphas[0], "lora"), ArmSpec(tiny.arm, alphas[1], "arm")]
-    return Engine.load(EngineConfig(Path(tiny.base), arms, settings))
+    arms = [ArmSpec(tiny.lora, alphas[0], "lora"), ArmSpec(arm or tiny.arm, alphas[1], "arm")]
+    return Engine.load(EngineConfig(Path(tiny.base), arms, settings, draft=draft_model))
 
 
 def run(engine, requests, drafters=None) -> list[tuple[list[int], object]]:
@@ -143,6 +147,51 @@ def test_greedy_speculative_decoding_gives_the_same_tokens_for_each_drafter(tiny
     assert all(u.drafted_tokens == 0 for _, u in want)
 
 
+def test_greedy_model_drafters_give_the_same_tokens_in_a_mixed_batch(tiny):
+    """The draft model alone (the base with the LoRA ARM merged: near the target, not equal
+    to it), the draft model guided by the request's ARMs, and the full-model ARM drafting
+    alone (the same merged model as an ARM), each in one batch with a lookup row, a row without drafts and n = 2 with a
+    penalty: every answer equals the same request decoded without speculation."""
+    prompts = [(1, 504, 3458, 504, 3458, 6357, 282), (1, 378, 1300, 314, 378, 1300),
+               (1, 17, 9, 3000, 42, 7)]
+    plain = [Request(prompts[0], GREEDY, 40, arms={"lora": 2}),
+             Request(prompts[1], GREEDY, 40),
+             Request(prompts[2], SamplingSettings(greedy=True, presence_penalty=0.7), 40, n=2),
+             Request(prompts[0], GREEDY, 40)]
+    with load(tiny, draft=6, draft_model=tiny.merged, arm=tiny.merged) as engine:
+        want = run(engine, plain)
+        for kind in ("model", "guided", "arm"):
+            spec = [Request(**{**r.__dict__, "speculative": kind}) for r in plain[:3]]
+            got = run(engine, spec + [replace(plain[3], speculative="lookup")])
+            assert [t for t, _ in got] == [t for t, _ in want], kind
+            assert [u.finish_reason for _, u in got] == [u.finish_reason for _, u in want]
+            used = [u for _, u in got[:4]]
+            assert all(u.drafted_tokens > 20 for u in used), (kind, used)
+            assert sum(u.accepted_tokens for u in used) > 0, kind
+
+
+def test_a_guided_drafter_decodes_each_arm_token_once(tiny):
+    """The base itself as the draft model, guided by the request's ARMs: its rows are the
+    target's, so every draft token is kept, and the ARM rows computed while drafting serve the
+    verify: each ARM context decodes every token of the prompt and answer once (the last
+    answer token, never fed, aside)."""
+    prompt = (1, 378, 1300, 314, 17)
+    with load(tiny, draft=6, draft_model=tiny.base) as engine:
+        want = run(engine, [Request(prompt, GREEDY, 40)])[0][0]
+        fed = {}
+        for arm in engine.arms:
+            decode = arm.context.decode
+
+            def counting(entries, decode=decode, name=arm.name):
+                fed[name] = fed.get(name, 0) + sum(len(e[1]) for e in entries)
+                return decode(entries)
+            arm.context.decode = counting
+        (tokens, usage), = run(engine, [Request(prompt, GREEDY, 40, speculative="guided")])
+    assert tokens == want
+    assert usage.accepted_tokens == usage.drafted_tokens > 20
+    assert fed == {"lora": len(prompt) + 39, "arm": len(prompt) + 39}
+
+
 def test_drafts_end_where_a_stop_string_the_token_limit_or_the_context_ends(tiny):
     """A stop string inside a kept draft, max_tokens inside a draft, and a context that fills:
     the same text, tokens and finish reason as without drafts, with a drafter that knows the
@@ -225,41 +274,52 @@ class LikelyDrafter:
         return [self.best[tokens[-1]]] if k else []
 
 
-def sample(engine, prompt, n, probs) -> tuple[list[tuple[int, ...]], int]:
-    requests = [Request(prompt, TOP3, 3, seed=s, speculative="lookup") for s in range(n)]
-    drafter = LikelyDrafter(probs)
-    answers = run(engine, requests, {i: drafter for i in range(n)})
+def sample(engine, prompt, n, probs, drafter) -> tuple[list[tuple[int, ...]], int]:
+    """n answers of 3 tokens, seeds 0..n-1, each drafting its second token."""
+    requests = [Request(prompt, TOP3, 3, seed=s, speculative=drafter) for s in range(n)]
+    likely = LikelyDrafter(probs)
+    answers = run(engine, requests, {i: likely for i in range(n)} if drafter == "lookup"
+                  else None)
     assert all(len(t) == 3 for t, _ in answers)
     assert all(u.drafted_tokens == 1 for _, u in answers)
     return [tuple(t) for t, _ in answers], sum(u.accepted_tokens for _, u in answers)
 
 
-def redraw_from_p(x, target, row, tokens, rng):
-    """A wrong rule: keeps x with probability p(x), but redraws from p itself (x included)
-    instead of p without x, which makes x too likely."""
+def redraw_from_p(x, target, row, tokens, rng, q=None):
+    """A wrong rule: keeps x with probability min(1, p(x) / q(x)), but redraws from p itself
+    instead of max(0, p - q) (for a certain drafter: p without x), which makes x too likely."""
     ids, p = target.distribution(row, tokens)
     at = np.flatnonzero(ids == x)
-    if at.size and rng.random() < p[at[0]]:
+    q_x = 1.0 if q is None else float(q[1][np.flatnonzero(q[0] == x)[0]])
+    if at.size and rng.random() * q_x < p[at[0]]:
         return x, True
     return target.next_token(row, tokens, rng), False
 
 
+def keep_all(x, target, row, tokens, rng, q=None):
+    """A wrong rule: every draft token kept."""
+    return x, True
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "model"])
 def test_sampled_speculation_matches_the_guided_distribution_and_wrong_rules_fail(
-        tiny, monkeypatch):
-    """2,000 answers of 3 tokens (top-3 at T = 1, ARMs on), each second token drafted as the
-    token the target most likely draws there: the joint distribution of the three tokens
-    passes a chi-square test against the exact one; two wrong acceptance rules (keep every
-    draft token; redraw from p instead of p without x) fail the same test."""
+        tiny, monkeypatch, drafter):
+    """2,000 answers of 3 tokens (top-3 at T = 1, ARMs on), each second token drafted: by a
+    certain drafter, as the token the target most likely draws there (lookup's rule), or
+    drawn from a draft model's own distribution q (the base with the LoRA ARM merged, without
+    the other ARM: its top 3 part from the target's). The joint distribution of the three tokens passes a chi-square test
+    against the exact one; two wrong acceptance rules (keep every draft token; redraw from p
+    instead of max(0, p - q)) fail the same test."""
     prompt, n = (1, 378, 1300, 314, 17), 2000
-    with load(tiny, draft=2) as engine:
+    with load(tiny, draft=2, draft_model=tiny.merged) as engine:
         probs = exact_distribution(engine, prompt)
-        samples, accepted = sample(engine, prompt, n, probs)
+        samples, accepted = sample(engine, prompt, n, probs, drafter)
         rejects, stat, df = chi_square_rejects(samples, probs)
         assert not rejects and df >= 10, (stat, df)
         assert 0.1 * n < accepted < 0.9 * n  # both ways of the rule were taken
-        for wrong_rule in (lambda x, target, row, tokens, rng: (x, True), redraw_from_p):
+        for wrong_rule in (keep_all, redraw_from_p):
             monkeypatch.setattr(scheduler_module.speculative, "accept", wrong_rule)
-            wrong, _ = sample(engine, prompt, n, probs)
+            wrong, _ = sample(engine, prompt, n, probs, drafter)
             assert chi_square_rejects(wrong, probs)[0], wrong_rule
 
 
@@ -272,9 +332,23 @@ def test_refusals_name_the_option(tiny):
         assert info.value.param == "draft_tokens"
         with pytest.raises(UserError, match="unknown drafter 'ngram'"):
             s.submit(Request((1, 2, 3), speculative="ngram"))
+        for kind in ("model", "guided"):
+            with pytest.raises(UserError, match=f"the {kind} drafter needs a draft model: "
+                               "load one with --draft-model") as info:
+                s.submit(Request((1, 2, 3), speculative=kind))
+            assert info.value.param == "speculative"
+        with pytest.raises(UserError, match="the arm drafter needs an ARM that is a model of its "
+                           "own .* switched on"):
+            s.submit(Request((1, 2, 3), speculative="arm", arms={"arm": 0}))
+        s.submit(Request((1, 2, 3), speculative="arm", arms={"lora": 0}))
     with load(tiny, draft=0) as engine, Scheduler(engine) as s:
         with pytest.raises(UserError, match="loaded without room for drafts"):
             s.submit(Request((1, 2, 3), speculative="lookup"))
+    with pytest.raises(IncompatibleModelsError, match="a draft model must share the base's "
+                       "tokenizer"):
+        load(tiny, draft=2, draft_model=tiny.renamed)
+    with pytest.raises(ModelFileError, match="is a LoRA adapter; a draft model is a full model"):
+        load(tiny, draft=2, draft_model=tiny.lora)
 
 
 def test_the_cli_reports_drafted_and_accepted_tokens_on_the_demo():
