@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -130,6 +131,10 @@ class Worker:
                     events = model.scheduler.step()
                 except EngineError as exc:
                     self._fail(model, exc)
+                    continue
+                except Exception as exc:  # a bug: its requests fail, the thread goes on
+                    traceback.print_exc()
+                    self._fail(model, EngineError(f"internal error: {type(exc).__name__}: {exc}"))
                     continue
                 model.cells_in_use = model.scheduler.cells_in_use
                 if self._on_step is not None:

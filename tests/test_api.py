@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import edge_genarm
 from edge_genarm.cli import main
+from edge_genarm.errors import EngineError
 
 PROMPT = "Tell me about a rainy afternoon."
 
@@ -189,3 +190,27 @@ def test_bad_loads_and_a_closed_model(tiny):
     model.close()
     with pytest.raises(edge_genarm.UserError, match="closed"):
         model.generate("the cat")
+
+
+def test_a_failing_step_fails_its_requests_and_the_model_goes_on(tiny_model, capsys):
+    """A bug inside a step (here, a step that raises once) fails the requests it held with
+    EngineError instead of leaving their callers waiting; the next call is answered."""
+    scheduler = tiny_model.scheduler
+    step = scheduler.step
+    calls = []
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in a step")
+        return step()
+    scheduler.step = broken
+    try:
+        with pytest.raises(EngineError, match="internal error: RuntimeError: a bug in a step"):
+            tiny_model.generate("the cat sat on the", greedy=True, max_tokens=12)
+        assert "a bug in a step" in capsys.readouterr().err  # the traceback, for a bug report
+        again = tiny_model.generate("the cat sat on the", greedy=True, max_tokens=12,
+                                    ignore_eos=True)
+    finally:
+        del scheduler.step
+    assert len(again.tokens) == 12
