@@ -224,6 +224,8 @@ class Model:
         self.vocab_type = int(C.llama_vocab_type(self.vocab))
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
         self.n_embd = int(C.llama_model_n_embd(ptr))
+        self.size = int(C.llama_model_size(ptr))  # bytes of weights: what a step reads
+        self.n_gpu_layers = n_gpu_layers
         self._dry_breakers: dict[tuple[str, ...], penalties.Breakers | None] = {}
 
     def describe_buffers(self) -> str:

@@ -30,7 +30,8 @@ import numpy as np
 from . import guidance, penalties, reward
 from .errors import ContextFullError, UserError
 from .sampling import Sampler, SamplingSettings, SettingError, make_distribution, make_sampler
-from .speculative import DRAFTERS, Drafting, LookupDrafter, ModelDrafter
+from .speculative import (DRAFTERS, VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU, Drafting,
+                          LookupDrafter, ModelDrafter)
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
@@ -89,6 +90,8 @@ class Policy:
     returned: int  # answers its caller gets
     drafter: LookupDrafter | ModelDrafter | None = None
     draft_tokens: int = 0
+    draft_cost: float = 0.0  # a model drafter's step, as a share of a step of the target
+    verify_exponent: float = VERIFY_EXPONENT_CPU  # a verify of m positions: m ** it steps
     _distribution: Callable | None = None
 
     @property
@@ -109,7 +112,9 @@ class Policy:
 
     def drafting(self) -> Drafting | None:
         """A new answer's speculation state (None: it does not draft)."""
-        return Drafting(self.draft_tokens) if self.drafter is not None else None
+        if self.drafter is None:
+            return None
+        return Drafting(self.draft_tokens, self.draft_cost, self.verify_exponent)
 
 
 class EogMask:
@@ -242,15 +247,18 @@ class Policies:
             penalize = functools.partial(penalties.penalize, settings=sampling,
                                          breakers=breakers)  # the row itself when off
         best_of = method == "best-of-n"
-        drafting = request.drafts
-        return Policy(request, alphas, processors, sampler, penalize,
-                      BestOfN(self.judge) if best_of else Emit(),
-                      answers=request.samples if best_of else request.n,
-                      returned=1 if best_of else request.n,
-                      drafter=self._drafter(request, alphas) if drafting else None,
-                      draft_tokens=(request.draft_tokens or self.engine.max_draft) if drafting
-                      else 0,
-                      _distribution=make_distribution(sampling) if drafting else None)
+        policy = Policy(request, alphas, processors, sampler, penalize,
+                        BestOfN(self.judge) if best_of else Emit(),
+                        answers=request.samples if best_of else request.n,
+                        returned=1 if best_of else request.n)
+        if request.drafts:
+            policy.drafter = self._drafter(request, alphas)
+            policy.draft_tokens = request.draft_tokens or self.engine.max_draft
+            policy.draft_cost = draft_cost(self.engine, policy.drafter, alphas)
+            policy.verify_exponent = VERIFY_EXPONENT_GPU if self.engine.model.n_gpu_layers \
+                else VERIFY_EXPONENT_CPU
+            policy._distribution = make_distribution(sampling)
+        return policy
 
     def _drafter(self, request: Request, alphas: np.ndarray) -> LookupDrafter | ModelDrafter:
         kind = request.speculative
@@ -266,6 +274,19 @@ class Policies:
     def after_step(self, out: list) -> None:
         if self.judge is not None:
             self.judge.run(out)
+
+
+def draft_cost(engine: "Engine", drafter, alphas: np.ndarray) -> float:
+    """A model drafter's step, as a share of a step of the target (the base and the ARMs on),
+    from the bytes of weights each step reads; an ARM row it computes spares that ARM's verify
+    position, which costs about a third of a step (0 for prompt lookup)."""
+    if not isinstance(drafter, ModelDrafter):
+        return 0.0
+    target = engine.model.size + sum(a.context.model.size for a, w in zip(engine.arms, alphas)
+                                     if w)
+    reused = sum(a.context.model.size for a, w in zip(engine.arms, drafter.weights) if w)
+    own = engine.drafter.model.size if drafter.draft_model else 0
+    return (own + reused * 2 / 3) / target
 
 
 def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.ndarray:

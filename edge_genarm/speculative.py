@@ -7,9 +7,10 @@ Contract:
   tokens that followed it (a longer match is likelier to go on; on this CPU a verify of k + 1
   positions costs nearly k + 1 steps, so short, spurious matches must not draft); where nothing
   matches it proposes nothing, so a row that drafts nothing decodes as usual.
-- `Drafting` is one answer's state: how many tokens to draft next (up to its limit; +2 after a
-  verify that kept every draft token, -1 after one that did not) and the counts its usage
-  reports (drafted, accepted).
+- `Drafting` is one answer's state: how many tokens to draft next and the counts its usage
+  reports (drafted, accepted). The length is the one with the most tokens per unit of cost,
+  from the answer's measured acceptance, what a verify of k + 1 positions costs and a model
+  drafter's own steps.
 - `ModelDrafter` drafts with models, one token per decode: its row is the draft model's
   logits (`draft_model`) plus each ARM's log-probs times its weight (`weights`), put through
   the request's own penalties and sampler. The kinds in `DRAFTERS`: "model" (the draft model
@@ -39,6 +40,11 @@ MODEL_DRAFTERS = ("model", "guided", "arm")
 # draft token is likely rejected, and every further one costs a drafter step (transformers'
 # assisted generation stops at 0.4 too). The stop depends on the draft alone: still exact.
 CONFIDENCE = 0.4
+# A verify of m positions costs about m ** exponent steps of the target: on a CPU 3, 5 and 9
+# positions cost the 1.5B coder 1.65, 2.28 and 3.05 steps (m ** 0.5: 1.73, 2.24, 3); on a GPU a
+# verify costs little more than a step (assumed: not measured here).
+VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU = 0.5, 0.1
+PRIOR_KEPT, PRIOR_MISSED = 3, 1  # a new answer's draft tokens are taken as kept 3 times in 4
 
 
 class LookupDrafter:
@@ -76,18 +82,32 @@ class ModelDrafter:
 class Drafting:
     """One answer's speculation: the next draft's length and the counts for its usage."""
     limit: int
-    k: int = 0
+    step_cost: float = 0.0  # a model drafter's step per draft token, as a share of a target step
+    exponent: float = VERIFY_EXPONENT_CPU  # a verify of m positions costs m ** exponent steps
     drafted: int = 0
     accepted: int = 0
+    missed: int = 0                # verifies that ended at a rejected draft token
 
-    def __post_init__(self):
-        self.k = self.k or self.limit
+    @property
+    def rate(self) -> float:
+        """How often a draft token is kept (given those before it were), with a prior."""
+        return (self.accepted + PRIOR_KEPT) / (self.accepted + self.missed + PRIOR_KEPT +
+                                               PRIOR_MISSED)
+
+    @property
+    def k(self) -> int:
+        """The draft length with the most tokens per unit of cost (at least 1): k draft tokens,
+        each kept at rate a, give (1 - a^(k+1)) / (1 - a) tokens a verify, for a verify of
+        k + 1 positions and k drafter steps."""
+        a, ks = min(self.rate, 0.999), np.arange(self.limit + 1)
+        tokens = (1 - a ** (ks + 1)) / (1 - a)
+        cost = (ks + 1) ** self.exponent + ks * self.step_cost
+        return max(1, int(np.argmax(tokens / cost)))
 
     def verified(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
-        if drafted:
-            self.k = min(self.limit, self.k + 2) if accepted == drafted else max(1, self.k - 1)
+        self.missed += accepted < drafted
 
 
 def accept(draft_token: int, target, row: np.ndarray, tokens: list[int],
