@@ -4,7 +4,8 @@ ARM drafting alone), one request at a time and several at once.
 
 For each sampling setting (--temperatures; 0 is greedy) and each mode it prints tokens per
 second over the prompts, the acceptance rate (draft tokens kept over draft tokens verified) and
-tokens per decode step (1 + kept drafts per verify). Greedy answers with drafts are compared
+tokens per verify (per decode of the base: 1 + kept drafts); the ratios to plain guided decoding
+are of tokens per second. Greedy answers with drafts are compared
 with the same answers without: the count of identical answers is printed (8-bit weights may
 part at a kernel near-tie). Prompts: HumanEval's first --prompts problems (code that restates
 its prompt) for --task code, or rewriting requests for --task rewrite. All modes run on one
@@ -56,6 +57,10 @@ def run(model, texts, options: dict, parallel: bool) -> tuple[float, list]:
     return time.perf_counter() - start, results
 
 
+def speed(seconds: float, results) -> float:
+    return sum(r.usage.completion_tokens for r in results) / seconds
+
+
 def row(name: str, seconds: float, results) -> str:
     tokens = sum(r.usage.completion_tokens for r in results)
     drafted = sum(r.usage.drafted_tokens for r in results)
@@ -63,7 +68,7 @@ def row(name: str, seconds: float, results) -> str:
     steps = tokens - kept
     rate = f"{kept / drafted:6.1%}" if drafted else "     -"
     return (f"  {name:<24} {tokens:6d} tokens {seconds:7.1f} s {tokens / seconds:7.2f} tok/s  "
-            f"accepted {rate}  tokens/step {tokens / max(steps, 1):5.2f}")
+            f"accepted {rate}  tokens/verify {tokens / max(steps, 1):5.2f}")
 
 
 def main() -> None:
@@ -120,7 +125,7 @@ def measure(model, texts, modes, sampling: dict, parallel: bool, width: int) -> 
         if "+" not in name:
             continue
         same = sum(a.tokens == b.tokens for a, b in zip(plain[1], results))
-        print(f"  {name} / plain guided: {plain[0] / seconds:.2f}x"
+        print(f"  {name} / plain guided: {speed(seconds, results) / speed(*plain):.2f}x"
               + (f"; identical greedy answers {same} of {len(texts)}" if t == 0 else ""))
 
 

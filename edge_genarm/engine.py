@@ -33,7 +33,7 @@ import contextlib
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
 import numpy as np
 
@@ -44,7 +44,9 @@ from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 from .reward import RewardModel, read_head
 from .reward import context_settings as reward_context
-from .speculative import ModelDrafter
+
+if TYPE_CHECKING:
+    from .speculative import ModelDrafter
 
 
 @dataclass
@@ -293,12 +295,7 @@ class Engine:
         tokens (a draft verified in one decode; at most the contexts' n_logits), all sequences'
         rows in order.
         """
-        for seq, toks in zip(seqs, new_tokens):
-            if len(seq.tokens) + len(toks) > self.n_ctx:
-                raise ContextFullError(
-                    f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
-                    f"{self.n_ctx}; raise --ctx-size or shorten the input")
-            seq.tokens.extend(toks)
+        self._append(seqs, new_tokens)
         counts = np.ones(len(seqs), dtype=np.int64) if outputs is None else np.asarray(outputs)
         starts = np.cumsum(counts) - counts
         guided = np.array(self._catch_up(self.base, seqs, counts)[:, :self.n_vocab],
@@ -322,11 +319,7 @@ class Engine:
                 drafters: Seq["ModelDrafter"]) -> np.ndarray:
         """Append tokens; return each sequence's drafter row for its next token (one decode
         per context). The ARM rows are kept for the sequence's next `step`."""
-        for seq, toks in zip(seqs, new_tokens):
-            if len(seq.tokens) + len(toks) > self.n_ctx:
-                raise ContextFullError(f"{len(seq.tokens) + len(toks)} tokens do not fit the "
-                                       f"context of {self.n_ctx}")
-            seq.tokens.extend(toks)
+        self._append(seqs, new_tokens)
         out = np.zeros((len(seqs), self.n_vocab), dtype=np.float32)
         own = [r for r, d in enumerate(drafters) if d.draft_model]
         if own:
@@ -349,10 +342,7 @@ class Engine:
         """Append tokens to seq; guided scores after each of them (len(tokens) rows), from one
         decode per context: teacher-forced scoring, or checking drafted tokens at once."""
         alphas = self.alphas() if alphas is None else alphas
-        if len(seq.tokens) + len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{len(seq.tokens) + len(tokens)} tokens do not fit the "
-                                   f"context of {self.n_ctx}")
-        seq.tokens.extend(tokens)
+        self._append([seq], [tokens])
         n, rows = len(tokens), np.arange(len(tokens))
         guided = np.array(self._catch_up(self.base, [seq], n)[:, :self.n_vocab], dtype=np.float32)
         for arm, w in zip(self.arms, alphas):
@@ -360,6 +350,14 @@ class Engine:
                 logits = self._catch_up(arm.context, [seq], n)
                 guidance.add_weighted(guided, rows, np.full(n, w, dtype=np.float32), logits)
         return guided
+
+    def _append(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> None:
+        for seq, toks in zip(seqs, new_tokens):
+            if len(seq.tokens) + len(toks) > self.n_ctx:
+                raise ContextFullError(
+                    f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
+                    f"{self.n_ctx}; raise --ctx-size or shorten the input")
+            seq.tokens.extend(toks)
 
     def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out=1) -> np.ndarray:
         """Decode what ctx misses of each sequence; the rows of each one's last n_out tokens

@@ -478,3 +478,28 @@ def test_speculative_rows_share_a_step_with_reward_model_rows(tiny, rm):
         together = run(engine, requests, {0: Oracle(len(prompt), full)})
     assert [t for t, _ in together] == [t for t, _ in alone]
     assert together[0][0] == full and together[0][1].accepted_tokens > 10
+
+
+def test_every_drafter_on_the_weak_to_strong_pair_gives_the_greedy_answer_up_to_near_ties():
+    """The coder preset (the 1.5B guided by the 0.5B's LoRA ARM; the 0.5B as draft model;
+    DRY off, so that the argmax is the guided row's): each drafter's greedy answer equals the
+    answer without drafts, or parts from it only where the two tokens' guided scores are within
+    a kernel near-tie (quantized weights: a verify's batched rows round unlike one-row decodes);
+    every drafter's drafts are mostly kept."""
+    prompt = "Write a Python function that returns the n-th Fibonacci number."
+    greedy = {"temperature": 0, "max_tokens": 64, "dry_multiplier": 0}
+    with edge_genarm.load("qwen-coder-1.5b", speculative="lookup", draft_tokens=8,
+                          parallel=2) as model:
+        plain = model.generate(prompt, speculative="off", **greedy)
+        for drafter in ("lookup", "model", "guided", "arm"):
+            got = model.generate(prompt, speculative=drafter, **greedy)
+            assert got.usage.accepted_tokens > got.usage.drafted_tokens / 2 > 0, drafter
+            d = next((i for i, (x, y) in enumerate(zip(plain.tokens, got.tokens)) if x != y),
+                     None)
+            if d is None:
+                assert got.tokens == plain.tokens, drafter
+                continue
+            top = model.generate(plain.prompt_ids + plain.tokens[:d], speculative="off",
+                                 logprobs=20, **greedy | {"max_tokens": 1}).logprobs[0].top
+            scores = dict(top)
+            assert abs(scores[plain.tokens[d]] - scores[got.tokens[d]]) < NEAR_TIE, (drafter, d)
