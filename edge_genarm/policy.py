@@ -22,7 +22,7 @@ Contract:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence as Seq
 
 import numpy as np
@@ -89,9 +89,7 @@ class Policy:
     answers: int   # sequences it generates
     returned: int  # answers its caller gets
     drafter: LookupDrafter | ModelDrafter | None = None
-    draft_tokens: int = 0
-    draft_cost: float = 0.0  # a model drafter's step, as a share of a step of the target
-    verify_exponent: float = VERIFY_EXPONENT_CPU  # a verify of m positions: m ** it steps
+    draft: Drafting | None = None  # a new answer's speculation state: the limit and costs
     _distribution: Callable | None = None
 
     @property
@@ -112,9 +110,7 @@ class Policy:
 
     def drafting(self) -> Drafting | None:
         """A new answer's speculation state (None: it does not draft)."""
-        if self.drafter is None:
-            return None
-        return Drafting(self.draft_tokens, self.draft_cost, self.verify_exponent)
+        return replace(self.draft) if self.draft is not None else None
 
 
 class EogMask:
@@ -253,10 +249,10 @@ class Policies:
                         returned=1 if best_of else request.n)
         if request.drafts:
             policy.drafter = self._drafter(request, alphas)
-            policy.draft_tokens = request.draft_tokens or self.engine.max_draft
-            policy.draft_cost = draft_cost(self.engine, policy.drafter, alphas)
-            policy.verify_exponent = VERIFY_EXPONENT_GPU if self.engine.model.n_gpu_layers \
-                else VERIFY_EXPONENT_CPU
+            policy.draft = Drafting(
+                request.draft_tokens or self.engine.max_draft,
+                draft_cost(self.engine, policy.drafter, alphas),
+                VERIFY_EXPONENT_GPU if self.engine.model.n_gpu_layers else VERIFY_EXPONENT_CPU)
             policy._distribution = make_distribution(sampling)
         return policy
 

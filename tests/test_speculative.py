@@ -23,7 +23,7 @@ from edge_genarm import scheduler as scheduler_module
 from edge_genarm.cli import main
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError, UserError
-from edge_genarm.llama import ContextSettings
+from edge_genarm.llama import ContextSettings, quantize_model
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from edge_genarm.speculative import Drafting, LookupDrafter
@@ -480,20 +480,40 @@ def test_speculative_rows_share_a_step_with_reward_model_rows(tiny, rm):
     assert together[0][0] == full and together[0][1].accepted_tokens > 10
 
 
+def test_every_drafter_on_the_demo_in_f32_gives_the_same_greedy_tokens(smollm2, tmp_path):
+    """The demo preset on its base dequantized to F32, in exact mode (a verify's batched rows
+    equal one-row decodes): prompt lookup, the shipped 4-bit file as draft model, alone and
+    guided by the positive ARM, each give the greedy answer without drafts token for token."""
+    f32 = tmp_path / "smollm2-f32.gguf"
+    quantize_model(smollm2, f32, "F32", requantize=True)
+    prompt = "Count: one two three four five six, one two three four five six, one two"
+    with edge_genarm.load("demo", base=f32, exact=True, speculative="lookup",
+                          draft_model=smollm2, raw=True, parallel=2) as model:
+        plain = model.generate(prompt, temperature=0, max_tokens=48, speculative="off")
+        for drafter in ("lookup", "model", "guided"):
+            got = model.generate(prompt, temperature=0, max_tokens=48, speculative=drafter)
+            assert got.tokens == plain.tokens, drafter
+            assert got.usage.accepted_tokens > 5, (drafter, got.usage)
+
+
 def test_every_drafter_on_the_weak_to_strong_pair_gives_the_greedy_answer_up_to_near_ties():
     """The coder preset (the 1.5B guided by the 0.5B's LoRA ARM; the 0.5B as draft model;
     DRY off, so that the argmax is the guided row's): each drafter's greedy answer equals the
     answer without drafts, or parts from it only where the two tokens' guided scores are within
     a kernel near-tie (quantized weights: a verify's batched rows round unlike one-row decodes);
-    every drafter's drafts are mostly kept."""
-    prompt = "Write a Python function that returns the n-th Fibonacci number."
+    every drafter's drafts are kept, the model drafters' mostly."""
+    prompt = ("Complete this function, keeping its signature and docstring:\n\n"
+              "def fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number, "
+              "counting fibonacci(0) == 0 and fibonacci(1) == 1.\"\"\"\n")
     greedy = {"temperature": 0, "max_tokens": 64, "dry_multiplier": 0}
     with edge_genarm.load("qwen-coder-1.5b", speculative="lookup", draft_tokens=8,
                           parallel=2) as model:
         plain = model.generate(prompt, speculative="off", **greedy)
         for drafter in ("lookup", "model", "guided", "arm"):
             got = model.generate(prompt, speculative=drafter, **greedy)
-            assert got.usage.accepted_tokens > got.usage.drafted_tokens / 2 > 0, drafter
+            assert got.usage.accepted_tokens > 0, drafter
+            if drafter != "lookup":
+                assert got.usage.accepted_tokens > got.usage.drafted_tokens / 2, drafter
             d = next((i for i, (x, y) in enumerate(zip(plain.tokens, got.tokens)) if x != y),
                      None)
             if d is None:
