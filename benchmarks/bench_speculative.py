@@ -14,7 +14,7 @@ loaded model, in one process, back to back.
     python -m benchmarks.bench_speculative [--preset qwen-coder-1.5b] [--task code]
         [--prompts 4] [--max-tokens 192] [--temperatures 0,0.7] [--parallel 4]
         [--draft-tokens 8] [--drafters lookup,model,guided,arm] [--draft-model @NAME]
-        [--ways one,batch]
+        [--ways one,batch] [--n-gpu-layers -1]
 
 A drafter the preset cannot run (arm, where every ARM is a LoRA of the base) is skipped with
 the reason.
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1: every layer on the GPU "
+                    "(a CUDA or Metal build)")
     ap.add_argument("--drafters", default="lookup,model,guided,arm")
     ap.add_argument("--draft-model", default=None, help="default: the preset's")
     ap.add_argument("--ways", default="one,batch", help="one (a request at a time), batch")
@@ -91,6 +93,7 @@ def main() -> None:
     extra = {"draft_model": args.draft_model} if args.draft_model else {}
     with edge_genarm.load(args.preset, parallel=args.parallel, speculative="lookup",
                           draft_tokens=args.draft_tokens, threads=args.threads,
+                          n_gpu_layers=args.n_gpu_layers,
                           **extra) as model:
         off = {name: 0.0 for name in model.arms}
         draft = model.options.draft
