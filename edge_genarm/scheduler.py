@@ -244,7 +244,7 @@ class Scheduler:
         for i in rooms:
             qs[i] = []
         while rooms:
-            rows = self.engine.propose([slots[i].seq for i in rooms], list(feed.values()),
+            rows = self.engine.propose([slots[i].seq for i in rooms], [feed[i] for i in rooms],
                                        [slots[i].handle.policy.drafter for i in rooms])
             for i, row in zip(list(rooms), rows):
                 slot = slots[i]

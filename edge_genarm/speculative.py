@@ -4,8 +4,8 @@ Contract:
 - A drafter proposes the next tokens of an answer from its tokens so far. `LookupDrafter`
   (prompt lookup) costs no model: it finds the latest earlier occurrence of the context's last
   n tokens (n from `max_ngram` down to `min_ngram`, 16 to 4) and proposes at most n of the
-  tokens that followed it (a longer match is likelier to go on; on this CPU a verify of k + 1
-  positions costs nearly k + 1 steps, so short, spurious matches must not draft); where nothing
+  tokens that followed it (a longer match is likelier to go on; on a CPU each verified position
+  costs a good part of a step, so short, spurious matches must not draft); where nothing
   matches it proposes nothing, so a row that drafts nothing decodes as usual.
 - `Drafting` is one answer's state: how many tokens to draft next and the counts its usage
   reports (drafted, accepted). The length is the one with the most tokens per unit of cost,
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 
 DRAFTERS = ("lookup", "model", "guided", "arm")
-MODEL_DRAFTERS = ("model", "guided", "arm")
 # A model drafter ends its draft after a token it gave less than this probability: an unsure
 # draft token is likely rejected, and every further one costs a drafter step (transformers'
 # assisted generation stops at 0.4 too). The stop depends on the draft alone: still exact.
@@ -125,7 +124,7 @@ def accept(draft_token: int, target, row: np.ndarray, tokens: list[int],
     q_x = 1.0 if q is None else float(_probabilities(q, np.array([draft_token]), draft_token)[0])
     if rng.random() * q_x < p_x:  # kept with probability min(1, p(x) / q(x))
         return draft_token, True
-    rest = np.maximum(probs - q_at, 0.0)  # max(0, p - q), zero wherever p is
+    rest = np.maximum(probs - q_at, 0.0)  # max(0, p - q): zero wherever p is zero
     if not rest.sum() > 0:  # p <= q everywhere: a rejection cannot happen but by rounding
         rest = probs
     return draw(ids, rest, rng), False
