@@ -14,7 +14,10 @@ loaded model, in one process, back to back.
     python -m benchmarks.bench_speculative [--preset qwen-coder-1.5b] [--task code]
         [--prompts 4] [--max-tokens 192] [--temperatures 0,0.7] [--parallel 4]
         [--draft-tokens 8] [--drafters lookup,model,guided,arm] [--draft-model @NAME]
-        [--ways one,batch] [--n-gpu-layers -1]
+        [--ways one,batch] [--n-gpu-layers -1] [--verify-sizes 1,3,5,9,17]
+
+With --verify-sizes it first times a verify: one decode of m positions of one sequence (after
+the first prompt), base alone and guided, against a decode of one position (median of 5).
 
 A drafter the preset cannot run (arm, where every ARM is a LoRA of the base) is skipped with
 the reason.
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
 
 import edge_genarm
 from benchmarks.machine import print_header
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--drafters", default="lookup,model,guided,arm")
     ap.add_argument("--draft-model", default=None, help="default: the preset's")
     ap.add_argument("--ways", default="one,batch", help="one (a request at a time), batch")
+    ap.add_argument("--verify-sizes", default="", help="positions of the verifies to time, "
+                    "e.g. 1,3,5,9,17 (at most --draft-tokens + 1)")
     args = ap.parse_args()
     print_header()
     texts = prompts(args.task, args.prompts)
@@ -101,6 +108,8 @@ def main() -> None:
               f"; draft model {draft.name if draft else 'none'}; task {args.task}, "
               f"{len(texts)} prompts, up to {args.max_tokens} tokens, draft up to "
               f"{args.draft_tokens}")
+        if args.verify_sizes:
+            verify_costs(model, texts[0], [int(m) for m in args.verify_sizes.split(",")])
         modes = [("base alone", {"arms": off, "speculative": "off"}),
                  ("guided", {"speculative": "off"})] + \
             [(f"guided + {d}", {"speculative": d}) for d in drafters]
@@ -108,6 +117,33 @@ def main() -> None:
             sampling = {"temperature": t, "seed": 1, "max_tokens": args.max_tokens}
             for way in args.ways.split(","):
                 measure(model, texts, modes, sampling, way == "batch", args.parallel)
+
+
+def verify_costs(model, text: str, sizes: list[int], repeats: int = 5) -> None:
+    """Seconds of one decode of m positions over one position's, base alone and guided (the
+    engine's own score: one decode per context), each the median of `repeats`."""
+    engine = model.engine
+    prompt = engine.model.tokenize(text, add_special=True)
+    tail = prompt[-max(sizes):]  # the positions fed again: real tokens, not a repeated one
+    print("verify cost: seconds of one decode of m positions over one position's")
+    for name, alphas in (("base alone", np.zeros(len(engine.arms))), ("guided", None)):
+        seq = engine.new_sequence()
+        try:
+            engine.score(seq, prompt, alphas)
+            times = {}
+            for m in sizes:
+                runs = []
+                for _ in range(repeats):
+                    engine.truncate(seq, len(prompt))
+                    start = time.perf_counter()
+                    engine.score(seq, tail[:m], alphas)
+                    runs.append(time.perf_counter() - start)
+                times[m] = float(np.median(runs))
+        finally:
+            engine.release(seq)
+        print(f"  {name:<12} " + "  ".join(f"m={m}: {times[m] / times[sizes[0]]:.2f}x"
+                                            for m in sizes)
+              + f"  (m={sizes[0]}: {times[sizes[0]] * 1000:.1f} ms)", flush=True)
 
 
 def measure(model, texts, modes, sampling: dict, parallel: bool, width: int) -> None:

@@ -498,6 +498,9 @@ class Context:
         for start in range(0, len(flat), self.n_batch):
             chunk = flat[start:start + self.n_batch]
             n_out = self._batch.fill(chunk)
+            if n_out > self.settings.n_seq_max * self.settings.n_logits:  # llama.cpp aborts
+                raise EngineError(f"a decode asked for {n_out} rows of output but the context "
+                                  f"was made for {self.settings.n_seq_max * self.settings.n_logits}")
             code = C.llama_decode(self.ptr, self._batch.struct)
             if code == 1:
                 raise ContextFullError(

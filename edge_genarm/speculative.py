@@ -39,9 +39,10 @@ DRAFTERS = ("lookup", "model", "guided", "arm")
 # draft token is likely rejected, and every further one costs a drafter step (transformers'
 # assisted generation stops at 0.4 too). The stop depends on the draft alone: still exact.
 CONFIDENCE = 0.4
-# A verify of m positions costs about m ** exponent steps of the target: on a CPU 3, 5 and 9
-# positions cost the 1.5B coder 1.65, 2.28 and 3.05 steps (m ** 0.5: 1.73, 2.24, 3); on a GPU a
-# verify costs little more than a step (assumed: not measured here).
+# A verify of m positions is taken to cost m ** exponent steps of the target: on a CPU with
+# llama.cpp's extra buffer types off 3, 5 and 9 positions cost the 1.5B coder 1.65, 2.28 and
+# 3.05 steps (m ** 0.5: 1.73, 2.24, 3; more with them on); on a GPU a verify costs little more
+# than a step (assumed: not measured here).
 VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU = 0.5, 0.1
 PRIOR_KEPT, PRIOR_MISSED = 3, 1  # a new answer's draft tokens are taken as kept 3 times in 4
 

@@ -46,7 +46,7 @@ TINY = {
     "bench_server": ["--clients", "1", "--requests-per-client", "1", "--max-tokens", "4"],
     "bench_speculative": ["--preset", "demo", "--task", "rewrite", "--prompts", "1",
                           "--max-tokens", "4", "--temperatures", "0", "--parallel", "1",
-                          "--draft-model", "@smollm2"],
+                          "--draft-model", "@smollm2", "--verify-sizes", "1,2"],
     "bench_weak_to_strong": ["--weights", "1", "--requests", "1", "--max-tokens", "4",
                              "--speed-tokens", "4", "--no-small", "--parallel", "1"],
     "gpu_import_order": [],

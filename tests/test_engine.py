@@ -369,3 +369,19 @@ def test_one_decode_returns_the_logits_of_several_positions(tiny):
         e.advance([one], [ids])
         singly = [np.array(e.advance([one], [[t]])) for t in cont]
     np.testing.assert_allclose(rows, np.stack(singly), atol=1e-4)
+
+
+def test_score_reads_more_rows_than_one_decode_returns_in_pieces(tiny):
+    """A context made for one row per decode (one sequence, no drafts) scores 12 tokens in
+    pieces, each row as a one-token step gives it, instead of llama.cpp aborting the
+    process on more outputs than it reserved."""
+    settings = ContextSettings(n_ctx=64, n_seq_max=1, exact=True)
+    tokens = [1, 378, 1300, 314, 17, 9, 3000, 42, 7, 504, 3458, 282]
+    with Engine.load(EngineConfig(tiny.base, [ArmSpec(tiny.lora, 1.0, "lora")], settings)) as e:
+        seq = e.new_sequence()
+        scored = e.score(seq, tokens)
+        e.release(seq)
+        seq = e.new_sequence()
+        stepped = np.stack([np.array(e.advance([seq], [[t]])) for t in tokens])
+    assert scored.shape == (12, e.n_vocab)
+    np.testing.assert_allclose(scored, stepped, rtol=0, atol=1e-4)
