@@ -94,8 +94,27 @@ def _option_defaults() -> dict[str, Any]:
 
 
 def load(preset: str | None = None, *, arms: Iterable[str] | dict | None = None,
-         alphas: dict[str, float] | None = None, parallel: int = 4, **options) -> "Model":
-    """Load a preset (or base= and arms=) with these options; see the module docstring."""
+         alphas: dict[str, float] | None = None, parallel: int = 4,
+         ray: bool | str | None = None, workers: int | None = None, **options):
+    """Load a preset (or base= and arms=) with these options; see the module docstring.
+    `ray=True` (or a Ray address) loads it on `workers` actors of a Ray cluster instead (one
+    per node by default; the `cluster` extra): a `ClusterModel` with the same calls."""
+    kw, explicit = _load_kwargs(preset, arms, alphas, options)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise UserError(f"parallel must be a whole number of at least 1, got {parallel!r}")
+    if ray is None or ray is False:
+        if workers is not None:
+            raise UserError("workers= spreads the model over a Ray cluster: add ray=True (or "
+                            "a Ray address)")
+        return Model(GenerationOptions.from_kwargs(kw, explicit), parallel, name=preset)
+    from .cluster import ClusterSpec
+    from .cluster.batch import ClusterModel
+    address = None if ray is True else str(ray)
+    return ClusterModel(ClusterSpec(address, workers, kw, explicit, name=preset), parallel)
+
+
+def _load_kwargs(preset: str | None, arms, alphas, options: dict) -> tuple[dict, set[str]]:
+    """`load`'s arguments as the command line's kwargs, and the names the caller gave."""
     defaults = _option_defaults()
     unknown = sorted(set(options) - set(defaults) - {"alpha_overrides"})
     if unknown:
@@ -115,11 +134,7 @@ def load(preset: str | None = None, *, arms: Iterable[str] | dict | None = None,
     for name in ("base", "reward_model", "draft_model", "models_file"):
         if given.get(name) is not None:
             given[name] = str(given[name])
-    if not isinstance(parallel, int) or parallel < 1:
-        raise UserError(f"parallel must be a whole number of at least 1, got {parallel!r}")
-    opts = GenerationOptions.from_kwargs(defaults | given | {"preset": preset},
-                                         explicit=set(given))
-    return Model(opts, parallel, name=preset)
+    return defaults | given | {"preset": preset}, set(given)
 
 
 class Model:

@@ -31,11 +31,11 @@ from pathlib import Path
 import click
 
 from . import llama
-from .api import Model
+from .api import Completion, Model
+from .cluster import ClusterSpec
 from .errors import UserError, plural
 from .generation import method_of
 from .options import GenerationOptions
-from .scheduler import Request
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -203,24 +203,23 @@ def run_batch(model: Model, items: Iterable[Item], run_seed: int, emit) -> None:
     for done in model.as_completed([item_call(item, run_seed) for item in items]):
         item = items[done.index]
         if done.error is not None:
-            emit(_record(item, None, model) | {"error": f"line {item.line}: {done.error}"})
+            emit(_record(item, None) | {"error": f"line {item.line}: {done.error}"})
             continue
         answers = [{"text": r.text, "tokens": r.tokens, **r.usage.to_dict()}
                    for r in done.results]
-        record = _record(item, done.request, model) | answers[0]
+        record = _record(item, done) | answers[0]
         if len(answers) > 1:
             record["answers"] = answers
         emit(record)
 
 
-def _record(item: Item, request: Request | None, model: Model) -> dict:
+def _record(item: Item, done: Completion | None) -> dict:
     """The fields every record has; `run_job` adds the run-wide ones."""
     given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
-    engine = model.engine
+    request = None if done is None else done.request
     used = {} if request is None else {
-        "seed": request.seed, "alphas": {a.name: float(w) if request.method == "genarm" else 0.0
-                                         for a, w in zip(engine.arms,
-                                                         engine.alphas(dict(request.arms)))},
+        "seed": request.seed, "alphas": {name: w if request.method == "genarm" else 0.0
+                                         for name, w in done.results[0].alphas.items()},
         **method_of(request), "sampling": dataclasses.asdict(request.sampling),
         "max_tokens": request.max_tokens, "n": request.n}
     return {"id": item.id, **given, **used, "text": None, "tokens": [], "finish_reason": None,
@@ -229,8 +228,9 @@ def _record(item: Item, request: Request | None, model: Model) -> dict:
 
 # -- the job --------------------------------------------------------------------------------------
 def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel: int,
-            resume: bool) -> None:
-    """Read, skip what is done, generate the rest with a progress line, summarise."""
+            resume: bool, cluster: ClusterSpec | None = None) -> None:
+    """Read, skip what is done, generate the rest with a progress line, summarise; on the
+    Ray cluster `cluster` names, if one does."""
     if not 1 <= n_parallel <= llama.max_parallel_sequences():
         raise UserError(f"--n-parallel must be between 1 and {llama.max_parallel_sequences()}, "
                         f"got {n_parallel}")
@@ -247,7 +247,7 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
     progress = Progress(len(todo))
     failed = 0
     try:
-        with Model(opts, parallel=n_parallel) as model:
+        with _open(opts, n_parallel, cluster) as model:
             out.open()
             if out.torn_bytes:
                 click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a "
@@ -279,6 +279,13 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
         problems.append(f"{plural(failed, 'prompt')} failed (see their error field in {output})")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _open(opts: GenerationOptions, n_parallel: int, cluster: ClusterSpec | None):
+    if cluster is None:
+        return Model(opts, parallel=n_parallel)
+    from .cluster.batch import ClusterModel
+    return ClusterModel(cluster, n_parallel)
 
 
 class Progress:

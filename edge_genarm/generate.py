@@ -16,7 +16,9 @@ from . import llama
 from .api import Model
 from .batch import run_job
 from .generation import Result
-from .options import GenerationOptions, generation_options
+from .cluster import ClusterSpec, require_ray
+from .errors import UserError
+from .options import GenerationOptions, explicit_options, generation_options
 
 
 @click.command()
@@ -35,9 +37,17 @@ from .options import GenerationOptions, generation_options
               "[env EDGE_GENARM_N_PARALLEL].")
 @click.option("--resume", is_flag=True, help="Batch mode: continue an --output, skipping the "
               "ids it holds.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]", help="Batch mode: spread the lines over Ray actors on the "
+              "cluster at ADDRESS (none: RAY_ADDRESS, one on this machine, or a new local "
+              "one); needs `pip install 'edge-genarm[cluster]'`.")
+@click.option("--workers", type=int, default=None, help="Batch mode with --ray: Ray actors, "
+              "each loading the models once with --n-parallel sequences and --threads threads "
+              "[default: one per node].")
 @click.argument("prompt", required=False)
 def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path | None,
-             output: Path | None, n_parallel: int, resume: bool, **kwargs) -> None:
+             output: Path | None, n_parallel: int, resume: bool, ray_address: str | None,
+             workers: int | None, **kwargs) -> None:
     """Generate an answer to PROMPT (- reads it from stdin), guided by the --arm models; or, with
     --input and --output, answer a whole file of prompts."""
     batch = input_path is not None or output is not None
@@ -50,10 +60,21 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
         raise click.UsageError("give a PROMPT (- reads stdin), or --input and --output")
     if not batch and resume:
         raise click.UsageError("--resume continues a batch run: add --input and --output")
+    if (ray_address is not None or workers is not None) and not batch:
+        raise UserError("--ray and --workers run a batch: add --input and --output")
+    if workers is not None and ray_address is None:
+        raise UserError("--workers spreads a batch over Ray actors: add --ray [ADDRESS]")
+    cluster = None
+    if ray_address is not None:
+        require_ray()
+        cluster = ClusterSpec(ray_address or None, workers, dict(kwargs),
+                              explicit_options(kwargs), kwargs.get("preset"))
+        if workers is not None:
+            cluster.check()
     opts = GenerationOptions.from_kwargs(kwargs)
     llama.set_verbose(opts.verbose)
     if batch:
-        return run_job(opts, input_path, output, n_parallel, resume)
+        return run_job(opts, input_path, output, n_parallel, resume, cluster)
     if prompt == "-":
         # bytes that are not UTF-8 are kept for the tokenizer, which refuses them in one line
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")

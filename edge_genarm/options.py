@@ -264,7 +264,7 @@ class GenerationOptions:
         preset = registry.preset(kw.pop("preset")) if kw.get("preset") else None
         kw.pop("preset", None)
         if preset is not None:
-            _apply_preset(kw, preset, _explicit(kw) if explicit is None else explicit)
+            _apply_preset(kw, preset, explicit_options(kw) if explicit is None else explicit)
         sampling = SamplingSettings(
             temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
             min_p=kw.pop("min_p"), greedy=kw.pop("greedy"),
@@ -414,7 +414,7 @@ def _check_reward(opts: "GenerationOptions", candidates: int) -> None:
         raise UserError(f"--samples must be at least 1, got {opts.samples}")
 
 
-def _explicit(kw: dict) -> set[str]:
+def explicit_options(kw: dict) -> set[str]:
     """The options the user gave (command line or environment), not defaults."""
     ctx = click.get_current_context(silent=True)
     if ctx is None:
