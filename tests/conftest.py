@@ -81,6 +81,24 @@ def tiny(tmp_path_factory, tokenizer) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine (Ray's own `ray.cluster_utils.Cluster`: a
+    raylet per node, one CPU each, at the machine's own address), this process its driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                      "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="session")
 def smollm2_lora(tmp_path_factory, smollm2) -> Path:
     """A random rank-8 LoRA on SmolLM2's attention projections (the real base, a real adapter)."""
     info = inspect_gguf(smollm2)

@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from click.testing import CliRunner
-from ray.cluster_utils import Cluster
 
 import edge_genarm
 from edge_genarm.cli import main
@@ -32,21 +30,6 @@ SYSTEMS = ["You are a ship's cook on a long voyage. Answer every question in a s
            "book title when you can."]
 QUESTIONS = ["What should I eat today?", "Name a colour.", "What is two plus two?",
              "Tell me a short fact."]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Two Ray nodes of one CPU each on this machine (at its own address, which Ray picks);
-    the test process is the driver."""
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
-                                                      "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +62,10 @@ def test_prefix_shares_keep_lines_that_share_a_prefix_on_one_worker():
     assert [sorted(s) for s in prefix_shares(prompts, {}, 2)] == [[1, 3], [0, 2]]
 
 
-def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(cluster, f32):
+def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(ray_cluster, f32):
     """Two workers (one per node), each a continuous batch of 2; one worker's process is killed
     with SIGKILL after the first line: its lines are run by the other and by its replacement,
     and every answer still equals the single-machine one."""
-    ray.init(address=cluster.address, log_to_driver=False)
     options = {"greedy": True, "max_tokens": 16}
     load = {"base": f32, "exact": True, "threads": 1, "parallel": 2}
     with edge_genarm.load("demo", **load) as model:
@@ -125,7 +107,8 @@ def records(path: Path) -> dict:
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_cli_batch_on_the_cluster_resumes_after_the_driver_is_killed(cluster, f32, tmp_path):
+def test_cli_batch_on_the_cluster_resumes_after_the_driver_is_killed(ray_cluster, f32,
+                                                                      tmp_path):
     """`generate --input --output --ray ADDRESS --workers 2`: the driver killed mid-run, then
     --resume: every id once, and the records equal a single-machine run's."""
     inp = write_input(tmp_path / "in.jsonl")
@@ -135,7 +118,7 @@ def test_cli_batch_on_the_cluster_resumes_after_the_driver_is_killed(cluster, f3
     res = CliRunner().invoke(main, [*common, "--output", str(single)])
     assert res.exit_code == 0, res.output
     out = tmp_path / "cluster.jsonl"
-    ray_args = ["--ray", cluster.address, "--workers", "2"]
+    ray_args = ["--ray", ray_cluster.address, "--workers", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "edge_genarm", *common, "--output", str(out),
                              *ray_args], stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -204,7 +187,7 @@ def test_bad_cluster_options_are_one_line(tmp_path, args, message):
     assert "Traceback" not in res.stderr
 
 
-def test_more_workers_than_the_cluster_has_cores_is_refused(cluster, f32, tmp_path):
+def test_more_workers_than_the_cluster_has_cores_is_refused(ray_cluster, f32):
     with pytest.raises(edge_genarm.UserError, match=r"^3 workers of 1 threads need 3 CPUs and "
                        r"the Ray cluster has 2; lower --workers or --threads, or add nodes$"):
         edge_genarm.load("demo", base=f32, threads=1, ray=True, workers=3)

@@ -131,15 +131,19 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
                on_fatal: Callable[[BaseException], None]) -> FastAPI:
     state, metrics = State(), Metrics()
 
+    loaded = threading.Event()  # set once load() has returned or failed
+
     def loader() -> None:
         try:
             models = load()
         except BaseException as exc:  # told to the command, which stops the server
+            loaded.set()
             on_fatal(exc)
             return
         worker = Worker(models, on_step=metrics.stepped)
         worker.start()
         state.worker, state.models = worker, models
+        loaded.set()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -152,6 +156,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
 
     app = FastAPI(title="edge-genarm", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.loaded, app.state.serving = loaded, state
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])

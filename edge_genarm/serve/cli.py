@@ -19,7 +19,8 @@ from .. import llama
 from ..engine import Engine
 from ..errors import UserError
 from ..generation import chat_template
-from ..options import GenerationOptions, generation_options
+from ..cluster import require_ray
+from ..options import GenerationOptions, explicit_options, generation_options
 from ..probe import check_first_decode
 from ..scheduler import Scheduler
 from .app import ServeConfig, create_app
@@ -47,8 +48,15 @@ from ..worker import Served
               "Repeatable; off by default.")
 @click.option("--max-body", type=int, default=1 << 20, show_default=True, metavar="BYTES",
               help="Largest request body; larger ones are answered 413.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]", help="Serve on Ray Serve, on the cluster at ADDRESS (none: "
+              "RAY_ADDRESS, one on this machine, or a new local one), one endpoint over "
+              "--replicas engines; needs `pip install 'edge-genarm[cluster]'`.")
+@click.option("--replicas", type=int, default=None, help="With --ray: engine replicas, each "
+              "loading the models with its own --parallel [default: 1].")
 def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
-          cors_origins: tuple[str, ...], max_body: int, **kwargs) -> None:
+          cors_origins: tuple[str, ...], max_body: int, ray_address: str | None,
+          replicas: int | None, **kwargs) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) with guided
     generation: each request may set its own ARM weights ("arms": {"positive": 1.5})."""
     import uvicorn
@@ -62,6 +70,13 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         raise UserError(f"--max-body must be at least 1024 bytes, got {max_body}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key, or drop the option")
+    if replicas is not None and ray_address is None:
+        raise UserError("--replicas spreads the server over Ray Serve: add --ray [ADDRESS]")
+    if replicas is not None and replicas < 1:
+        raise UserError(f"--replicas must be at least 1, got {replicas}")
+    if ray_address is not None:
+        require_ray()
+    explicit = explicit_options(kwargs)
     presets = kwargs.pop("preset") or (None,)
     if len(set(presets)) != len(presets):
         raise UserError("a --preset is named twice; name each once")
@@ -71,28 +86,24 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         opts.context = dataclasses.replace(opts.context, n_seq_max=parallel)
         options[name or opts.base.stem] = opts
     llama.set_verbose(next(iter(options.values())).verbose)
+    config = ServeConfig(api_key, list(cors_origins), max_body)
     sock = _bind(host, port)
+    if ray_address is not None:  # Ray Serve's proxy binds it: the check above is all
+        port = sock.getsockname()[1]
+        sock.close()
+        from ..cluster import serve as on_ray
+        recipes = {name: (dict(kwargs, preset=preset), explicit)
+                   for name, preset in zip(options, presets)}
+        threads = next(iter(options.values())).context.n_threads or 1
+        return on_ray.run(ray_address or None, recipes, replicas or 1, parallel, max_queue,
+                          config, host, port, threads, next(iter(options.values())).verbose)
     if not _is_loopback(host) and api_key is None:
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach "
                    "this machine can use the models", err=True)
     failure: list[BaseException] = []
 
     def load() -> dict[str, Served]:
-        models = {}
-        try:
-            for name, opts in options.items():
-                # a crash inside llama.cpp would kill every request later: meet it now, in a
-                # child, as one line and a non-zero exit that a supervisor sees
-                config = opts.engine_config()
-                check_first_decode(config)
-                engine = Engine.load(config)
-                models[name] = Served(name, opts, engine, Scheduler(engine),
-                                      chat_template(engine, opts.chat_template), parallel,
-                                      max_queue)
-        except BaseException:
-            for m in models.values():
-                m.engine.close()
-            raise
+        models = load_models(options, parallel, max_queue)
         click.echo(f"edge-genarm: serving {', '.join(models)} on http://{_url_host(host)}:"
                    f"{sock.getsockname()[1]}/v1", err=True)
         return models
@@ -101,7 +112,7 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         failure.append(exc)
         server.should_exit = True
 
-    app = create_app(ServeConfig(api_key, list(cors_origins), max_body), load, fatal)
+    app = create_app(config, load, fatal)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
@@ -110,6 +121,26 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         raise exc if isinstance(exc, (UserError, KeyboardInterrupt)) else \
             UserError(f"loading the models failed: {exc}")
     sys.stderr.flush()
+
+
+def load_models(options: dict[str, GenerationOptions], parallel: int,
+                max_queue: int) -> dict[str, Served]:
+    """Each preset's models, loaded after a first decode in a child process: a crash inside
+    llama.cpp would kill every request later, so it is met now, as one line."""
+    models = {}
+    try:
+        for name, opts in options.items():
+            config = opts.engine_config()
+            check_first_decode(config)
+            engine = Engine.load(config)
+            models[name] = Served(name, opts, engine, Scheduler(engine),
+                                  chat_template(engine, opts.chat_template), parallel,
+                                  max_queue)
+    except BaseException:
+        for m in models.values():
+            m.engine.close()
+        raise
+    return models
 
 
 def _bind(host: str, port: int) -> socket.socket:
