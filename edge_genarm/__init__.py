@@ -4,6 +4,7 @@ The Python API: `edge_genarm.load(...)` (see api.py).
 
 Layers, each depending only on those below it:
   cli, generate, chat, serve, models, train   commands
+  cluster                    the same on Ray (the optional `cluster` extra)
   api                        load() and Model: generate, stream, generate_batch, chat
   worker                     the stepping thread: callers' requests on one scheduler
   options, generation        shared options; the stream -> result generators

@@ -25,6 +25,8 @@ TINY = {
     "bench_alignment": ["--prompts", "2", "--max-tokens", "6", "--seeds", "1",
                         "--settings", "0:0,1:0"],
     "bench_batch": ["--max-tokens", "4", "--skip-types", "--skip-curve", "--prompts", "2"],
+    "bench_cluster": ["--lines", "2", "--max-tokens", "2", "--clients", "2",
+                      "--requests-per-client", "1"],
     "bench_candidates": ["--prompts", "1", "--tokens", "3", "--candidates", "4"],
     "bench_chat": ["--turns", "2", "--max-tokens", "4", "--repeats", "1"],
     "bench_convert": ["--tiny", "--quantize", "Q8_0"],

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from edge_genarm.serve.launch import local_server
-from test_serve import ERRORS, msgs
+from test_serve import ERRORS
 
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -55,10 +55,17 @@ def connect(address: str | None, verbose: bool = False):
                  logging.WARNING, log_to_driver=verbose, include_dashboard=False,
                  configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot join the Ray cluster at {address or 'auto'}: {first}; start "
-                        "one with `ray start --head`, or check the address") from None
+        raise UserError(f"cannot join the Ray cluster at {address or 'auto'}: "
+                        f"{first_line(exc)}; start one with `ray start --head`, or check the "
+                        "address") from None
     return ray
+
+
+def first_line(exc: BaseException, last: bool = False) -> str:
+    """One line of an exception's message for a one-line error (Ray's deploy errors put the
+    cause last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
 
 
 def _check_reachable(address: str | None) -> None:

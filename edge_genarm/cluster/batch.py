@@ -33,7 +33,7 @@ from ..api import Completion, Model
 from ..errors import UserError
 from ..generation import Result
 from ..options import GenerationOptions
-from . import ClusterSpec, connect
+from . import ClusterSpec, connect, first_line
 
 MAX_ATTEMPTS = 3
 IN_FLIGHT = 2  # items in flight per worker, times its parallel sequences
@@ -126,7 +126,7 @@ class ClusterModel:
         except RayActorError as exc:
             if fatal:
                 raise UserError(f"a Ray worker died while loading the models "
-                                f"({_first_line(exc)}); run with --verbose for its log") \
+                                f"({first_line(exc)}); run with --verbose for its log") \
                     from None
             self._lost(slot)
             return
@@ -147,6 +147,11 @@ class ClusterModel:
             self._replacements -= 1
             fresh = self._start()
             slot.actor, slot.ready = fresh.actor, fresh.ready
+
+    @property
+    def arms(self) -> dict[str, float]:
+        """The ARMs and their default weights (as every worker loads them)."""
+        return {a.name: a.alpha for a in self.options.arms}
 
     @property
     def workers(self) -> list[dict]:
@@ -198,9 +203,14 @@ class ClusterModel:
     def _collect(self, ref, slot: _Slot, actor, i: int, attempts: Counter
                  ) -> Completion | None:
         """The item's completion, or None when its worker died and the item went back."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
         try:
             done = self.ray.get(ref)
+        except RayTaskError as exc:  # a bug inside the worker: this item fails, the rest go on
+            if actor is slot.actor:
+                slot.busy -= 1
+            return Completion(i, [], UserError(f"a Ray worker failed on this item: "
+                                               f"{first_line(exc.cause or exc)}"))
         except RayActorError:
             if actor is slot.actor:  # the first of its items to fail: replace the actor
                 self._lost(slot)
@@ -263,11 +273,6 @@ def prefix_shares(items: list, options: dict, n: int) -> list[deque]:
     items that share a prefix are neighbours in it, so mostly in one run."""
     order = sorted(range(len(items)), key=lambda i: _prefix_key(items[i], options))
     return [deque(order[k * len(order) // n:(k + 1) * len(order) // n]) for k in range(n)]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _take(slot: _Slot, slots: list[_Slot]) -> int | None:

@@ -172,8 +172,14 @@ async def _call_asgi(app, method: str, path: str, query: str, headers: list, bod
                        "headers": [(k.decode("latin-1"), v.decode("latin-1"))
                                    for k, v in message.get("headers", [])]}
             elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield message["body"]
+                # what the app has sent meanwhile travels as one piece: one Ray message
+                # for several tokens of a busy replica
+                body = [message.get("body", b"")]
+                while message.get("more_body") and not sent.empty():
+                    message = sent.get_nowait()
+                    body.append(message.get("body", b""))
+                if any(body):
+                    yield b"".join(body)
                 if not message.get("more_body"):
                     return
     finally:
@@ -295,7 +301,7 @@ def run(address: str | None, recipes: dict, replicas: int, parallel: int, max_qu
     then take the application down."""
     import signal
     import click
-    from . import connect
+    from . import connect, first_line
     connect(address, verbose)
     serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
     engine = serve.deployment(
@@ -314,7 +320,7 @@ def run(address: str | None, recipes: dict, replicas: int, parallel: int, max_qu
         try:
             serve.run(gateway, name=APP, route_prefix="/", blocking=False)
         except RuntimeError as exc:
-            raise UserError(f"the replicas could not start: {_first_line(exc)}") from None
+            raise UserError(f"the replicas could not start: {first_line(exc, last=True)}") from None
         _wait_running(replicas)
         click.echo(f"edge-genarm: serving {', '.join(recipes)} on http://{host}:{port}/v1 "
                    f"({replicas} replicas on Ray Serve)", err=True)
@@ -343,8 +349,3 @@ def _wait_running(replicas: int) -> None:
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
