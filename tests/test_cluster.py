@@ -80,7 +80,9 @@ def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(ray_cl
             if len(got) == 1:
                 os.kill(model.workers[1]["pid"], signal.SIGKILL)
         assert len(model.workers) == 2 and len({w["pid"] for w in model.workers} - first) == 1
-        assert model.generate("Hi!", **options).tokens == alone_generate(f32, load, options)
+        hi = model.generate("Hi!", **options)
+        assert hi.tokens == alone_generate(f32, load, options)
+        assert "".join(c.text for c in model.stream("Hi!", **options)) == hi.text
     assert sorted(got) == list(range(8))
     for i in got:
         assert got[i].error is None
@@ -164,6 +166,8 @@ def test_without_ray_the_batch_runs_and_ray_says_what_to_install(tmp_path):
     assert asked.returncode != 0 and not (tmp_path / "b.jsonl").exists()
     assert asked.stderr.strip() == ("Error: --ray needs Ray, which is not installed: "
                                     "pip install 'edge-genarm[cluster]'")
+    served = run_cli("serve", "--preset", "demo", "--ray", "--replicas", "2", block_ray=True)
+    assert served.returncode != 0 and served.stderr.strip() == asked.stderr.strip()
 
 
 @pytest.mark.parametrize("args, message", [
