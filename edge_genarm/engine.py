@@ -340,13 +340,8 @@ class Engine:
     def score(self, seq: Sequence, tokens: Seq[int], alphas: np.ndarray | None = None
               ) -> np.ndarray:
         """Append tokens to seq; guided scores after each of them (len(tokens) rows), from one
-        decode per context (per piece of as many rows as a decode returns): teacher-forced
-        scoring, or checking drafted tokens at once."""
+        decode per context: teacher-forced scoring, or checking drafted tokens at once."""
         alphas = self.alphas() if alphas is None else alphas
-        most = self.base.settings.n_seq_max * self.base.settings.n_logits
-        if len(tokens) > most:
-            return np.concatenate([self.score(seq, tokens[i:i + most], alphas)
-                                   for i in range(0, len(tokens), most)])
         self._append([seq], [tokens])
         n, rows = len(tokens), np.arange(len(tokens))
         guided = np.array(self._catch_up(self.base, [seq], n)[:, :self.n_vocab], dtype=np.float32)

@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import llama_cpp as C
 from llama_cpp._ctypes_extensions import load_shared_library
@@ -438,6 +438,20 @@ def context_memory(path: str, mtime_ns: int, settings: ContextSettings) -> Conte
     return ContextMemory(**{k: int(v * 2**20) for k, v in sizes.items()})
 
 
+def _chunks(flat: list[tuple], n_batch: int, max_outputs: int) -> Iterator[list[tuple]]:
+    """(seq, token, position, wants output) entries in runs of at most n_batch tokens and at
+    most max_outputs outputs."""
+    chunk: list[tuple] = []
+    outputs = 0
+    for entry in flat:
+        if len(chunk) == n_batch or (entry[3] and outputs == max_outputs):
+            yield chunk
+            chunk, outputs = [], 0
+        chunk.append(entry)
+        outputs += entry[3]
+    yield chunk
+
+
 class Context:
     """A llama.cpp context (KV cache + compute buffers) of one model, optionally with a LoRA."""
 
@@ -486,8 +500,10 @@ class Context:
         hidden-state rows, with settings.hidden) of each entry's last n positions (1 by default;
         at most the settings' n_logits), in order.
 
-        Entries are packed into batches of at most n_batch tokens. The result is a view of
-        llama.cpp's buffer when all entries end in the last batch (the usual case), else a copy.
+        Entries are packed into batches of at most n_batch tokens and at most as many output
+        rows as the context reserved (n_seq_max x n_logits: llama.cpp aborts beyond). The
+        result is a view of llama.cpp's buffer when all entries end in the last batch (the
+        usual case), else a copy.
         """
         flat = [(e[0], tok, e[2] + j, j >= len(e[1]) - (e[3] if len(e) > 3 else 1))
                 for e in entries for j, tok in enumerate(e[1])]
@@ -495,12 +511,9 @@ class Context:
             raise ValueError("decode needs at least one token")
         self.n_decoded += len(flat)
         rows: list[np.ndarray] = []
-        for start in range(0, len(flat), self.n_batch):
-            chunk = flat[start:start + self.n_batch]
+        chunks = list(_chunks(flat, self.n_batch, self.settings.n_seq_max * self.settings.n_logits))
+        for k, chunk in enumerate(chunks):
             n_out = self._batch.fill(chunk)
-            if n_out > self.settings.n_seq_max * self.settings.n_logits:  # llama.cpp aborts
-                raise EngineError(f"a decode asked for {n_out} rows of output but the context "
-                                  f"was made for {self.settings.n_seq_max * self.settings.n_logits}")
             code = C.llama_decode(self.ptr, self._batch.struct)
             if code == 1:
                 raise ContextFullError(
@@ -510,7 +523,7 @@ class Context:
                                   f"{last_log_error()}")
             if n_out:
                 view = self._output_rows(self._batch.output_index(n_out))
-                last_chunk = start + self.n_batch >= len(flat)
+                last_chunk = k == len(chunks) - 1
                 rows.append(view if last_chunk else view.copy())  # the next decode overwrites it
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
 

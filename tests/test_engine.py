@@ -13,7 +13,7 @@ from conftest import make_engine, reference_log_softmax
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError
 from edge_genarm.generation import run_to_end
-from edge_genarm.llama import ContextSettings
+from edge_genarm.llama import ContextSettings, _chunks
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 from tiny_models import TinySpec, tiny_weights, write_tiny_model
@@ -385,3 +385,14 @@ def test_score_reads_more_rows_than_one_decode_returns_in_pieces(tiny):
         stepped = np.stack([np.array(e.advance([seq], [[t]])) for t in tokens])
     assert scored.shape == (12, e.n_vocab)
     np.testing.assert_allclose(scored, stepped, rtol=0, atol=1e-4)
+
+
+def test_decode_batches_keep_to_n_batch_tokens_and_the_outputs_reserved():
+    """Context.decode's packing: every entry once, in order; no batch over n_batch tokens or
+    over the outputs the context reserved (llama.cpp would abort the process)."""
+    flat = [(t % 2, t, t // 2, t % 3 == 0) for t in range(40)]
+    for n_batch, most in ((8, 2), (5, 10), (64, 1), (1, 1)):
+        chunks = list(_chunks(flat, n_batch, most))
+        assert [e for c in chunks for e in c] == flat
+        assert all(0 < len(c) <= n_batch and sum(e[3] for e in c) <= most for c in chunks)
+    assert [len(c) for c in _chunks(flat, 64, 1)] == [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 1]
