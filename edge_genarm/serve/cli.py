@@ -88,6 +88,9 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
     llama.set_verbose(next(iter(options.values())).verbose)
     config = ServeConfig(api_key, list(cors_origins), max_body)
     sock = _bind(host, port)
+    if not _is_loopback(host) and api_key is None:
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach "
+                   "this machine can use the models", err=True)
     if ray_address is not None:  # Ray Serve's proxy binds it: the check above is all
         port = sock.getsockname()[1]
         sock.close()
@@ -97,9 +100,6 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         threads = next(iter(options.values())).context.n_threads or 1
         return on_ray.run(ray_address or None, recipes, replicas or 1, parallel, max_queue,
                           config, host, port, threads, next(iter(options.values())).verbose)
-    if not _is_loopback(host) and api_key is None:
-        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach "
-                   "this machine can use the models", err=True)
     failure: list[BaseException] = []
 
     def load() -> dict[str, Served]:
