@@ -85,10 +85,13 @@ def test_end_of_generation_token_stops_and_is_kept_in_tokens():
 
 def test_stop_string_cuts_the_text():
     full = cli_json("--greedy", "-n", 60, PROMPT)["text"]
-    assert "day" in full
-    cut = cli_json("--greedy", "-n", 60, "--stop", "day", PROMPT)
+    # a stop string from this CPU's own answer is sure to come; a fixed word need not, since
+    # kernels differ between CPUs and the quantized model's greedy text with them
+    assert len(full) >= 8, full
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = cli_json("--greedy", "-n", 60, "--stop", stop, PROMPT)
     assert cut["finish_reason"] == "stop_string"
-    assert cut["text"] == full[: full.index("day")]
+    assert cut["text"] == full[: full.index(stop)]
 
 
 def test_prompt_from_stdin():

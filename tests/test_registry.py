@@ -361,38 +361,56 @@ presence_penalty = 0.5
 def test_a_preset_may_set_the_request_defaults_as_the_options_do(tmp_path):
     """system, stop, max_tokens in a preset: the same answer as those options given by hand;
     explicit options override them; --raw drops the preset's system message instead of
-    failing on it; `models show` prints them."""
+    failing on it; `models show` prints them. The stop string and the token limit come from
+    the model's own greedy answer in this run: kernels differ between CPUs, and so may the
+    text, but a string taken from the answer is sure to come, and a limit short of it to be
+    reached before the end of generation."""
     f = tmp_path / "req.toml"
-    f.write_text('''[presets.req]
-base = "@smollm2"
-system = "You answer in French."
-stop = ["\\n\\n"]
-max_tokens = 24
-[presets.req.sampling]
-temperature = 0.0
-''')
+    f.write_text("")  # the preset is written once its stop and limit are known
 
     def record(*args):
         res = cli("generate", "--json", "--models-file", f, *args, "Name three colours.")
         assert res.exit_code == 0, res.stderr
         return json.loads(res.stdout)
 
+    french = ("--greedy", "--system", "You answer in French.")
+    free = record(*french, "-n", 24)  # no stop: where this CPU's answer goes
+    assert len(free["tokens"]) >= 4, free
+    limit = len(free["tokens"]) - 1
+    head = record(*french, "-n", limit)
+    assert head["finish_reason"] == "length" and head["tokens"] == free["tokens"][:limit]
+    text = head["text"]
+    assert len(text) >= 4, head
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # inside the answer, past its start
+    # a TOML basic string takes JSON's escapes
+    f.write_text(f"""[presets.req]
+base = "@smollm2"
+system = "You answer in French."
+stop = [{json.dumps(stop, ensure_ascii=False)}]
+max_tokens = {limit}
+[presets.req.sampling]
+temperature = 0.0
+""")
+
     preset = record("--preset", "req")
-    by_hand = record("--greedy", "--system", "You answer in French.", "--stop", "\n\n", "-n", 24)
+    by_hand = record(*french, "--stop", stop, "-n", limit)
     assert (preset["prompt_ids"], preset["tokens"], preset["text"]) == \
         (by_hand["prompt_ids"], by_hand["tokens"], by_hand["text"])
-    assert preset["finish_reason"] == "stop_string" and "\n" not in preset["text"]
+    assert preset["finish_reason"] == "stop_string" and preset["text"] == text[:text.index(stop)]
     assert preset["prompt_ids"] != record("--greedy", "-n", 24)["prompt_ids"]
     assert record("--preset", "req", "--system", "Be brief.")["prompt_ids"] == \
         record("--greedy", "--system", "Be brief.")["prompt_ids"]
     unstopped = record("--preset", "req", "--stop", "none of this")
-    assert unstopped["finish_reason"] == "length" and len(unstopped["tokens"]) == 24
-    assert len(record("--preset", "req", "-n", 5, "--stop", "none of this")["tokens"]) == 5
+    assert unstopped["finish_reason"] == "length" and unstopped["tokens"] == head["tokens"]
+    assert len(record("--preset", "req", "-n", 2, "--stop", "none of this")["tokens"]) == 2
     raw = record("--preset", "req", "--raw")
     assert raw["prompt_ids"] == record("--greedy", "--raw")["prompt_ids"]
     shown = cli("models", "show", "--models-file", f, "req")
-    assert "defaults: temperature 0.0, system 'You answer in French.', stop ['\\n\\n'], " \
-        "max_tokens 24" in shown.stdout
+    defaults = next(line for line in shown.stdout.splitlines() if line.startswith("defaults: "))
+    pieces = ["temperature 0.0", "system 'You answer in French.'", f"stop {[stop]!r}",
+              f"max_tokens {limit}"]  # in whatever order, and nothing else
+    assert all(piece in defaults for piece in pieces) and \
+        len(defaults) == len("defaults: ") + len(", ".join(pieces)), defaults
 
 
 @pytest.mark.parametrize("line, message", [
