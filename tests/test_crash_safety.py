@@ -144,3 +144,50 @@ def test_serve_exits_with_one_line_when_the_first_decode_crashes():
     assert lines[0].startswith("Error: loading the models failed: llama.cpp crashed (SIGSEGV) on "
                                "the first decode"), lines
     assert "try --repack off" in lines[0]
+
+
+def test_auto_turns_repacking_off_for_every_model_where_llama_cpp_reports_amx(tiny, rm,
+                                                                              monkeypatch):
+    """llama.cpp's system info, as it would read on an AMX CPU (this one's with AMX_INT8 = 1),
+    through the one call that reads it: `--repack auto` decides off, and every model that the
+    engine (base, ARM, reward model, draft model) and the start-up probe load is loaded with
+    use_extra_bufts false. The decision and the loads run for real; only the info is written."""
+    from edge_genarm import probe
+    from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
+
+    real = llama.C.llama_print_system_info().decode(errors="replace")
+    amx = (real.replace("AMX_INT8 = 0", "AMX_INT8 = 1") if "AMX_INT8 = " in real
+           else real + " AMX_INT8 = 1 |")
+    loads = []  # (file, use_extra_bufts) of every load that reads weights (not dry runs)
+    load_model = llama.C.llama_model_load_from_file
+
+    def recording_load(path, params):
+        if not params.no_alloc:
+            loads.append((path.decode(), bool(params.use_extra_bufts)))
+        return load_model(path, params)
+
+    config = EngineConfig(tiny.base, [ArmSpec(tiny.arm, 1.0, "arm")],
+                          llama.ContextSettings(n_ctx=128, n_seq_max=2, n_logits=3),
+                          reward=RewardSpec(rm["merged"], candidates=2), draft=tiny.merged)
+    files = {str(p) for p in (tiny.base, tiny.arm, rm["merged"], tiny.merged)}
+    llama.cpu_features.cache_clear()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(llama.C, "llama_print_system_info", lambda: amx.encode())
+            m.setattr(llama.C, "llama_model_load_from_file", recording_load)
+            assert llama.cpu_features()["AMX_INT8"] == "1"
+            repack, why = llama.repack_decision("auto")
+            assert not repack and why.startswith("off (auto: llama.cpp reports AMX_INT8"), why
+            with Engine.load(config) as engine:
+                contexts = engine._contexts()
+                assert len(contexts) == 4 and engine.reward and engine.drafter
+                assert [c.model.repack for c in contexts] == [False] * 4
+            assert sorted(f for f, _ in loads) == sorted(files)
+            # the probe's child runs this same function; here it runs in this process, where
+            # the written system info reaches it
+            probe._decode(config)
+            assert len(loads) == 8 and sorted(f for f, _ in loads[4:]) == sorted(files)
+            assert [flag for _, flag in loads] == [False] * 8, loads
+    finally:
+        llama.cpu_features.cache_clear()  # the real info again for the tests after this one
+    assert llama.repack_decision("auto")[0] == (llama.cpu_features().get("AMX_INT8") != "1")
