@@ -523,3 +523,84 @@ def test_every_drafter_on_the_weak_to_strong_pair_gives_the_greedy_answer_up_to_
                                  logprobs=20, **greedy | {"max_tokens": 1}).logprobs[0].top
             scores = dict(top)
             assert abs(scores[plain.tokens[d]] - scores[got.tokens[d]]) < NEAR_TIE, (drafter, d)
+
+
+# -- sampling: several draft tokens per verify ------------------------------------------------
+
+def exact_tables(engine, prompt, length) -> tuple[dict, dict]:
+    """P(t1, ..., t_length) under top-3 sampling at T = 1 of the guided rows, from one-row
+    decodes (as exact_distribution), and each shorter answer's next-token top 3 with their
+    probabilities: {answer so far: {token: p}}."""
+    def top3(tokens):
+        seq = engine.new_sequence()
+        try:
+            row = engine.score(seq, list(tokens))[-1].astype(np.float64)
+        finally:
+            engine.release(seq)
+        best = np.argsort(-row, kind="stable")[:3]
+        p = np.exp(row[best] - row[best].max())
+        return dict(zip(best.tolist(), p / p.sum()))
+
+    probs, after = {}, {}
+
+    def walk(answer, p):
+        if len(answer) == length:
+            probs[answer] = p
+            return
+        after[answer] = top3(prompt + answer)
+        for t, q in after[answer].items():
+            walk(answer + (t,), p * q)
+
+    walk((), 1.0)
+    return probs, after
+
+
+class LikelyThenUnlikely:
+    """Drafts, from the answer so far, the target's likeliest next token first and then, given
+    that draft, the least likely of its top 3: verifies of two draft tokens that keep the
+    first and reject the second, keep both, or reject the first."""
+
+    def __init__(self, prompt_len: int, after: dict):
+        self.prompt_len, self.after = prompt_len, after
+
+    def draft(self, tokens, k):
+        answer, out = tuple(tokens[self.prompt_len:]), []
+        for i in range(k):
+            p = self.after[answer + tuple(out)]
+            out.append((max if i == 0 else min)(p, key=p.get))
+        return out
+
+
+def test_sampled_drafts_of_two_tokens_match_the_guided_distribution_and_wrong_rules_fail(
+        tiny, monkeypatch):
+    """1,500 answers of 4 tokens (top-3 at T = 1, ARMs on), each verify checking up to two
+    draft tokens (the third and fourth tokens verified after a kept or rejected draft before
+    them): the joint distribution of the four tokens passes a chi-square test against the
+    exact one, and the two wrong acceptance rules (keep every draft token; redraw from p) fail
+    it on 500 answers each (fewer answers make a rejection harder, not easier). The counts show the verifies: after the first token each answer drafts two; drafted 2
+    and kept 1 is a rejection at the second draft position after a kept first (the token drawn
+    there is the third, and the fourth is decoded without a draft)."""
+    prompt, n, length = (1, 378, 1300, 314, 17), 1500, 4
+    with load(tiny, draft=2) as engine:
+        probs, after = exact_tables(engine, prompt, length)
+        drafter = LikelyThenUnlikely(len(prompt), after)
+
+        def sample_all(n):
+            requests = [Request(prompt, TOP3, length, seed=s, speculative="lookup")
+                        for s in range(n)]
+            got = run(engine, requests, {i: drafter for i in range(n)})
+            assert all(len(t) == length for t, _ in got)
+            return ([tuple(t) for t, _ in got],
+                    [(u.drafted_tokens, u.accepted_tokens) for _, u in got])
+
+        samples, counts = sample_all(n)
+        rejects, stat, df = chi_square_rejects(samples, probs)
+        assert not rejects and df >= 20, (stat, df)
+        assert all(drafted >= 2 for drafted, _ in counts)
+        kept_then_missed = sum(c == (2, 1) for c in counts)
+        both_kept = sum(c == (2, 2) for c in counts)
+        assert kept_then_missed > 0.3 * n and both_kept > 0.05 * n, (kept_then_missed, both_kept)
+        for wrong_rule in (keep_all, redraw_from_p):
+            monkeypatch.setattr(scheduler_module.speculative, "accept", wrong_rule)
+            wrong, _ = sample_all(500)
+            assert chi_square_rejects(wrong, probs)[0], wrong_rule
