@@ -1,8 +1,9 @@
 """GPU offload, on whatever build is installed: with a GPU build (CUDA, Metal) the guided decode on
 the GPU equals the CPU's by the near-tie rule, a small ARM can stay on the CPU beside a base on
-the GPU, and the server serves from the GPU; with a CPU-only build every GPU option is refused
-with one line. Either way, a process that imported NumPy or torch before edge-genarm loads and
-decodes (CUDA builds crashed at model load in that order).
+the GPU, and the server serves from the GPU (skipped, with the reason, on a CPU-only build);
+with a CPU-only build every GPU option is refused with one line. Either way, a process that
+imported NumPy or torch before edge-genarm loads and decodes (CUDA builds crashed at model load
+in that order).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ GPU = llama.supports_gpu_offload()
 NEAR_TIE = 1.0
 PROMPTS = ["Tell me about the sea.", "Three tips for a good morning:", "Why is the sky blue?"]
 REFUSED = "this llama-cpp-python build has no GPU support"
+# the GPU comparisons cannot run on a CPU-only build: skipped there, never passed by a refusal
+needs_gpu = pytest.mark.skipif(not GPU, reason=REFUSED)
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -74,11 +77,8 @@ def demo_config(layers: int, arm_layers: int | None = None, full_arm: bool = Fal
                         n_gpu_layers=layers)
 
 
+@needs_gpu
 def test_guided_decoding_on_the_gpu_equals_the_cpu():
-    if not GPU:
-        res = run_cli("generate", "--preset", "demo", "-ngl", "-1", "-n", "2", "Hi")
-        assert res.returncode == 1 and REFUSED in res.stderr and "Traceback" not in res.stderr
-        return
     cpu, ids, cpu_buffers = greedy(demo_config(0))
     gpu, _, gpu_buffers = greedy(demo_config(-1))
     assert not any(k.startswith(("CUDA", "Metal")) for k in cpu_buffers["base"]), cpu_buffers
@@ -86,17 +86,25 @@ def test_guided_decoding_on_the_gpu_equals_the_cpu():
     assert_same_or_near_tie(demo_config(0), ids, cpu, gpu)
 
 
+@needs_gpu
 def test_a_small_arm_stays_on_the_cpu_beside_a_base_on_the_gpu():
-    if not GPU:
-        res = run_cli("generate", "--preset", "demo", "--arm-gpu-layers", "positive=-1", "-n",
-                      "2", "Hi")
-        assert res.returncode == 1 and REFUSED in res.stderr and "Traceback" not in res.stderr
-        return
     split, ids, buffers = greedy(demo_config(-1, arm_layers=0, full_arm=True))
     assert any(k.startswith(("CUDA", "Metal")) for k in buffers["base"]), buffers
     assert not any(k.startswith(("CUDA", "Metal")) for k in buffers["self"]), buffers
     on_gpu, _, _ = greedy(demo_config(-1, arm_layers=-1, full_arm=True))
     assert_same_or_near_tie(demo_config(0, full_arm=True), ids, on_gpu, split)
+
+
+@pytest.mark.skipif(GPU, reason="this llama-cpp-python build has GPU support: nothing to refuse")
+@pytest.mark.parametrize("args", [
+    ["generate", "--preset", "demo", "-ngl", "-1", "-n", "2", "Hi"],
+    ["generate", "--preset", "demo", "--arm-gpu-layers", "positive=-1", "-n", "2", "Hi"],
+    ["serve", "--preset", "demo", "-ngl", "-1", "--ctx-size", "256", "--parallel", "2",
+     "--port", "0"],
+], ids=["generate -ngl", "generate --arm-gpu-layers", "serve -ngl"])
+def test_a_cpu_only_build_refuses_every_gpu_option_in_one_line(args):
+    res = run_cli(*args)
+    assert res.returncode == 1 and REFUSED in res.stderr and "Traceback" not in res.stderr
 
 
 IMPORT_FIRST = textwrap.dedent("""
@@ -119,12 +127,9 @@ def test_a_process_that_imported_numpy_or_torch_first_loads_and_decodes(first):
     assert res.returncode == 0 and "decoded" in res.stdout, (res.returncode, res.stderr[-2000:])
 
 
+@needs_gpu
 def test_the_server_serves_from_the_gpu():
     args = ["serve", "--preset", "demo", "-ngl", "-1", "--ctx-size", "256", "--parallel", "2"]
-    if not GPU:
-        res = run_cli(*args, "--port", "0")
-        assert res.returncode == 1 and REFUSED in res.stderr and "Traceback" not in res.stderr
-        return
     with local_server([sys.executable, "-m", "edge_genarm", *args], "/health", timeout=300,
                       stop_timeout=20) as url:
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
