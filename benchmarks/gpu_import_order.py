@@ -4,7 +4,8 @@ Each variant runs in a child process: it imports the named modules first (or set
 environment), then loads SmolLM2 with every layer on the GPU through llama-cpp-python's own
 low-level API (or edge-genarm's, or its CLI) and decodes a prompt. Prints each variant's exit
 status (a signal name for a crash) and, for the first crash, a backtrace from cuda-gdb where the
-machine has it. Run on a machine with a CUDA build: `python -m benchmarks.gpu_import_order`.
+machine has it. Exits 1 if any variant crashed, failed or timed out, 0 if every one decoded.
+Run on a machine with a CUDA build: `python -m benchmarks.gpu_import_order`.
 """
 
 from __future__ import annotations
@@ -93,23 +94,27 @@ def backtrace(code: str, first: list[str], env: dict, model: str) -> str:
     return "\n".join(lines[-40:])
 
 
-def main() -> None:
+def main() -> int:
     import argparse
 
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     model = smollm2()
     print(f"model {model}")
-    crashed = None
+    crashed, failed = None, []
     for name, code, first, env in VARIANTS:
         status, tail = run(code, first, env, model)
         print(f"{name:55s} {status}", flush=True)
         if status != "exit 0":
+            failed.append(name)
             print("    " + tail.replace("\n", "\n    ")[-600:], flush=True)
             if crashed is None and status.startswith("SIG"):
                 crashed = (code, first, env)
     if crashed is not None:
         print("backtrace of the first crash:\n" + backtrace(*crashed, model), flush=True)
+    print(f"{len(VARIANTS) - len(failed)} of {len(VARIANTS)} variants decoded", flush=True)
+    # a crash is the finding: the exit status says so to a script or CI, not only the table
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
