@@ -80,6 +80,34 @@ def default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenMP threads. An OpenMP build of llama.cpp (GCC's libgomp) keeps a pool of worker threads for
+# each thread that has decoded. Once there are more pooled threads than CPUs, libgomp's barriers
+# (one per graph node) spin 100 times instead of 300,000 before sleeping in the kernel, so a
+# decode on a second thread (edge-genarm's stepping thread, after llama.cpp decoded on the
+# caller's thread) runs 2 to 4 times slower although the first pool sits idle.
+
+
+@functools.lru_cache(maxsize=1)
+def _libgomp() -> ctypes.CDLL | None:
+    """GCC's OpenMP runtime where this process has it loaded (llama.cpp's OpenMP builds)."""
+    try:
+        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        lib.omp_pause_resource_all.restype = ctypes.c_int
+        return lib
+    except (OSError, AttributeError):  # no libgomp (another OpenMP, or none), or pre-5.0
+        return None
+
+
+def release_openmp_threads() -> bool:
+    """End the calling thread's idle OpenMP worker threads (libgomp makes them again if this
+    thread decodes later); True where there was a libgomp to ask. Called by the thread that
+    hands decoding to another, so that only the decoding thread's pool counts."""
+    lib = _libgomp()
+    return lib is not None and lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
+
+
+# ---------------------------------------------------------------------------------------------
 # Weight repacking. llama.cpp may move CPU weights into "extra" buffer types (AMX tiles on Intel
 # CPUs with AMX, CPU_REPACK's interleaved layouts elsewhere). Its AMX matmul segfaults on some
 # Sapphire Rapids-class CPUs on the first multi-token decode, and an override cannot drop AMX

@@ -26,6 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import llama
 from .engine import Engine
 from .errors import EngineError, UserError
 from .scheduler import Event, Handle, Request, Scheduler
@@ -67,6 +68,9 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="edge-genarm-steps", daemon=True)
 
     def start(self) -> None:
+        # called on the loading thread, which hands decoding to the stepping thread: its idle
+        # OpenMP pool, if it decoded before, would slow every decode there
+        llama.release_openmp_threads()
         self._thread.start()
 
     def stop(self) -> None:

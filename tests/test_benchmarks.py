@@ -49,6 +49,7 @@ TINY = {
     "bench_speculative": ["--preset", "demo", "--task", "rewrite", "--prompts", "1",
                           "--max-tokens", "4", "--temperatures", "0", "--parallel", "1",
                           "--draft-model", "@smollm2", "--verify-sizes", "1,2"],
+    "bench_thread_mix": ["--parallel", "2", "--max-tokens", "2", "--repeats", "1"],
     "bench_weak_to_strong": ["--weights", "1", "--requests", "1", "--max-tokens", "4",
                              "--speed-tokens", "4", "--no-small", "--parallel", "1"],
     "gpu_import_order": [],
@@ -86,5 +87,12 @@ def test_tiny_run(name):
         assert f"{len(VARIANTS)} of {len(VARIANTS)} variants decoded" in out, out[-2000:]
         return
     assert "|" in out or "tok/s" in out, out[-2000:]
+    if name == "bench_thread_mix" and len(os.sched_getaffinity(0)) > 1:
+        # the main thread's idle OpenMP pool is there when kept and gone when released, as in a
+        # fresh process (with one core llama.cpp makes no pool)
+        threads = {row.split("|")[1].strip(): int(row.split("|")[4])
+                   for row in out.splitlines() if row.startswith("| ") and "variant" not in row}
+        assert threads["fresh"] == threads["after a plain loop, pool released (now)"] < \
+            threads["after a plain loop, pool kept (before)"], threads
     if name != "bench_gpu":
         assert out.startswith("machine:") or "\nmachine:" in out, out[:500]
