@@ -31,10 +31,10 @@ from benchmarks.machine import print_header
 from edge_genarm.api import Model
 from edge_genarm.batch import Item, run_batch
 from edge_genarm.engine import ArmSpec
-from edge_genarm.llama import ContextSettings, quantize_model
-from edge_genarm.options import GenerationOptions
+from edge_genarm.llama import quantize_model
+from edge_genarm.config import ArmRef
+from edge_genarm.options import configure
 from edge_genarm.registry import Registry
-from edge_genarm.sampling import SamplingSettings
 
 PROMPTS = (ROOT / "recipes" / "demo" / "held_out_prompts.txt").read_text().split("\n")[:-1]
 
@@ -44,12 +44,13 @@ def run(base: Path, arm: ArmSpec, k: int, cfg: argparse.Namespace, greedy: bool 
     """(generated tokens per second, id -> tokens, prompt tokens decoded, prompt tokens) for the
     held-out prompts at K = k, with or without shared prefixes; `cfg` holds --max-tokens,
     --prompts and --threads."""
-    context = ContextSettings(n_ctx=512, n_seq_max=k, exact=exact, n_threads=cfg.threads)
-    opts = GenerationOptions(base=base, arms=[arm], sampling=SamplingSettings(greedy=greedy),
-                             max_tokens=cfg.max_tokens, seed=0, context=context)
+    config = configure(None, {
+        "base": str(base), "arms": (ArmRef(str(arm.path), arm.alpha, arm.name),),
+        "greedy": greedy, "max_tokens": cfg.max_tokens, "seed": 0, "ctx_size": 512,
+        "parallel": k, "exact": exact, "threads": cfg.threads or None})
     items = [Item(i, i, prompt=p) for i, p in enumerate(PROMPTS[:cfg.prompts])]
     out: dict = {}
-    with Model(opts, parallel=k, share_prefixes=share) as model:
+    with Model(config, share_prefixes=share) as model:
         t0 = time.perf_counter()
         run_batch(model, items, 0, lambda r: out.__setitem__(r["id"], r))
         seconds = time.perf_counter() - t0

@@ -22,12 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.machine import print_header
 from edge_genarm.api import Model
 from edge_genarm.chat import ChatSession
-from edge_genarm.engine import ArmSpec
 from edge_genarm.generation import encode_messages
-from edge_genarm.llama import ContextSettings
-from edge_genarm.options import GenerationOptions
-from edge_genarm.registry import Registry
-from edge_genarm.sampling import SamplingSettings
+from edge_genarm.options import configure
 
 MESSAGES = ["Hi! I want to start a small garden on my balcony.",
             "Which vegetables grow well in pots?",
@@ -64,21 +60,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads per context (0: all cores)")
     args = ap.parse_args()
     print_header()
-    reg = Registry.load()
-    preset = reg.preset("demo")
-    arms = [ArmSpec(reg.resolve(a.model), {"positive": 1.0, "concise": 0.5}[a.name], a.name)
-            for a in preset.arms]
-    base = reg.resolve(preset.base)
-    opts = GenerationOptions(base=base, arms=arms, sampling=SamplingSettings(greedy=True),
-                             max_tokens=args.max_tokens, seed=0,
-                             context=ContextSettings(n_ctx=4096, n_threads=args.threads))
+    config = configure("demo", {"alphas": {"positive": 1.0, "concise": 0.5}, "greedy": True,
+                                "max_tokens": args.max_tokens, "seed": 0, "ctx_size": 4096,
+                                "threads": args.threads or None, "parallel": 1})
     rows: list[list[tuple[int, int, float, float]]] = []
     # the fresh side decodes every prompt whole; the chat's model is loaded again for each run,
     # so that each conversation starts with empty caches
-    with Model(opts, parallel=1, share_prefixes=False) as fresh_model:
+    with Model(config, share_prefixes=False) as fresh_model:
         for _ in range(args.repeats):
-            with Model(opts, parallel=1) as chat_model:
-                session = ChatSession(chat_model, opts)
+            with Model(config) as chat_model:
+                session = ChatSession(chat_model)
                 run = []
                 for text in MESSAGES[:args.turns]:
                     cached = first_token_time(session, text)

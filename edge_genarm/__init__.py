@@ -5,12 +5,16 @@ The Python API: `edge_genarm.load(...)` (see api.py).
 Layers, each depending only on those below it:
   cli, generate, chat, serve, models, train   commands
   cluster                    the same on Ray (the optional `cluster` extra)
-  api                        load() and Model: generate, stream, generate_batch, chat
+  api                        load(): a Model, or a ClusterModel on Ray
+  model                      Model and the calls: generate, stream, generate_batch, chat
   worker                     the stepping thread: callers' requests on one scheduler
-  options, generation        shared options; the stream -> result generators
+  options, generation        a Config from defaults, preset and the user's options (and the
+                             click options); the stream -> result generators
   scheduler                  requests in, events out: one batch per context per step
   engine                     base and ARM contexts, sequences, the guided step
-  llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
+  registry                   model sources and presets
+  config, fields             every option declared once: LoadConfig, RequestParams
+  llama, gguf_file           llama.cpp adapter (all ctypes), GGUF headers
   guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
 
 `edge_genarm.convert` (checkpoints to GGUF, torch as an optional extra; its source is the
@@ -19,7 +23,8 @@ and `train`, lazily, when they are invoked.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Result", "Chunk", "UserError", "EngineError"]
+__all__ = ["load", "Model", "Result", "Chunk", "LoadConfig", "RequestParams", "SamplingSettings",
+           "UserError", "EngineError"]
 
 
 def __getattr__(name: str):

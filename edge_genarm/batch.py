@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -30,12 +31,12 @@ from pathlib import Path
 
 import click
 
-from . import llama
-from .api import Completion, Model
+from . import fields
 from .cluster import ClusterSpec
+from .config import Config, RequestParams
 from .errors import UserError, plural
 from .generation import method_of
-from .options import GenerationOptions
+from .model import Completion, Model
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -49,9 +50,10 @@ class Item:
     overrides: dict = field(default_factory=dict)  # the line's own arms, temperature, seed...
 
 
-# Keys a JSONL line may carry to override the command line for itself, and their types.
-OVERRIDES = {"arms": dict, "temperature": (int, float), "seed": int, "max_tokens": int,
-             "n": int}
+def line_options(request_cls: type = RequestParams) -> dict[str, fields.Spec]:
+    """The keys a JSONL line may carry to override the command line for itself: every request
+    option that travels on the wire (as in a server body)."""
+    return {s.name: s for s in fields.specs(request_cls) if s.option.wire}
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Malformed:
 
 
 # -- input ----------------------------------------------------------------------------------------
-def read_items(path: Path) -> Iterator[Item | Malformed]:
+def read_items(path: Path, request_cls: type = RequestParams) -> Iterator[Item | Malformed]:
     """The prompts of a file, in order; malformed lines come out as `Malformed`."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -77,10 +79,11 @@ def read_items(path: Path) -> Iterator[Item | Malformed]:
     first = next((line for line in lines if line.strip()), "")
     jsonl = path.suffix.lower() in JSONL_SUFFIXES or first.lstrip().startswith("{")
     seen: set[str] = set()
+    keys = line_options(request_cls)
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
-        item = _parse_jsonl(text, number) if jsonl else Item(number, number, prompt=text)
+        item = _parse_jsonl(text, number, keys) if jsonl else Item(number, number, prompt=text)
         if isinstance(item, Item):
             key = json.dumps(item.id)
             if key in seen:
@@ -89,7 +92,7 @@ def read_items(path: Path) -> Iterator[Item | Malformed]:
         yield item
 
 
-def _parse_jsonl(text: str, number: int) -> Item | Malformed:
+def _parse_jsonl(text: str, number: int, keys: dict[str, fields.Spec]) -> Item | Malformed:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -109,16 +112,14 @@ def _parse_jsonl(text: str, number: int) -> Item | Malformed:
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages)):
         return Malformed(number, '"messages" must be a non-empty list of {"role", "content"}')
-    overrides = {k: row[k] for k in OVERRIDES if k in row}
+    overrides = {k: row[k] for k in keys if k in row}
     for key, value in overrides.items():
-        if not isinstance(value, OVERRIDES[key]) or isinstance(value, bool):
-            return Malformed(number, f'"{key}" must be {_KIND[key]}, not {json.dumps(value)}')
+        try:
+            overrides[key] = fields.coerce(keys[key], value)
+        except (fields.SettingError, UserError):
+            return Malformed(number, f'"{key}" must be {fields.kind(keys[key])}, not '
+                             f'{json.dumps(value)}')
     return Item(item_id, number, prompt=prompt, messages=messages, overrides=overrides)
-
-
-_KIND = {"arms": 'an object of weights by ARM name, such as {"positive": 0.5}',
-         "temperature": "a number", "seed": "an integer", "max_tokens": "an integer",
-         "n": "an integer"}
 
 
 def seed_for(run_seed: int, item_id: object) -> int:
@@ -190,7 +191,7 @@ class RecordFile:
 # -- the requests ---------------------------------------------------------------------------------
 def item_call(item: Item, run_seed: int) -> dict:
     """One input line as a batch item of the Python API: its prompt or messages and its own
-    arms, temperature, seed, max_tokens and n over the command line's settings."""
+    request options over the command line's settings."""
     given = {"prompt": item.prompt} if item.prompt is not None else {"messages": item.messages}
     return given | {"seed": seed_for(run_seed, item.id)} | item.overrides
 
@@ -227,27 +228,25 @@ def _record(item: Item, done: Completion | None) -> dict:
 
 
 # -- the job --------------------------------------------------------------------------------------
-def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel: int,
-            resume: bool, cluster: ClusterSpec | None = None) -> None:
+def run_job(config: Config, input_path: Path, output: Path, resume: bool,
+            cluster: ClusterSpec | None = None) -> None:
     """Read, skip what is done, generate the rest with a progress line, summarise; on the
     Ray cluster `cluster` names, if one does."""
-    if not 1 <= n_parallel <= llama.max_parallel_sequences():
-        raise UserError(f"--n-parallel must be between 1 and {llama.max_parallel_sequences()}, "
-                        f"got {n_parallel}")
-    parsed = list(read_items(input_path))
+    parsed = list(read_items(input_path, type(config.request)))
     malformed = [m for m in parsed if isinstance(m, Malformed)]
     for m in malformed:
         click.echo(f"{input_path} line {m.line}: {m.reason}; skipped", err=True)
     out = RecordFile(output, resume)
-    run_seed = opts.seed
-    if resume and out.done and not opts.seed_given:  # go on with the interrupted run's seed
+    defaults = config.request
+    run_seed = defaults.seed if defaults.seed is not None else secrets.randbelow(2**31)
+    if resume and out.done and defaults.seed is None:  # go on with the interrupted run's seed
         run_seed = next(iter(out.done.values())).get("run_seed", run_seed)
     todo = [i for i in parsed if isinstance(i, Item) and json.dumps(i.id) not in out.done]
-    settings = {"stop": list(opts.stop), "system": opts.system, "run_seed": run_seed}
+    settings = {"stop": list(defaults.stop), "system": defaults.system, "run_seed": run_seed}
     progress = Progress(len(todo))
     failed = 0
     try:
-        with _open(opts, n_parallel, cluster) as model:
+        with (Model(config) if cluster is None else _cluster_model(cluster)) as model:
             out.open()
             if out.torn_bytes:
                 click.echo(f"{output}: cut a torn last line ({out.torn_bytes} bytes) left by a "
@@ -281,11 +280,9 @@ def run_job(opts: GenerationOptions, input_path: Path, output: Path, n_parallel:
         raise UserError("; ".join(problems))
 
 
-def _open(opts: GenerationOptions, n_parallel: int, cluster: ClusterSpec | None):
-    if cluster is None:
-        return Model(opts, parallel=n_parallel)
+def _cluster_model(cluster: ClusterSpec):
     from .cluster.batch import ClusterModel
-    return ClusterModel(cluster, n_parallel)
+    return ClusterModel(cluster)
 
 
 class Progress:

@@ -1,7 +1,7 @@
 """`edge-genarm chat`: a guided conversation in the terminal, with live control of the alphas.
 
 Contract:
-- `ChatSession(model, opts)` holds one conversation (system prompt, turns, the ARMs' alphas and
+- `ChatSession(model)` holds one conversation (system prompt, turns, the ARMs' alphas and
   sampling of the next reply, the settings of each reply) on a loaded `api.Model`. Each reply
   renders the whole conversation with the model's chat template and is one request of the Python
   API, whose scheduler finds the conversation's cached prefix: a turn costs its new tokens.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import json
 import os
 import signal
@@ -28,11 +29,12 @@ from typing import Callable, Iterator
 
 import click
 
-from . import files, llama
+from . import fields, files, llama
 from .api import Model
 from .errors import UserError, plural
-from .generation import Result, chat_template, encode_messages
-from .options import GenerationOptions, apply_alphas, generation_options
+from .generation import Result, encode_messages
+from .config import LoadConfig
+from .options import from_click, generation_options
 
 Message = dict[str, str]
 
@@ -61,18 +63,20 @@ class ArmAlpha:
 
 
 class ChatSession:
-    def __init__(self, model: Model, opts: GenerationOptions):
-        engine = model.engine
-        if opts.raw:
+    def __init__(self, model: Model):
+        engine, config = model.engine, model.config
+        if config.load.raw:
             raise UserError("chat needs the model's chat template; --raw is for generate")
-        self.template = chat_template(engine, opts.chat_template)
+        self.template = model.template
         if self.template is None:
             raise UserError(f"{engine.model.path} has no chat template "
                             "(tokenizer.chat_template); chat needs one")
-        self.model, self.engine, self.opts = model, engine, opts
+        self.model, self.engine, self.defaults = model, engine, config.request
         self.alphas = [ArmAlpha(name, alpha) for name, alpha in model.arms.items()]
-        self.system = opts.system
-        self.sampling = opts.sampling
+        self.system = config.request.system
+        self.sampling = config.request.sampling
+        self.seed = config.request.seed if config.request.seed is not None else \
+            secrets.randbelow(2**31)
         self.turns: list[Turn] = []
         self.first = 0            # turns before this one no longer fit the context
         self.n_generated = 0      # every reply, retries included, gets a seed of its own
@@ -91,7 +95,7 @@ class ChatSession:
         """Tokens for the live turns, the last one awaiting its reply; drops the oldest turns
         (with a notice) while the prompt leaves too little room for a reply."""
         n_ctx = self.engine.n_ctx
-        room = min(self.opts.max_tokens, n_ctx // 4)
+        room = min(self.defaults.max_tokens, n_ctx // 4)
         dropped = 0
         while True:
             ids = encode_messages(self.engine, self.messages(self.turns[self.first:]),
@@ -121,7 +125,7 @@ class ChatSession:
             self.turns.pop()
             self.first = first
             raise
-        seed = self.opts.seed + self.n_generated
+        seed = self.seed + self.n_generated
         self.n_generated += 1
         for chunk in self.model.stream(ids, should_stop=should_stop, seed=seed,
                                        arms={a.name: a.alpha for a in self.alphas},
@@ -144,7 +148,7 @@ class ChatSession:
         return {"alphas": dict(result.alphas), **result.method,
                 "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                 "min_p": s.min_p, "greedy": s.greedy, **s.penalties(), "seed": result.seed,
-                "max_tokens": self.opts.max_tokens, "system": self.system,
+                "max_tokens": self.defaults.max_tokens, "system": self.system,
                 **result.usage.to_dict()}
 
     # -- slash commands ----------------------------------------------------------------------
@@ -158,7 +162,17 @@ class ChatSession:
 
     def cmd_alpha(self, arg: str) -> str:
         if arg:
-            apply_alphas(self.alphas, arg.split(), flag="/alpha")
+            try:
+                given = fields.coerce(fields.spec_map(LoadConfig)["alphas"], arg.split())
+            except (UserError, fields.SettingError) as exc:
+                raise UserError(f"/alpha {exc}") from None
+            by_name = {a.name: a for a in self.alphas}
+            for name, value in given.items():
+                if name not in by_name:
+                    raise UserError(f"/alpha {name}={value:g}: no ARM named {name!r}; the ARMs "
+                                    f"are {', '.join(by_name) or 'none'}")
+            for name, value in given.items():
+                by_name[name].alpha = value
         return "\n".join(f"{a.name} = {a.alpha:g}" + ("  (off)" if a.alpha == 0 else "")
                          for a in self.alphas) or "no ARM: pass --arm or --preset"
 
@@ -271,10 +285,11 @@ def chat(history: bool, **kwargs) -> None:
     When stdin is not a terminal, each line is a message (or a slash command) and each reply is
     written to stdout, the answers of commands to stderr.
     """
-    opts = GenerationOptions.from_kwargs(kwargs)
-    llama.set_verbose(opts.verbose)
-    with Model(opts, parallel=1) as model:
-        session = ChatSession(model, opts)
+    config = from_click(kwargs)
+    llama.set_verbose(config.load.verbose)
+    with Model(dataclasses.replace(config, load=dataclasses.replace(config.load, parallel=1))) \
+            as model:
+        session = ChatSession(model)
         if sys.stdin.isatty():
             _run_terminal(session, _history_file() if history else None)
         elif _run_script(session):

@@ -6,19 +6,21 @@ seed, so that the effect of the ARMs can be read side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import secrets
 import sys
 from pathlib import Path
 
 import click
 
 from . import llama
-from .api import Model
 from .batch import run_job
-from .generation import Result
 from .cluster import ClusterSpec, require_ray
 from .errors import UserError
-from .options import GenerationOptions, explicit_options, generation_options
+from .generation import Result
+from .model import Model
+from .options import from_click, generation_options
 
 
 @click.command()
@@ -64,23 +66,26 @@ def generate(prompt: str | None, compare: bool, as_json: bool, input_path: Path 
         raise UserError("--ray and --workers run a batch: add --input and --output")
     if workers is not None and ray_address is None:
         raise UserError("--workers spreads a batch over Ray actors: add --ray [ADDRESS]")
-    cluster = None
     if ray_address is not None:
         require_ray()
-        cluster = ClusterSpec(ray_address or None, workers, dict(kwargs),
-                              explicit_options(kwargs), kwargs.get("preset"))
-        if workers is not None:
-            cluster.check()
-    opts = GenerationOptions.from_kwargs(kwargs)
-    llama.set_verbose(opts.verbose)
+    # one answer at a time; --compare's two each decode their prompt whole, as alone
+    config = from_click(kwargs, parallel=("--n-parallel", n_parallel if batch else 1))
+    llama.set_verbose(config.load.verbose)
     if batch:
-        return run_job(opts, input_path, output, n_parallel, resume, cluster)
+        cluster = None
+        if ray_address is not None:
+            cluster = ClusterSpec(ray_address or None, workers, config)
+            if workers is not None:
+                cluster.check()
+        return run_job(config, input_path, output, resume, cluster)
     if prompt == "-":
         # bytes that are not UTF-8 are kept for the tokenizer, which refuses them in one line
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo ... |` adds one
-    # the two answers of --compare each decode their prompt whole, as they would alone
-    with Model(opts, parallel=1, share_prefixes=not compare) as model:
+    if config.request.seed is None:  # one seed for both of --compare's answers
+        config = dataclasses.replace(config, request=dataclasses.replace(
+            config.request, seed=secrets.randbelow(2**31)))
+    with Model(config, share_prefixes=not compare) as model:
         if compare:
             base = _run(model, prompt, as_json, "base (unguided)",
                         arms={name: 0.0 for name in model.arms}, method="genarm")
@@ -97,7 +102,7 @@ def _run(model: Model, prompt: str, as_json: bool, heading: str | None, **option
     """One answer through the Python API, streamed to stdout unless --json."""
     if heading and not as_json:
         click.echo(f"--- {heading} ---")
-    for chunk in model.stream(prompt, seed=model.options.seed, **options):
+    for chunk in model.stream(prompt, **options):
         if not as_json:
             _stream_out(chunk.text)
         if chunk.result is not None:
@@ -116,10 +121,10 @@ def _stream_out(text: str) -> None:
 
 
 def _describe(model: Model) -> str:
-    request = model.options.request()  # the settings every answer of this command gets
+    request = model.config.request  # the settings every answer of this command gets
     if request.method != "genarm":
         return (f"{request.method}: reward model x {request.reward_weight:g} over the top "
-                f"{request.candidates}")
+                f"{request.candidates or model.config.load.candidates}")
     arms = ", ".join(f"{name} x {alpha:g}" for name, alpha in model.arms.items())
     return arms or "no ARM"
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import click
 
+from . import fields
+from .config import LoadConfig
 from .errors import UserError
-from .options import repack_option
+from .options import click_option
 from .registry import ModelEntry, Registry, hub_file
 
-
-def _registry_option(command):
-    return click.option("--models-file", default=None, envvar="EDGE_GENARM_MODELS_FILE",
-                        metavar="PATH", help="A models.toml merged over the shipped and user "
-                        "ones [env EDGE_GENARM_MODELS_FILE].")(command)
+# the same options as the generating commands', generated from their one declaration
+repack_option = click_option(fields.spec_map(LoadConfig)["repack"])
+_registry_option = click_option(fields.spec_map(LoadConfig)["models_file"])
 
 
 @click.group("models")

@@ -22,59 +22,23 @@ Contract:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence as Seq
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
 import numpy as np
 
-from . import guidance, penalties, reward
+from . import fields, guidance, penalties, reward
+from .config import RequestParams
 from .errors import ContextFullError, UserError
-from .sampling import Sampler, SamplingSettings, SettingError, make_distribution, make_sampler
-from .speculative import (DRAFTERS, VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU, Drafting,
+from .sampling import Sampler, SamplingSettings, make_distribution, make_sampler
+from .speculative import (VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU, Drafting,
                           LookupDrafter, ModelDrafter)
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
 
-MAX_TOP_LOGPROBS = 20
-MAX_SEED = 2**63 - 1
-# GenARM guides with the ARMs' log-probs; the tokenwise methods score the base's top
-# candidates with the reward model (PARGS adds w * r to log-probs, ARGS to raw logits);
-# best-of-n samples whole answers from the base and returns the one the reward model prefers
-METHODS = ("genarm", "pargs", "args", "best-of-n")
 TOKENWISE = ("pargs", "args")
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    seed: int = 0
-    arms: Mapping[str, float] = field(default_factory=dict)  # alphas by ARM name; others: the
-                                                             # ARM's own
-    n: int = 1
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k others'
-    method: str = "genarm"       # or, with the reward model: pargs, args, best-of-n
-    candidates: int | None = None  # pargs, args: the base's top k the reward model scores (None:
-                                   # as many as the engine's reward model was loaded for)
-    reward_weight: float = 1.0   # pargs, args: w in score + w * r
-    samples: int = 4             # best-of-n: whole answers sampled; the best one is returned
-    ignore_eos: bool = False     # end-of-generation ids never drawn: the answer runs to
-                                 # max_tokens (or a stop string), as a fixed-length benchmark wants
-    speculative: str | None = None  # a drafter (lookup, model, guided, arm): drafts verified
-                                    # in one decode (exact); None: off
-    draft_tokens: int | None = None  # the most draft tokens per verify (None: the engine's most)
-
-    @property
-    def drafts(self) -> bool:
-        """Whether its answers draft (speculative decoding is on)."""
-        return self.speculative not in (None, "off")
-
-    def cells(self, n_ctx: int, answers: int) -> int:
-        """The most KV cells `answers` of its answers can take, each ending at n_ctx."""
-        return min(n_ctx, len(self.prompt_ids) + self.max_tokens) * answers
+Request = RequestParams  # what a caller asks for: config.py declares every option of it
 
 
 @dataclass
@@ -225,7 +189,13 @@ class Policies:
         self._samplers: dict[SamplingSettings, Sampler] = {}
 
     def build(self, request: Request) -> Policy:
+        """The request's policy; its `request` has the engine's defaults filled in (the
+        candidates the reward model was loaded for, the draft tokens the contexts hold)."""
         _check(request, self.engine)
+        if request.method in TOKENWISE and request.candidates is None:
+            request = replace(request, candidates=self.engine.reward.k)
+        if request.drafts and request.draft_tokens is None:
+            request = replace(request, draft_tokens=self.engine.max_draft)
         method = request.method
         alphas = self.engine.alphas(dict(request.arms))
         if method != "genarm":
@@ -301,25 +271,14 @@ def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.nda
 
 
 def _check(request: Request, engine: "Engine") -> None:
-    """Every option of a request, against what the engine holds."""
+    """A request's values (`RequestParams.validate`), then what it asks of this engine."""
+    request.validate()
     if not request.prompt_ids:
         raise UserError("the prompt is empty")
     if len(request.prompt_ids) >= engine.n_ctx:
         raise ContextFullError(f"the prompt is {len(request.prompt_ids)} tokens but the context "
                                f"holds {engine.n_ctx}; shorten the prompt or raise --ctx-size")
-    _integer("max_tokens", request.max_tokens, 0, None,
-             f"max_tokens must be >= 0, got {request.max_tokens}")
-    _integer("n", request.n, 1, engine.n_seq_max, f"n must be between 1 and "
-             f"{engine.n_seq_max} (the parallel sequences), got {request.n}")
-    _integer("seed", request.seed, 0, MAX_SEED,
-             f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
-    if request.logprobs is not None:
-        _integer("logprobs", request.logprobs, 0, MAX_TOP_LOGPROBS, f"top logprobs must be "
-                 f"between 0 and {MAX_TOP_LOGPROBS}, got {request.logprobs}")
-    try:
-        request.sampling.validate()
-    except SettingError as exc:
-        raise UserError(str(exc), exc.field) from None
+    _at_most("n", request.n, engine.n_seq_max, "(the parallel sequences)")
     if request.method != "genarm":
         _check_method(request, engine)
     if request.drafts:
@@ -332,13 +291,6 @@ def _check(request: Request, engine: "Engine") -> None:
 
 
 def _check_speculative(request: Request, engine: "Engine") -> None:
-    if request.speculative not in DRAFTERS:
-        raise UserError(f"unknown drafter {request.speculative!r}; choose one of off, "
-                        f"{', '.join(DRAFTERS)}", "speculative")
-    if request.method != "genarm":
-        raise UserError(f"speculative decoding verifies GenARM's guided target; --method "
-                        f"{request.method} scores each token with the reward model: drop one",
-                        "speculative")
     if engine.max_draft < 1:
         raise UserError("this model was loaded without room for drafts: load it with "
                         "--speculative (or draft_tokens > 0)", "speculative")
@@ -351,9 +303,8 @@ def _check_speculative(request: Request, engine: "Engine") -> None:
                         "the base) and switched on for this request; use another drafter",
                         "speculative")
     if request.draft_tokens is not None:
-        _integer("draft_tokens", request.draft_tokens, 1, engine.max_draft, f"draft_tokens "
-                 f"must be between 1 and {engine.max_draft} (the most the model was loaded "
-                 f"for), got {request.draft_tokens}")
+        _at_most("draft_tokens", request.draft_tokens, engine.max_draft,
+                 "(the most the model was loaded for)")
 
 
 def _own_model_arm(engine: "Engine", alphas: np.ndarray) -> int | None:
@@ -364,29 +315,18 @@ def _own_model_arm(engine: "Engine", alphas: np.ndarray) -> int | None:
 
 def _check_method(request: Request, engine: "Engine") -> None:
     """What the methods that use the reward model need."""
-    if request.method not in METHODS:
-        raise UserError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}",
-                        "method")
     if engine.reward is None:
         raise UserError(f"--method {request.method} needs a reward model: pass --reward-model "
                         "RM.gguf (or a preset that names one)", "method")
     if request.method == "best-of-n":
-        if request.n != 1:
-            raise UserError(f"best-of-n returns one answer; ask for n = 1, not {request.n}", "n")
-        _integer("samples", request.samples, 1, engine.n_seq_max, f"samples must be between 1 "
-                 f"and {engine.n_seq_max} (the parallel sequences), got {request.samples}")
-        return
-    k = engine.reward.k
-    if request.candidates is not None:
-        _integer("candidates", request.candidates, 1, k, f"candidates must be between 1 and {k} "
-                 f"(the reward model was loaded for {k}), got {request.candidates}")
-    if not np.isfinite(request.reward_weight):
-        raise UserError(f"the reward weight must be a finite number, not {request.reward_weight}",
-                        "reward_weight")
+        _at_most("samples", request.samples, engine.n_seq_max, "(the parallel sequences)")
+    elif request.candidates is not None:
+        k = engine.reward.k
+        _at_most("candidates", request.candidates, k, f"(the reward model was loaded for {k})")
 
 
-def _integer(name: str, value, low: int, high: int | None, message: str) -> None:
-    """A whole number in [low, high] (no upper bound with None), or a UserError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
-            (high is not None and value > high):
-        raise UserError(message, name)
+def _at_most(name: str, value: int, high: int, why: str) -> None:
+    """A value (already checked against its own range) within what the engine holds."""
+    if value > high:
+        low = fields.spec_map(RequestParams)[name].option.low
+        raise UserError(f"{name} must be between {low} and {high} {why}, got {value}", name)

@@ -19,33 +19,43 @@ import importlib.resources
 import os
 import sys
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fields
+from .config import ArmRef, LoadConfig, RequestParams
 from .errors import ModelFileError, UserError
 from .files import staged
+from .sampling import SamplingSettings
 
-DEFAULT_BASE = "@smollm2"
 # Every key a table may hold, and the TOML types its value may have.
 _TEXT, _NUMBER = (str,), (int, float)
 MODEL_KEYS = {k: _TEXT for k in ("description", "path", "package", "file", "hub", "revision",
                                  "sha256", "from", "quantize")} | {"parts": (list,)}
 SOURCE_KEYS = ("path", "package", "hub", "from", "parts")
-# A preset's request defaults, named as the command-line options they stand in for.
-REQUEST_KEYS = {"system": _TEXT, "stop": (list,), "max_tokens": (int,),
-                "reward_weight": _NUMBER, "candidates": (int,), "speculative": _TEXT,
-                "draft_tokens": (int,)}
+
+
+def _toml_types(spec: fields.Spec) -> tuple:
+    tp = spec.base_type
+    return {bool: (bool,), int: (int,), float: _NUMBER, str: _TEXT}.get(
+        tp, (dict,) if typing.get_origin(tp) is dict else (list,))
+
+
+# A preset's options beside its models, named as the options they stand in for: every declared
+# option but the models' own keys (base, arms, reward and draft models take their tables' form)
+_OWN = {"models_file", "base", "arms", "ctx_size", "chat_template", "reward_model",
+        "draft_model", "verbose", "parallel", "alphas", "arm_gpu_layers"}
+REQUEST_KEYS = {s.name: _toml_types(s) for cls in (LoadConfig, RequestParams)
+                for s in fields.specs(cls) if s.group is None and s.name not in _OWN}
 PRESET_KEYS = {"description": _TEXT, "base": _TEXT, "arms": (list,), "ctx_size": (int,),
                "chat_template": _TEXT, "sampling": (dict,), "reward_model": _TEXT,
                "draft_model": _TEXT} | REQUEST_KEYS
 ARM_KEYS = {"name": _TEXT, "model": _TEXT, "alpha": _NUMBER, "adapter": _TEXT,
             "n_gpu_layers": (int,)}
-SAMPLING_KEYS = {"temperature": _NUMBER, "top_k": (int,), "top_p": _NUMBER, "min_p": _NUMBER,
-                 "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
-                 "dry_multiplier": _NUMBER, "dry_base": _NUMBER, "dry_allowed_length": (int,),
-                 "dry_sequence_breakers": (list,)}
+SAMPLING_KEYS = {s.name: _toml_types(s) for s in fields.specs(SamplingSettings)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
-               dict: "a table"}
+               dict: "a table", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -71,13 +81,7 @@ class ModelEntry:
         return "path" if self.path else "package" if self.package else "hub"
 
 
-@dataclass(frozen=True)
-class PresetArm:
-    name: str
-    model: str
-    alpha: float = 1.0
-    adapter: str | None = None  # a LoRA of `model`, when model is not the base
-    n_gpu_layers: int | None = None  # None: where the base runs
+PresetArm = ArmRef  # an ARM a preset names (name, model, alpha, adapter, GPU layers)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def _check_keys(where: str, entry, allowed: dict[str, tuple]) -> None:
                         f"{', '.join(sorted(allowed))}")
     for key, value in entry.items():
         types = allowed[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
             raise UserError(f"{where}: {key} must be {_TYPE_NAMES[types[-1]]}, not "
                             f"{value!r}")
 
@@ -201,8 +205,8 @@ class Registry:
                 if "name" not in arm or "model" not in arm:
                     raise UserError(f"[[presets.{name}.arms]]: every ARM needs name = ... and "
                                     "model = ...")
-                arms.append(PresetArm(arm["name"], arm["model"], float(arm.get("alpha", 1.0)),
-                                      arm.get("adapter"), arm.get("n_gpu_layers")))
+                arms.append(ArmRef(arm["model"], float(arm.get("alpha", 1.0)), arm["name"],
+                                   arm.get("adapter"), arm.get("n_gpu_layers")))
             presets[name] = Preset(name=name, base=entry["base"], arms=tuple(arms),
                                    description=entry.get("description", ""),
                                    ctx_size=entry.get("ctx_size"),

@@ -13,10 +13,16 @@ filter the sample is drawn from exactly softmax(guided).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from . import fields
+from .fields import SettingError, option
+
+__all__ = ["SamplingSettings", "SettingError", "make_sampler", "make_distribution"]
 
 # (token ids, their scores); ids None means "every id, in order", which saves building and
 # indexing a vocabulary-sized arange on every token before the first filter narrows the set.
@@ -99,58 +105,55 @@ def categorical(cands: Candidates, temperature: float, rng: np.random.Generator)
     return i if ids is None else int(ids[i])
 
 
-class SettingError(ValueError):
-    """A sampling setting out of range; `field` is its name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+def _breakers(given) -> tuple[str, ...]:
+    """DRY breakers as a user types them: 'none' alone clears them; \\n, \\t and \\\\ are the
+    escapes a shell makes awkward."""
+    given = [given] if isinstance(given, str) else list(given)
+    if given == ["none"]:
+        return ()
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+    return tuple(re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], text) for text in given)
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """Defaults are llama.cpp's; T = 1 with every filter and penalty off samples
     softmax(guided) exactly. The penalties (off by default) are `penalties.penalize`'s."""
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    greedy: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_sequence_breakers: tuple[str, ...] = field(default=DRY_BREAKERS)
+    temperature: float = option(0.8, "Sampling temperature; 0 takes the argmax.", short="-t",
+                                low=0.0, high=MAX_TEMPERATURE, rule="a finite number >= 0",
+                                # float32 scores / t underflow beyond it
+                                high_rule=f"at most {MAX_TEMPERATURE:g} (every candidate is "
+                                "then about equally likely)")
+    top_k: int = option(40, "Keep the k most likely tokens (0: off).", low=0,
+                        hint="(0 turns it off)")
+    top_p: float = option(0.95, "Keep the most likely tokens up to this probability (1: off).",
+                          low=0.0, above=True, high=1.0, hint="(1 turns it off)")
+    min_p: float = option(0.05, "Keep tokens at least this fraction as likely as the best "
+                          "(0: off).", low=0.0, high=1.0, rule="in [0, 1]",
+                          hint="(0 turns it off)")
+    greedy: bool = option(False, "Always take the most likely token.")
+    presence_penalty: float = option(0.0, "Subtract this from every token the answer already "
+                                     "holds (-2 to 2, as OpenAI's).", low=-2.0, high=2.0,
+                                     hint="(0 turns it off)")
+    frequency_penalty: float = option(0.0, "Subtract this times its count from every token the "
+                                      "answer already holds (-2 to 2, as OpenAI's).", low=-2.0,
+                                      high=2.0, hint="(0 turns it off)")
+    dry_multiplier: float = option(0.0, "DRY: penalize a token that would extend a repeat of "
+                                   "the answer's own text, by MULTIPLIER * BASE^(length - "
+                                   "ALLOWED) (0: off).", low=0.0, hint="(0 turns it off)")
+    dry_base: float = option(1.75, "DRY: how fast the penalty grows with the repeat's length.",
+                             low=1.0)
+    dry_allowed_length: int = option(2, "DRY: repeats up to this many tokens go unpenalized.",
+                                     low=1)
+    dry_sequence_breakers: tuple[str, ...] = option(
+        DRY_BREAKERS, "DRY: a repeat never reaches back across a token holding STRING (\\n for "
+        "a newline); 'none' for no breakers.", flag="--dry-sequence-breaker", metavar="STRING",
+        parse=_breakers, show="\\n : \" *")
 
     def validate(self) -> None:
         """Raise `SettingError` (a ValueError) for the first setting out of range: the one
         check of every sampling setting, for the commands, the Python API and the server."""
-        t = self.temperature
-        _require("temperature", np.isfinite(t) and t >= 0,
-                 f"temperature must be a finite number >= 0, got {t}")
-        _require("temperature", t <= MAX_TEMPERATURE,  # float32 scores / t would underflow
-                 f"temperature must be at most {MAX_TEMPERATURE:g} (every candidate is then "
-                 f"about equally likely), got {t:g}")
-        _require("top_k", self.top_k >= 0, f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        _require("top_p", 0.0 < self.top_p <= 1.0,
-                 f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        _require("min_p", 0.0 <= self.min_p <= 1.0,
-                 f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _require(name, np.isfinite(value) and -2.0 <= value <= 2.0,
-                     f"{_flag(name)} must be between -2 and 2 (0 turns it off), got {value}")
-        _require("dry_multiplier", np.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0,
-                 f"dry-multiplier must be a finite number >= 0 (0 turns it off), got "
-                 f"{self.dry_multiplier}")
-        _require("dry_base", np.isfinite(self.dry_base) and self.dry_base >= 1,
-                 f"dry-base must be a finite number >= 1, got {self.dry_base}")
-        _require("dry_allowed_length", self.dry_allowed_length >= 1,
-                 f"dry-allowed-length must be >= 1, got {self.dry_allowed_length}")
-        _require("dry_sequence_breakers",
-                 all(isinstance(b, str) and b for b in self.dry_sequence_breakers),
-                 "dry-sequence-breaker must be a non-empty string")
+        fields.check(self)
 
     @property
     def penalized(self) -> bool:
@@ -170,15 +173,6 @@ class SamplingSettings:
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
-
-
-def _require(field: str, ok, message: str) -> None:
-    if not ok:
-        raise SettingError(field, message)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def make_distribution(settings: SamplingSettings):

@@ -28,17 +28,19 @@ Contract:
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import guidance, speculative
 from .engine import Engine, Sequence
-from .policy import MAX_TOP_LOGPROBS, METHODS, Policies, Policy, Request, run_processors
+from .config import MAX_TOP_LOGPROBS, METHODS
+from .policy import Policies, Policy, Request, run_processors
 from .text import TextStream
 
 __all__ = ["Event", "Handle", "MAX_TOP_LOGPROBS", "METHODS", "Request", "Scheduler",
@@ -122,7 +124,10 @@ class Scheduler:
 
     # -- from any thread --------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
-        handle = Handle(request, self.policies.build(request), time.perf_counter())
+        if request.seed is None:  # a fresh one, kept on the handle's request for the record
+            request = replace(request, seed=secrets.randbelow(2**31))
+        policy = self.policies.build(request)
+        handle = Handle(policy.request, policy, time.perf_counter())
         with self._lock:
             self._waiting.append(handle)
         return handle

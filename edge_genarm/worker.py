@@ -2,7 +2,10 @@
 whoever asked for them (the server's HTTP requests, the Python API's callers).
 
 Contract:
-- `Served` is one model id (a preset): its options, engine, scheduler and chat template.
+- `Served` is one model id (a preset): its `Config`, engine, scheduler and chat template;
+  `load_served(configs, ...)` builds them (the one place that assembles engine, scheduler and
+  template for the Python API, the commands and the server), each after a first decode in a
+  child process where `probe` asks for it (`probe.py`), freeing what it loaded on a failure.
 - `Worker.submit(model, requests, deliver)` submits a call's scheduler requests (one per prompt)
   and returns their handles; `deliver` is then called on the stepping thread with each of their
   `Event`s, in order, and, if llama.cpp fails, with the `EngineError` (the requests are then
@@ -26,9 +29,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import llama
+from . import llama, options
+from .config import Config
 from .engine import Engine
 from .errors import EngineError, UserError
+from .generation import chat_template
 from .scheduler import Event, Handle, Request, Scheduler
 
 
@@ -39,15 +44,44 @@ class QueueFull(Exception):
 @dataclass
 class Served:
     name: str
-    opts: object              # GenerationOptions
+    config: Config
     engine: Engine
     scheduler: Scheduler
     template: str | None
-    parallel: int
     max_queue: int
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0           # requests submitted and not done
     cells_in_use: int = 0     # KV cells held, as of the last step
+
+    @property
+    def parallel(self) -> int:
+        return self.config.load.parallel
+
+
+def load_served(configs: dict[str, Config], max_queue: int, probe: bool = False,
+                share_prefixes: bool = True) -> dict[str, Served]:
+    """Each config's models loaded (after a first decode in a child process with `probe`: a
+    crash inside llama.cpp is then one line, not a dead server), by model id."""
+    from .probe import check_first_decode
+    models: dict[str, Served] = {}
+    try:
+        for name, config in configs.items():
+            engine_config = options.engine_config(config)
+            if probe:
+                check_first_decode(engine_config)
+            engine = Engine.load(engine_config)
+            try:
+                models[name] = Served(name, config, engine, Scheduler(engine, share_prefixes),
+                                      chat_template(engine, config.load.chat_template),
+                                      max_queue)
+            except BaseException:
+                engine.close()
+                raise
+    except BaseException:
+        for m in models.values():
+            m.engine.close()
+        raise
+    return models
 
 
 @dataclass

@@ -21,7 +21,7 @@ from edge_genarm.llama import Context, ContextSettings, Model, _log_state
 
 # (arguments, standard input, exit status, the start of the one line after "Error: ")
 GENERATE = [
-    (["--seed", "-1", "hi"], None, 1, "--seed must be >= 0, got -1"),
+    (["--seed", "-1", "hi"], None, 1, "--seed must be between 0 and 9223372036854775807, got -1"),
     (["--threads", "-3", "hi"], None, 1, "--threads must be between 1 and 512, got -3"),
     (["--threads", "100000", "hi"], None, 1, "--threads must be between 1 and 512, got 100000"),
     (["--n-gpu-layers", "-7", "hi"], None, 1, "--n-gpu-layers must be -1 (all), 0 (none) or a "
@@ -39,7 +39,7 @@ GENERATE = [
     (["--ctx-size", "99999999999", "hi"], None, 1, "99999999999 KV cells (1 sequence of "
      "99999999999 tokens) are more than llama.cpp can address (2147483647); lower --ctx-size"),
     (["--kv-size", "100", "hi"], None, 1, "--kv-size must be 0 (every sequence a full "
-     "--ctx-size) or at least --ctx-size (2048), got 100"),
+     "context) or at least the context size (2048), got 100"),
     (["--ctx-size", "100000000", "hi"], None, 1, "a context of 100000000 tokens needs about "),
     (["--ctx-size", "abc", "hi"], None, 2, "Invalid value for '--ctx-size' / '-c': 'abc' is not "
      "a valid integer."),
@@ -119,7 +119,7 @@ GENERATE = [
 ]
 
 CHAT = [
-    (["--seed", "-2"], None, 1, "--seed must be >= 0, got -2"),
+    (["--seed", "-2"], None, 1, "--seed must be between 0 and 9223372036854775807, got -2"),
     (["--ctx-size", "100000000"], None, 1, "a context of 100000000 tokens needs about "),
     (["--top-p", "0"], None, 1, "--top-p must be in (0, 1] (1 turns it off), got 0.0"),
     (["--preset", "nosuch"], None, 1, "no preset named 'nosuch'"),

@@ -18,7 +18,7 @@ from edge_genarm.chat import chat as chat_command
 from edge_genarm.cli import main
 from edge_genarm.api import Model
 from edge_genarm.errors import UserError
-from edge_genarm.options import GenerationOptions
+from edge_genarm.options import from_click
 from hf_models import write_smollm2_tokenizer
 from reference import reference_llama
 
@@ -29,8 +29,9 @@ def session(*args: str) -> ChatSession:
     ctx = chat_command.make_context("chat", ["--preset", "demo", "--greedy", "-n", "24",
                                              "--seed", "7", *args])
     with ctx:  # the preset fills only what the command line left out, as in the command
-        opts = GenerationOptions.from_kwargs(dict(ctx.params))
-    return ChatSession(Model(opts, parallel=1), opts)
+        params = dict(ctx.params)
+        config = from_click(params, preset=params.pop("preset"), parallel=("--parallel", 1))
+    return ChatSession(Model(config))
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_the_session_is_the_demo_preset_as_shipped(chat, demo_base):
     assert chat.engine.model.path == demo_base
     assert {a.name: (a.alpha, a.kind) for a in chat.engine.arms} == {
         "positive": (1.0, "lora"), "concise": (0.0, "lora")}
-    assert chat.engine.n_ctx == 2048 and chat.opts.max_tokens == 24
+    assert chat.engine.n_ctx == 2048 and chat.defaults.max_tokens == 24
 
 
 def test_a_second_turn_decodes_only_its_new_tokens(chat):

@@ -247,8 +247,12 @@ def test_dry_options_reach_the_sampler():
 
 
 def test_sequence_breakers_read_escapes_and_none():
-    from edge_genarm.options import sequence_breakers
-    from edge_genarm.sampling import DRY_BREAKERS
-    assert sequence_breakers(()) == DRY_BREAKERS == ("\n", ":", '"', "*")
-    assert sequence_breakers(["none"]) == ()
-    assert sequence_breakers(["\\n", "\\t", "a\\\\n", "::"]) == ("\n", "\t", "a\\n", "::")
+    from edge_genarm import fields
+    from edge_genarm.sampling import DRY_BREAKERS, SamplingSettings
+
+    def breakers(given):
+        return fields.build(SamplingSettings, {"dry_sequence_breakers": given}) \
+            .dry_sequence_breakers
+    assert SamplingSettings().dry_sequence_breakers == DRY_BREAKERS == ("\n", ":", '"', "*")
+    assert breakers(["none"]) == () == breakers("none")
+    assert breakers(["\\n", "\\t", "a\\\\n", "::"]) == ("\n", "\t", "a\\n", "::")

@@ -54,12 +54,12 @@ def items() -> list[dict]:
 
 
 def test_prefix_shares_keep_lines_that_share_a_prefix_on_one_worker():
-    shares = prefix_shares(items(), {}, 2)
+    shares = prefix_shares(items(), None, 2)
     assert sorted(i for s in shares for i in s) == list(range(8))
     for group in (range(0, 8, 2), range(1, 8, 2)):  # interleaved in the input
         assert sum(any(i in s for i in group) for s in shares) == 1
     prompts = ["Write about cats", "Summarise: the war", "Write about dogs", "Summarise: a"]
-    assert [sorted(s) for s in prefix_shares(prompts, {}, 2)] == [[1, 3], [0, 2]]
+    assert [sorted(s) for s in prefix_shares(prompts, None, 2)] == [[1, 3], [0, 2]]
 
 
 def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(ray_cluster, f32):

@@ -180,11 +180,11 @@ def test_same_seed_same_draws():
 @pytest.mark.parametrize("settings, word", [
     (SamplingSettings(temperature=-0.1), "temperature"),
     (SamplingSettings(temperature=float("nan")), "temperature"),
-    (SamplingSettings(top_k=-1), "top-k"),
-    (SamplingSettings(top_p=0.0), "top-p"),
-    (SamplingSettings(top_p=1.5), "top-p"),
-    (SamplingSettings(min_p=-0.1), "min-p"),
-    (SamplingSettings(min_p=1.1), "min-p"),
+    (SamplingSettings(top_k=-1), "top_k"),
+    (SamplingSettings(top_p=0.0), "top_p"),
+    (SamplingSettings(top_p=1.5), "top_p"),
+    (SamplingSettings(min_p=-0.1), "min_p"),
+    (SamplingSettings(min_p=1.1), "min_p"),
 ])
 def test_out_of_range_settings_are_refused(settings, word):
     with pytest.raises(ValueError, match=word):

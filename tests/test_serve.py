@@ -284,8 +284,8 @@ ERRORS = [  # (body, status, param, code, words in the message)
     ({"messages": msgs(), "temperature": -1}, 400, "temperature", "invalid_value",
      "temperature must be a finite number >= 0, got -1"),
     ({"messages": msgs(), "temperature": "hot"}, 400, "temperature", "invalid_value", "number"),
-    ({"messages": msgs(), "top_p": 0}, 400, "top_p", "invalid_value", "top-p must be in (0, 1]"),
-    ({"messages": msgs(), "n": 0}, 400, "n", "invalid_value", "n must be between 1 and 8"),
+    ({"messages": msgs(), "top_p": 0}, 400, "top_p", "invalid_value", "top_p must be in (0, 1]"),
+    ({"messages": msgs(), "n": 0}, 400, "n", "invalid_value", "n must be >= 1, got 0"),
     ({"messages": msgs(), "n": 9}, 400, "n", None, "at most 8"),
     ({"messages": msgs(), "max_tokens": 0}, 400, "max_tokens", "invalid_value",
      "greater than or equal to 1"),
@@ -293,7 +293,7 @@ ERRORS = [  # (body, status, param, code, words in the message)
     ({"messages": msgs(), "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value",
      "between -2 and 2"),
     ({"messages": msgs(), "dry_multiplier": -1}, 400, "dry_multiplier", "invalid_value",
-     "dry-multiplier must be a finite number >= 0"),
+     "dry_multiplier must be a finite number >= 0"),
     ({"messages": msgs(), "dry_sequence_breakers": [""]}, 400, "dry_sequence_breakers",
      "invalid_value", "non-empty string"),
     ({"messages": msgs(), "method": "pargs"}, 400, "method", "invalid_value",
@@ -402,19 +402,18 @@ def test_health_is_503_while_the_models_load(demo_base):
 
     from edge_genarm.engine import Engine, EngineConfig
     from edge_genarm.llama import ContextSettings
-    from edge_genarm.options import GenerationOptions
-    from edge_genarm.sampling import SamplingSettings
+    from edge_genarm.config import Config, LoadConfig
     from edge_genarm.scheduler import Scheduler
     from edge_genarm.serve.app import ServeConfig, create_app
     from edge_genarm.worker import Served
 
     gate = threading.Event()
-    opts = GenerationOptions(demo_base, [], SamplingSettings(), context=ContextSettings(256))
+    config = Config(LoadConfig(base=str(demo_base), ctx_size=256, parallel=1))
 
     def load():
         gate.wait(30)
-        engine = Engine.load(EngineConfig(demo_base, [], opts.context))
-        return {"base": Served("base", opts, engine, Scheduler(engine), None, 1, 0)}
+        engine = Engine.load(EngineConfig(demo_base, [], ContextSettings(config.load.ctx_size)))
+        return {"base": Served("base", config, engine, Scheduler(engine), None, 0)}
 
     with TestClient(create_app(ServeConfig(), load, lambda exc: None)) as http:
         loading = http.get("/health")
@@ -433,17 +432,16 @@ def test_cors_is_off_unless_origins_are_named(demo_base):
 
     from edge_genarm.engine import Engine, EngineConfig
     from edge_genarm.llama import ContextSettings
-    from edge_genarm.options import GenerationOptions
-    from edge_genarm.sampling import SamplingSettings
+    from edge_genarm.config import Config, LoadConfig
     from edge_genarm.scheduler import Scheduler
     from edge_genarm.serve.app import ServeConfig, create_app
     from edge_genarm.worker import Served
 
-    opts = GenerationOptions(demo_base, [], SamplingSettings(), context=ContextSettings(128))
+    config = Config(LoadConfig(base=str(demo_base), ctx_size=128, parallel=1))
 
     def load():
-        engine = Engine.load(EngineConfig(demo_base, [], opts.context))
-        return {"base": Served("base", opts, engine, Scheduler(engine), None, 1, 0)}
+        engine = Engine.load(EngineConfig(demo_base, [], ContextSettings(config.load.ctx_size)))
+        return {"base": Served("base", config, engine, Scheduler(engine), None, 0)}
 
     preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
     for origins, allowed in (([], None), (["http://localhost:3000"], "http://localhost:3000")):

@@ -5,15 +5,17 @@ Contract:
   raises `UserError` naming the package to install: the single-machine path never needs Ray.
 - `ClusterSpec` says where and how wide: a Ray address (None: the cluster `ray.init()` finds,
   RAY_ADDRESS or one on this machine, else a new local one), the number of workers, and the
-  load options each worker resolves on its own node (`@NAME` models from that node's cache).
+  checked `Config` each worker loads, its model references resolved on the worker's own node
+  (`@NAME` models from that node's cache).
 - `batch.ClusterModel` is the driver side of a batch job; `serve` deploys the server on Ray
   Serve.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import Config
 from ..errors import UserError
 
 INSTALL = "pip install 'edge-genarm[cluster]'"
@@ -32,9 +34,7 @@ def require_ray():
 class ClusterSpec:
     address: str | None          # None: ray.init()'s own choice
     workers: int | None          # None: one per node
-    load_kwargs: dict            # the options, as the command line's kwargs (before parsing)
-    explicit: set[str] = field(default_factory=set)  # those the user gave (a preset fills the rest)
-    name: str | None = None      # the model's name in results and /v1/models
+    config: Config               # what each worker loads (references resolved on its node)
 
     def check(self, what: str = "--workers") -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \

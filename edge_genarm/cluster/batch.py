@@ -1,10 +1,11 @@
 """Batch generation over a Ray cluster: the driver hands lines to N actors, each a `Model`.
 
 Contract:
-- `ClusterModel(spec, parallel)` starts `spec.workers` Ray actors; each parses the load options
-  on its own node and loads the models once (a model that cannot load is one `UserError`), then
-  runs its own continuous batch of `parallel` sequences. An actor asks Ray for as many CPUs as
-  its --threads (1 when unset), so that Ray spreads actors over the nodes' cores.
+- `ClusterModel(spec)` starts `spec.workers` Ray actors; each loads the spec's `Config` once on
+  its own node (model references resolved there; a model that cannot load is one
+  `UserError`), then runs its own continuous batch of the config's `parallel` sequences. An
+  actor asks Ray for as many CPUs as its threads (1 when unset), so that Ray spreads actors
+  over the nodes' cores.
 - `as_completed(prompts, **options)` behaves as `Model.as_completed` (items, per-item options,
   `Completion`s as they finish, a bad item handed back with its error): each item is one actor
   call. Items are sorted by the text the model sees, so that items sharing a prefix (a system
@@ -15,8 +16,8 @@ Contract:
   queue and other workers run them; a replacement actor is started (at most `workers`
   replacements over the model's life) and takes work once loaded. An item in flight on
   `MAX_ATTEMPTS` deaths comes out with an error instead of killing a third worker.
-- `generate`, `generate_batch`, `chat` as `Model`'s; `stream` streams from one worker (no
-  `should_stop`). `close()` kills the actors.
+- `generate`, `generate_batch`, `chat`: `model.Calls`', as `Model`'s; `stream` streams from one
+  worker (no `should_stop`). `close()` kills the actors.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from ..api import Completion, Model
+from ..config import Config, RequestParams
 from ..errors import UserError
-from ..generation import Result
-from ..options import GenerationOptions
+from ..model import Calls, Completion, Model, is_token_ids
 from . import ClusterSpec, connect, first_line
 
 MAX_ATTEMPTS = 3
@@ -43,13 +43,12 @@ class BatchWorker:
     """The actor: one `Model` on one node, its calls served from a thread pool (Ray's
     `max_concurrency`) so that concurrent items share the model's continuous batch."""
 
-    def __init__(self, load_kwargs: dict, explicit: set[str], parallel: int, name: str | None):
+    def __init__(self, config: Config):
         self.model, self.error = None, None
         try:
-            opts = GenerationOptions.from_kwargs(dict(load_kwargs), explicit)
             from .. import llama
-            llama.set_verbose(opts.verbose)
-            self.model = Model(opts, parallel, name=name)
+            llama.set_verbose(config.load.verbose)
+            self.model = Model(config)
         except UserError as exc:  # reported by ready(), as one line on the driver
             self.error = str(exc)
 
@@ -58,13 +57,14 @@ class BatchWorker:
         return {"error": self.error, "pid": os.getpid(), "host": socket.gethostname(),
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def run(self, index: int, item, options: dict) -> Completion:
-        done = next(self.model.as_completed([item], **options))
+    def run(self, index: int, item, params: RequestParams | None, options: dict
+            ) -> Completion:
+        done = next(self.model.as_completed([item], params, **options))
         done.index = index
         return done
 
-    def stream(self, prompt, options: dict):
-        yield from self.model.stream(prompt, **options)
+    def stream(self, prompt, params: RequestParams | None, options: dict):
+        yield from self.model.stream(prompt, params, **options)
 
 
 @dataclass
@@ -81,18 +81,18 @@ class _Slot:
         return self.ready is None and self.actor is not None
 
 
-class ClusterModel:
-    def __init__(self, spec: ClusterSpec, parallel: int = 4):
+class ClusterModel(Calls):
+    def __init__(self, spec: ClusterSpec):
         if spec.workers is not None:
             spec.check()
-        opts = GenerationOptions.from_kwargs(dict(spec.load_kwargs), spec.explicit)
-        self.ray = connect(spec.address, opts.verbose)
+        self.config = spec.config
+        self.ray = connect(spec.address, self.config.load.verbose)
         if spec.workers is None:  # one per node
             spec = dataclasses.replace(spec, workers=sum(n["Alive"] for n in self.ray.nodes()))
-        self.options, self.spec, self.parallel = opts, spec, parallel
-        threads = opts.context.n_threads or 1
+        self.spec, self.parallel = spec, self.config.load.parallel
+        threads = self.config.load.threads or 1
         self._check_room(threads)
-        self._remote = self.ray.remote(num_cpus=threads, max_concurrency=IN_FLIGHT * parallel
+        self._remote = self.ray.remote(num_cpus=threads, max_concurrency=IN_FLIGHT * self.parallel
                                        + 1)(BatchWorker)
         self._replacements = spec.workers
         self.slots = [self._start() for _ in range(spec.workers)]
@@ -106,8 +106,7 @@ class ClusterModel:
 
     # -- workers ----------------------------------------------------------------------------
     def _start(self) -> _Slot:
-        s = self.spec
-        actor = self._remote.remote(s.load_kwargs, s.explicit, self.parallel, s.name)
+        actor = self._remote.remote(self.spec.config)
         return _Slot(actor, actor.ready.remote())
 
     def _check_room(self, threads: int) -> None:
@@ -149,27 +148,24 @@ class ClusterModel:
             slot.actor, slot.ready = fresh.actor, fresh.ready
 
     @property
-    def arms(self) -> dict[str, float]:
-        """The ARMs and their default weights (as every worker loads them)."""
-        return {a.name: a.alpha for a in self.options.arms}
-
-    @property
     def workers(self) -> list[dict]:
         """Each live worker's host, node id and process id."""
         return [s.info for s in self.slots if s.live]
 
     # -- the calls ---------------------------------------------------------------------------
-    def as_completed(self, prompts: Iterable, **options) -> Iterator[Completion]:
+    def as_completed(self, prompts: Iterable, params: RequestParams | None = None, **options
+                     ) -> Iterator[Completion]:
         """See the module docstring."""
         self._check_open()
         items = list(prompts)
-        for slot, share in zip(self.slots, prefix_shares(items, options, len(self.slots))):
+        system = options.get("system", (params or self.config.request).system)
+        for slot, share in zip(self.slots, prefix_shares(items, system, len(self.slots))):
             slot.share = share
         pending: dict = {}  # ObjectRef -> (slot, the actor it went to, index)
         attempts: Counter = Counter()
         try:
             while True:
-                self._fill(items, options, pending)
+                self._fill(items, (params, options), pending)
                 loading = {s.ready: s for s in self.slots if s.ready is not None}
                 left = any(s.share for s in self.slots)
                 if not pending and not (left and loading):
@@ -189,7 +185,7 @@ class ClusterModel:
             for ref in pending:
                 self.ray.cancel(ref)
 
-    def _fill(self, items: list, options: dict, pending: dict) -> None:
+    def _fill(self, items: list, call: tuple, pending: dict) -> None:
         """Give every live worker items up to its depth: its own share first, then stolen."""
         depth = IN_FLIGHT * self.parallel
         for slot in self.slots:
@@ -198,7 +194,7 @@ class ClusterModel:
                 if i is None:
                     break
                 slot.busy += 1
-                pending[slot.actor.run.remote(i, items[i], options)] = (slot, slot.actor, i)
+                pending[slot.actor.run.remote(i, items[i], *call)] = (slot, slot.actor, i)
 
     def _collect(self, ref, slot: _Slot, actor, i: int, attempts: Counter
                  ) -> Completion | None:
@@ -225,29 +221,16 @@ class ClusterModel:
             slot.busy -= 1
         return done
 
-    def generate_batch(self, prompts: Iterable, **options) -> list[Result]:
-        done = {c.index: c for c in self.as_completed(list(prompts), **options)}
-        for c in done.values():
-            if c.error is not None:
-                raise c.error
-        return [done[i].results[0] for i in sorted(done)]
-
-    def generate(self, prompt, **options) -> Result:
-        return self.generate_batch([prompt], **options)[0]
-
-    def chat(self, messages: list[dict], **options) -> Result:
-        if not isinstance(messages, list) or not messages:
-            raise UserError("chat() takes a non-empty list of {'role', 'content'} messages")
-        return self.generate(messages, **options)
-
-    def stream(self, prompt, **options) -> Iterator:
+    def stream(self, prompt, params: RequestParams | None = None, **options) -> Iterator:
         self._check_open()
         if "should_stop" in options:
             raise UserError("stream(should_stop=...) runs on one machine; on a cluster close "
                             "the iterator to cancel")
         live = [s for s in self.slots if s.live]
-        slot = live[hash(_prefix_key(prompt, options)[:256]) % len(live)]
-        for ref in slot.actor.stream.options(num_returns="streaming").remote(prompt, options):
+        system = options.get("system", (params or self.config.request).system)
+        slot = live[hash(_prefix_key(prompt, system)[:256]) % len(live)]
+        for ref in slot.actor.stream.options(num_returns="streaming").remote(prompt, params,
+                                                                             options):
             yield self.ray.get(ref)
 
     def close(self) -> None:
@@ -261,17 +244,11 @@ class ClusterModel:
         if self._closed:
             raise UserError("this model is closed; load it again")
 
-    def __enter__(self) -> "ClusterModel":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def prefix_shares(items: list, options: dict, n: int) -> list[deque]:
+def prefix_shares(items: list, system: str | None, n: int) -> list[deque]:
     """The items' indices in n contiguous runs of the order of the text the model sees first:
     items that share a prefix are neighbours in it, so mostly in one run."""
-    order = sorted(range(len(items)), key=lambda i: _prefix_key(items[i], options))
+    order = sorted(range(len(items)), key=lambda i: _prefix_key(items[i], system))
     return [deque(order[k * len(order) // n:(k + 1) * len(order) // n]) for k in range(n)]
 
 
@@ -282,20 +259,14 @@ def _take(slot: _Slot, slots: list[_Slot]) -> int | None:
     return victim.share.pop() if victim.share else None
 
 
-def _is_ids(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and \
-        all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-
-
-def _prefix_key(item, options: dict) -> str:
+def _prefix_key(item, system: str | None) -> str:
     """The text the model will see first, for grouping items that share a prefix: the system
     message, then the messages or the prompt (token ids as their digits)."""
-    system = options.get("system")
     if isinstance(item, dict):
         system = item.get("system", system)
         item = item.get("prompt", item.get("messages"))
     if isinstance(item, str):
         return json.dumps([system, item])[:-2]  # open-ended: a prompt may go on past it
-    if _is_ids(item):
+    if is_token_ids(item):
         return " ".join(map(str, item))
     return json.dumps([system, item], ensure_ascii=False)

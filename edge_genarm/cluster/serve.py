@@ -40,8 +40,8 @@ from ray import serve
 from ray.serve.request_router import RequestRouter
 
 from ..errors import UserError
-from ..options import GenerationOptions
-from ..serve.app import ServeConfig, _read_body, create_app
+from ..serve.app import ServeConfig, create_app, read_body
+from ..worker import load_served
 from ..serve.protocol import ApiError
 
 BLOCK = 64         # characters per prefix block
@@ -106,16 +106,9 @@ class PrefixRouter(RequestRouter):
 class EngineReplica:
     """One replica: the models of every preset, and the single-process app run in-process."""
 
-    async def __init__(self, recipes: dict, parallel: int, max_queue: int,
-                       config: ServeConfig):
-        import dataclasses
-        from ..serve.cli import load_models
-        options = {}
-        for name, (kwargs, explicit) in recipes.items():  # parsed on this node: its own paths
-            opts = GenerationOptions.from_kwargs(dict(kwargs), explicit)
-            opts.context = dataclasses.replace(opts.context, n_seq_max=parallel)
-            options[name] = opts
-        models = await asyncio.to_thread(load_models, options, parallel, max_queue)
+    async def __init__(self, configs: dict, max_queue: int, config: ServeConfig):
+        # model references resolve here, on this replica's node: its own paths and cache
+        models = await asyncio.to_thread(load_served, configs, max_queue, True)
         self.failure: list[BaseException] = []
         self.app = create_app(config, lambda: models, self.failure.append)
         self.id = serve.get_replica_context().replica_id.unique_id
@@ -227,7 +220,7 @@ def gateway_app(engine, config: ServeConfig, replicas: int) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH",
                                             "OPTIONS", "HEAD"])
     async def forward(request: Request, path: str):
-        body = await _read_body(request, config.max_body)
+        body = await read_body(request, config.max_body)
         prefix = prefix_hashes(body) if request.url.path in COMPLETIONS else None
         status, headers, chunks = await _forward(engine, request, body, prefix=prefix)
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
@@ -295,14 +288,16 @@ def merge_metrics(texts: dict[str, str]) -> bytes:
 
 
 # -- the command -------------------------------------------------------------------------------
-def run(address: str | None, recipes: dict, replicas: int, parallel: int, max_queue: int,
-        config: ServeConfig, host: str, port: int, threads: int, verbose: bool) -> None:
+def run(address: str | None, configs: dict, replicas: int, max_queue: int,
+        config: ServeConfig, host: str, port: int) -> None:
     """Deploy on the cluster, wait for every replica to load, serve until Ctrl-C (or SIGTERM),
     then take the application down."""
     import signal
     import click
     from . import connect, first_line
-    connect(address, verbose)
+    load = next(iter(configs.values())).load
+    parallel, threads = load.parallel, load.threads or 1
+    connect(address, load.verbose)
     serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
     engine = serve.deployment(
         EngineReplica, name="EngineReplica", num_replicas=replicas,
@@ -311,7 +306,7 @@ def run(address: str | None, recipes: dict, replicas: int, parallel: int, max_qu
         max_queued_requests=replicas * max(max_queue, 1),
         request_router_config={"request_router_class": PrefixRouter},
         health_check_period_s=5, graceful_shutdown_timeout_s=5,
-    ).bind(recipes, parallel, max_queue, config)
+    ).bind(configs, max_queue, config)
     gateway = serve.deployment(serve.ingress()(Gateway), name="Gateway",
                                ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000).bind(engine, config, replicas)
@@ -322,7 +317,7 @@ def run(address: str | None, recipes: dict, replicas: int, parallel: int, max_qu
         except RuntimeError as exc:
             raise UserError(f"the replicas could not start: {first_line(exc, last=True)}") from None
         _wait_running(replicas)
-        click.echo(f"edge-genarm: serving {', '.join(recipes)} on http://{host}:{port}/v1 "
+        click.echo(f"edge-genarm: serving {', '.join(configs)} on http://{host}:{port}/v1 "
                    f"({replicas} replicas on Ray Serve)", err=True)
         while True:
             time.sleep(3600)

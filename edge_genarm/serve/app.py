@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from .. import __version__
+from .. import __version__, options
 from ..errors import ContextFullError, EngineError, UnknownArmError, UserError
 from ..generation import Answer, encode_messages, with_system
 from ..scheduler import Handle
@@ -203,7 +203,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
         return await _complete(request, "completion")
 
     async def _complete(request: Request, kind: str):
-        body = protocol.parse(kind, await _read_body(request, config.max_body))
+        body = protocol.parse(kind, await read_body(request, config.max_body))
         model = state.model(body.model)
         call = _Call(kind, body, model, state.worker, metrics)
         call.submit(_prompts(kind, body, model))
@@ -238,7 +238,7 @@ def _authorize(api_key: str | None):
     return check
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     too_big = ApiError(413, f"the body is over {limit} bytes; send a smaller request",
                        code="request_too_large")
     length = request.headers.get("content-length", "")
@@ -264,7 +264,7 @@ def _prompts(kind: str, body, model: Served) -> list[list[int]]:
                                "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role,
                          "content": m.text()} for m in body.messages]
-            return [encode_messages(engine, with_system(messages, model.opts.system),
+            return [encode_messages(engine, with_system(messages, model.config.request.system),
                                     model.template)]
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if prompts and isinstance(prompts[0], int):
@@ -297,11 +297,11 @@ class _Call:
     def submit(self, prompts: list[list[int]]) -> None:
         given = protocol.call_options(self.body)
         param = "messages" if self.kind == "chat" else "prompt"
-        if given["n"] > self.model.parallel:
-            raise ApiError(400, f"n must be at most {self.model.parallel} (the server's "
-                           f"--parallel), got {given['n']}", "n")
         try:
-            requests = [self.model.opts.call(ids, given) for ids in prompts]
+            requests = [options.call(self.model.config.request, ids, given) for ids in prompts]
+            if requests[0].n > self.model.parallel:
+                raise ApiError(400, f"n must be at most {self.model.parallel} (the server's "
+                               f"--parallel), got {requests[0].n}", "n")
             loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
             self.handles = self.worker.submit(
                 self.model, requests,
@@ -318,9 +318,8 @@ class _Call:
                 raise ApiError(400, str(exc), param) from None
             name = "top_logprobs" if exc.param == "logprobs" and self.kind == "chat" else exc.param
             raise ApiError(400, str(exc), name, "invalid_value") from None
-        n = given["n"]
-        self.n = n
-        self.answers = [Answer(i) for i in range(len(prompts) * n)]
+        self.n = requests[0].n
+        self.answers = [Answer(i) for i in range(len(prompts) * self.n)]
         for ids in prompts:
             self.metrics.prompt.labels(self.model.name).inc(len(ids))
 

@@ -1,14 +1,13 @@
 """`edge-genarm serve`: an OpenAI-compatible server where every request brings its own alignment.
 
 The socket is bound first (a port in use is one line, before any model loads); the models load
-on a thread while `/health` answers 503, each after a first decode in a child process
-(`probe.py`) so that a model that crashes llama.cpp ends the command with one line and exit
-status 1; uvicorn serves the app from `app.py`.
+on a thread while `/health` answers 503 (`worker.load_served`, each after a first decode in a
+child process, so that a model that crashes llama.cpp ends the command with one line and exit
+status 1); uvicorn serves the app from `app.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import socket
 import sys
@@ -16,15 +15,11 @@ import sys
 import click
 
 from .. import llama
-from ..engine import Engine
-from ..errors import UserError
-from ..generation import chat_template
 from ..cluster import require_ray
-from ..options import GenerationOptions, explicit_options, generation_options
-from ..probe import check_first_decode
-from ..scheduler import Scheduler
+from ..errors import UserError
+from ..options import configure, flagged, generation_options, given_options
+from ..worker import Served, load_served
 from .app import ServeConfig, create_app
-from ..worker import Served
 
 
 @click.command()
@@ -61,9 +56,6 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
     generation: each request may set its own ARM weights ("arms": {"positive": 1.5})."""
     import uvicorn
 
-    if not 1 <= parallel <= llama.max_parallel_sequences():
-        raise UserError(f"--parallel must be between 1 and {llama.max_parallel_sequences()}, "
-                        f"got {parallel}")
     if max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {max_queue}")
     if max_body < 1024:
@@ -76,16 +68,19 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         raise UserError(f"--replicas must be at least 1, got {replicas}")
     if ray_address is not None:
         require_ray()
-    explicit = explicit_options(kwargs)
     presets = kwargs.pop("preset") or (None,)
     if len(set(presets)) != len(presets):
         raise UserError("a --preset is named twice; name each once")
-    options = {}
+    defaults, given = given_options(kwargs)
+    configs = {}
     for name in presets:  # each preset is checked now, before anything binds or loads
-        opts = GenerationOptions.from_kwargs(dict(kwargs, preset=name))
-        opts.context = dataclasses.replace(opts.context, n_seq_max=parallel)
-        options[name or opts.base.stem] = opts
-    llama.set_verbose(next(iter(options.values())).verbose)
+        try:
+            config = configure(name, given | {"parallel": parallel}, defaults=defaults)
+        except UserError as exc:
+            raise flagged(exc, {"parallel": "--parallel"}) from None
+        configs[config.name] = config
+    first = next(iter(configs.values())).load
+    llama.set_verbose(first.verbose)
     config = ServeConfig(api_key, list(cors_origins), max_body)
     sock = _bind(host, port)
     if not _is_loopback(host) and api_key is None:
@@ -95,15 +90,12 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         port = sock.getsockname()[1]
         sock.close()
         from ..cluster import serve as on_ray
-        recipes = {name: (dict(kwargs, preset=preset), explicit)
-                   for name, preset in zip(options, presets)}
-        threads = next(iter(options.values())).context.n_threads or 1
-        return on_ray.run(ray_address or None, recipes, replicas or 1, parallel, max_queue,
-                          config, host, port, threads, next(iter(options.values())).verbose)
+        return on_ray.run(ray_address or None, configs, replicas or 1, max_queue, config, host,
+                          port)
     failure: list[BaseException] = []
 
     def load() -> dict[str, Served]:
-        models = load_models(options, parallel, max_queue)
+        models = load_served(configs, max_queue, probe=True)
         click.echo(f"edge-genarm: serving {', '.join(models)} on http://{_url_host(host)}:"
                    f"{sock.getsockname()[1]}/v1", err=True)
         return models
@@ -121,26 +113,6 @@ def serve(host: str, port: int, parallel: int, max_queue: int, api_key: str | No
         raise exc if isinstance(exc, (UserError, KeyboardInterrupt)) else \
             UserError(f"loading the models failed: {exc}")
     sys.stderr.flush()
-
-
-def load_models(options: dict[str, GenerationOptions], parallel: int,
-                max_queue: int) -> dict[str, Served]:
-    """Each preset's models, loaded after a first decode in a child process: a crash inside
-    llama.cpp would kill every request later, so it is met now, as one line."""
-    models = {}
-    try:
-        for name, opts in options.items():
-            config = opts.engine_config()
-            check_first_decode(config)
-            engine = Engine.load(config)
-            models[name] = Served(name, opts, engine, Scheduler(engine),
-                                  chat_template(engine, opts.chat_template), parallel,
-                                  max_queue)
-    except BaseException:
-        for m in models.values():
-            m.engine.close()
-        raise
-    return models
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -5,9 +5,10 @@ Contract:
   pydantic model. Malformed JSON, a wrong type or an out-of-range value raises `ApiError` 400
   with `param` naming the field. Fields that would change the result and are not implemented
   (`UNSUPPORTED`) are refused by name; other unknown fields are ignored.
-- `call_options(body)` names a body's request options as the Python API does (sampling, seed,
-  stops, max tokens, ARM alphas, n, log-probs, method); `GenerationOptions.call` puts them
-  over the server's options into a scheduler `Request`, the same step as for the API.
+- The bodies' request options are generated from `config.RequestParams` (every option whose
+  declaration says it travels on the wire); `call_options(body)` names them as the Python API
+  does, and `options.call` puts them over the server's defaults into the request, the same
+  step as for the API.
 - One choice's events are gathered by `generation.Answer` (the output processor's, as for the
   Python API); the builders here turn answers into plain dicts in OpenAI's shapes, with the ARM
   alphas and seed used as extension fields.
@@ -15,13 +16,15 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import json
+import typing
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from ..policy import METHODS
-from ..speculative import DRAFTERS
+from .. import fields
+from ..config import RequestParams
 from ..generation import Answer
 from ..scheduler import TokenLogprob
 
@@ -72,47 +75,44 @@ class Message(_Body):
         return self.content or ""
 
 
-class _Common(_Body):
-    model: str | None = None
-    # Types only: the values are checked with the request (policy.py), as for every caller.
-    max_tokens: int | None = Field(None, ge=1)      # 0 is not "none" here, as at OpenAI
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None                        # extension
-    min_p: float | None = None                      # extension
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    # extensions, llama-server's names: DRY, a penalty on repeating the answer's own text
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_sequence_breakers: list[str] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    arms: dict[str, float] | None = None            # extension: ARM weights by name
-    # extensions: guidance by the server's reward model over the base's top candidates
-    method: Literal[METHODS] | None = None
-    reward_weight: float | None = None
-    candidates: int | None = None
-    samples: int | None = None
-    # extension: exact speculative decoding (drafts checked in one decode)
-    speculative: Literal[("off",) + DRAFTERS] | None = None
-    draft_tokens: int | None = None
+def _wire_type(spec: fields.Spec):
+    """An option's type in a JSON body: choices as a Literal, lists as JSON arrays (a single
+    string too, for the string lists: stop), every field optional (the server's defaults)."""
+    tp = spec.base_type
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if spec.option.choices:
+        tp = Literal[spec.option.choices]
+    elif origin is tuple:
+        tp = str | list[str] if args[0] is str else list[args[0]]
+    return tp | None
 
 
-class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+@functools.cache
+def body_models(request_cls: type = RequestParams) -> tuple[type, type]:
+    """(ChatBody, CompletionBody) for a request class: its options that travel on the wire
+    (generated, OpenAI's names where OpenAI has the option, the rest extensions) beside the
+    wire's own fields. Types only: values are checked with the request
+    (`RequestParams.validate`), as for every caller."""
+    common = create_model(
+        "_Common", __base__=_Body, model=(str | None, None),
+        stream=(bool, False), stream_options=(StreamOptions | None, None),
+        **{s.name: (_wire_type(s), None) for s in fields.specs(request_cls) if s.option.wire})
+
+    class ChatBody(common):
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: int | None = Field(None, ge=1)      # 0 is not "none" here, as at OpenAI
+        max_completion_tokens: int | None = Field(None, ge=1)
+        logprobs: bool = False
+        top_logprobs: int | None = None
+
+    class CompletionBody(common):
+        prompt: str | list[str] | list[int] | list[list[int]]
+        max_tokens: int | None = Field(None, ge=1)
+
+    return ChatBody, CompletionBody
 
 
-class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+ChatBody, CompletionBody = body_models()
 
 
 def _off(value: Any) -> bool:
@@ -133,8 +133,10 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def parse(kind: str, raw: bytes) -> ChatBody | CompletionBody:
-    model = ChatBody if kind == "chat" else CompletionBody
+def parse(kind: str, raw: bytes, request_cls: type = RequestParams):
+    """A body of `kind` for a request class (the loaded model's), validated."""
+    chat, completion = body_models(request_cls)
+    model = chat if kind == "chat" else completion
     try:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
@@ -169,21 +171,15 @@ def _validation_error(exc: ValidationError) -> ApiError:
 
 
 # -- the body as scheduler settings --------------------------------------------------------------
-def call_options(body: ChatBody | CompletionBody) -> dict:
-    """A body's request options by the Python API's names (None: not given, the server's own
-    apply); `GenerationOptions.call` turns them into the request, as for the Python API."""
-    given = {name: getattr(body, name) for name in (
-        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-        "dry_multiplier", "dry_base", "dry_allowed_length", "seed", "stop", "method",
-        "reward_weight", "candidates", "samples", "speculative", "draft_tokens")}
-    if body.dry_sequence_breakers is not None:
-        given["dry_sequence_breakers"] = tuple(body.dry_sequence_breakers)
-    given["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens or None
-    if isinstance(body, ChatBody):
+def call_options(body, request_cls: type = RequestParams) -> dict:
+    """A body's request options by their declared names (None: not given, the server's own
+    apply); `options.call` turns them into the request, as for the Python API."""
+    given = {s.name: getattr(body, s.name) for s in fields.specs(request_cls)
+             if s.option.wire}
+    given["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if hasattr(body, "messages"):  # OpenAI's chat spells log-probs as a flag and a count
         given["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
-    else:
-        given["logprobs"] = body.logprobs
-    return given | {"arms": dict(body.arms or {}), "n": body.n}
+    return given
 
 
 # -- answers and responses ---------------------------------------------------------------------

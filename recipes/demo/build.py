@@ -75,15 +75,14 @@ def sample_responses(base: Path, texts: list[str], k: int = 4, max_tokens: int =
     with seed seed * 10**6 + i * k + j, so the samples do not depend on the grouping.
     """
     from edge_genarm.api import Model
-    from edge_genarm.llama import ContextSettings
-    from edge_genarm.options import GenerationOptions
-    from edge_genarm.sampling import SamplingSettings
+    from edge_genarm.options import configure
 
-    sampling = SamplingSettings(temperature=temperature, top_k=0, top_p=0.95, min_p=0.0)
-    opts = GenerationOptions(base=base, arms=[], sampling=sampling, max_tokens=max_tokens,
-                             system=system, context=ContextSettings(n_ctx=max_tokens + 64))
+    config = configure(None, {"base": str(base), "temperature": temperature, "top_k": 0,
+                              "top_p": 0.95, "min_p": 0.0, "max_tokens": max_tokens,
+                              "system": system, "ctx_size": max_tokens + 64,
+                              "parallel": group * k})
     answers: list = [None] * len(texts)
-    with Model(opts, parallel=group * k) as model:
+    with Model(config) as model:
         items = [{"prompt": t, "seed": seed * 10**6 + i * k, "n": k} for i, t in enumerate(texts)]
         for done, finished in zip(model.as_completed(items), range(1, len(texts) + 1)):
             if done.error is not None:
