@@ -30,8 +30,7 @@ import numpy as np
 from . import guidance, penalties, reward
 from .errors import ContextFullError, UserError
 from .sampling import Sampler, SamplingSettings, SettingError, make_distribution, make_sampler
-from .speculative import (DRAFTERS, VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU, Drafting,
-                          LookupDrafter, ModelDrafter)
+from .speculative import DRAFTERS, Drafting, LookupDrafter, ModelDrafter, new_drafting
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
@@ -131,15 +130,15 @@ class Rerank:
     (score: log-prob for PARGS, raw logit for ARGS); every row's candidates in one decode."""
     stage = 1
 
-    def __init__(self, model: reward.RewardModel):
-        self.model = model
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
 
     def __call__(self, rows: np.ndarray, seqs: list, requests: list) -> np.ndarray:
         scores = [guidance.log_softmax(row) if r.method == "pargs" else row
                   for row, r in zip(rows, requests)]
-        candidates = [reward.top_candidates(x, r.candidates or self.model.k)
+        candidates = [reward.top_candidates(x, r.candidates or self.engine.reward.k)
                       for x, r in zip(scores, requests)]
-        rewards = self.model.candidates(seqs, candidates)
+        rewards = self.engine.candidate_rewards(seqs, candidates)
         return np.stack([reward.tokenwise_scores(x, c, w, r.reward_weight)
                          for x, c, w, r in zip(scores, candidates, rewards, requests)])
 
@@ -193,8 +192,8 @@ class BestOfN:
 class Judge:
     """Scores the whole answers best-of-n requests wait on, a step's in one decode."""
 
-    def __init__(self, model: reward.RewardModel):
-        self.model = model
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
         self.waiting: list = []  # handles with answers to score
 
     def wait(self, handle) -> None:
@@ -205,7 +204,7 @@ class Judge:
         handles, self.waiting = self.waiting, []
         if not handles:
             return
-        rewards = iter(self.model.sequence_rewards(
+        rewards = iter(self.engine.sequence_rewards(
             [seq for h in handles for _, seq in h.policy.finish.to_judge]))
         for h in handles:
             hook = h.policy.finish
@@ -218,9 +217,9 @@ class Policies:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.mask = EogMask(engine.model.eog_tokens)
-        model = engine.reward
-        self.rerank = Rerank(model) if model is not None else None
-        self.judge = Judge(model) if model is not None else None
+        scores = engine.reward is not None
+        self.rerank = Rerank(engine) if scores else None
+        self.judge = Judge(engine) if scores else None
         self.lookup = LookupDrafter()  # stateless: one for every request
         self._samplers: dict[SamplingSettings, Sampler] = {}
 
@@ -249,10 +248,7 @@ class Policies:
                         returned=1 if best_of else request.n)
         if request.drafts:
             policy.drafter = self._drafter(request, alphas)
-            policy.draft = Drafting(
-                request.draft_tokens or self.engine.max_draft,
-                draft_cost(self.engine, policy.drafter, alphas),
-                VERIFY_EXPONENT_GPU if self.engine.model.n_gpu_layers else VERIFY_EXPONENT_CPU)
+            policy.draft = new_drafting(self.engine, policy.drafter, alphas, request.draft_tokens)
             policy._distribution = make_distribution(sampling)
         return policy
 
@@ -270,19 +266,6 @@ class Policies:
     def after_step(self, out: list) -> None:
         if self.judge is not None:
             self.judge.run(out)
-
-
-def draft_cost(engine: "Engine", drafter, alphas: np.ndarray) -> float:
-    """A model drafter's step, as a share of a step of the target (the base and the ARMs on),
-    from the bytes of weights each step reads; an ARM row it computes spares that ARM's verify
-    position, which costs about a third of a step (0 for prompt lookup)."""
-    if not isinstance(drafter, ModelDrafter):
-        return 0.0
-    target = engine.model.size + sum(a.context.model.size for a, w in zip(engine.arms, alphas)
-                                     if w)
-    reused = sum(a.context.model.size for a, w in zip(engine.arms, drafter.weights) if w)
-    own = engine.drafter.model.size if drafter.draft_model else 0
-    return (own + reused * 2 / 3) / target
 
 
 def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.ndarray:
