@@ -13,10 +13,13 @@ Contract:
   context decodes only the rows that use it). What happens next is each request's own
   `policy.Policy`, built and checked at submit: its processors (the end-of-generation mask,
   PARGS/ARGS's rerank with the reward model), its penalties and sampler with the answer's own
-  random generator, and its finish hook (best-of-n holds and judges). The scheduler keeps
-  admission, prefix sharing, forks and KV cells. `step()` returns that step's `Event`s: one per
-  new token, the last of each answer with its finish reason and `Usage`; log-probs are over the
-  processed row, before the penalties.
+  random generator, and its finish hook (best-of-n holds and judges; a hook reads an answer
+  and returns the events to send). Drafting is the `speculative.Proposer`'s: the scheduler
+  feeds each answer what its proposal says and takes back the tokens the proposer keeps. The
+  scheduler keeps admission, prefix sharing, forks and KV cells, and is the only writer of its
+  answers and handles. `step()` returns that step's `Event`s (events.py: one per new token, the
+  last of each answer with its finish reason and `Usage`); log-probs are over the processed
+  row, before the penalties.
 - Shared prefixes: a prompt that starts with tokens another sequence holds (a live one, or a
   finished one kept while its id is idle) copies them instead of decoding them again.
 - `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
@@ -31,67 +34,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import guidance
 from .engine import Engine, Sequence
-from .policy import MAX_TOP_LOGPROBS, METHODS, Policies, Policy, Request, run_processors
+from .events import Event, Handle, TokenLogprob, Usage, logprob_of
+from .policy import (MAX_TOP_LOGPROBS, METHODS, Ended, Policies, Policy, Request,
+                     run_processors)
 from .speculative import Drafting, Proposal, Proposer
 from .text import TextStream
 
 __all__ = ["Event", "Handle", "MAX_TOP_LOGPROBS", "METHODS", "Request", "Scheduler",
            "TokenLogprob", "Usage"]
-
-
-@dataclass
-class Usage:
-    """One answer's record, with OpenAI's names where OpenAI has one."""
-    prompt_tokens: int
-    completion_tokens: int = 0
-    cached_tokens: int = 0             # prompt tokens copied from another sequence's cache
-    time_to_first_token: float = 0.0   # seconds from submit to the first token
-    tokens_per_second: float = 0.0     # tokens after the first over the time since the first
-    finish_reason: str | None = None
-    drafted_tokens: int = 0            # speculative: draft tokens verified
-    accepted_tokens: int = 0           # speculative: of those, kept
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float                            # under the guided distribution, normalised
-    top: tuple[tuple[int, float], ...] = ()   # the most likely tokens and theirs
-
-
-@dataclass
-class Event:
-    handle: "Handle"
-    index: int                 # which of the request's n answers
-    token: int | None          # None on a closing event without a token
-    text: str                  # text that became final with this token
-    finish_reason: str | None = None
-    logprob: TokenLogprob | None = None
-    usage: Usage | None = None  # on the answer's last event
-
-
-class Handle:
-    """A submitted request: what the caller holds to read its events or cancel it."""
-
-    def __init__(self, request: Request, policy: Policy, submitted: float):
-        self.request, self.policy, self.submitted = request, policy, submitted
-        self.n = policy.answers  # answers generated
-        self.finished = 0  # answers that have ended
-        self.sequences: dict[int, Sequence] = {}  # answer index -> the sequence it ran on
-
-    @property
-    def done(self) -> bool:
-        return self.finished >= self.n
 
 
 @dataclass
@@ -192,7 +148,9 @@ class Scheduler:
             self._finish(slot, "context_full", events)
         if self._slots:
             self._decode(events)
-        self.policies.after_step(events)
+        for verdict in self.policies.after_step():  # the winner goes on as answer 0
+            verdict.handle.sequences = {0: verdict.handle.sequences[verdict.best]}
+            events.extend(verdict.events)
         return events
 
     def _decode(self, events: list[Event]) -> None:
@@ -339,10 +297,10 @@ class Scheduler:
             slot.tokens.append(token)
             slot.pending = [token]
             top = policy.request.logprobs  # reported before the penalties
-            logprob = _logprob(row, token, top) if top is not None else None
+            logprob = logprob_of(row, token, top) if top is not None else None
             piece, finish = slot.text.push(token)
             event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
-            policy.finish.emit(slot.handle, event, events)
+            events.extend(policy.finish.emit(event))
             if finish:
                 self._finish(slot, finish, events, event=event)
                 return
@@ -351,9 +309,10 @@ class Scheduler:
                 event: Event | None = None) -> None:
         """End an answer: its last event gets the reason and usage; its sequence goes idle
         (cache kept for a later prompt that starts the same way) or, cancelled, free."""
+        hook = slot.policy.finish
         if event is None:
             event = Event(slot.handle, slot.index, None, slot.text.close())
-            slot.handle.policy.finish.emit(slot.handle, event, events)
+            events.extend(hook.emit(event))
         usage = slot.usage
         usage.completion_tokens = len(slot.tokens)
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
@@ -366,23 +325,16 @@ class Scheduler:
         self._slots.remove(slot)
         slot.handle.finished += 1
         slot.handle.sequences[slot.index] = slot.seq
-        slot.handle.policy.finish.ended(slot.handle, slot, reason, event, events)
+        if hook.whole(reason):  # its last token, never decoded, joins the sequence it reads
+            self.engine.extend(slot.seq, slot.pending)
+            slot.pending = []
+        events.extend(hook.ended(Ended(slot.handle, slot.index, reason, event, slot.seq)))
         for seq in [slot.seq] + slot.forks:
             if keep and seq is slot.seq and seq.tokens:
                 self._idle[seq.seq_id] = seq
             else:
                 self.engine.release(seq)
         slot.forks = []
-
-
-def _logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-prob and the top alternatives, over the guided distribution."""
-    logprobs = guidance.log_softmax(row)
-    best = np.argpartition(-logprobs, top)[:top] if 0 < top < logprobs.size else \
-        np.arange(logprobs.size if top else 0)
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return TokenLogprob(int(token), float(logprobs[token]),
-                        tuple((int(i), float(logprobs[i])) for i in best))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
