@@ -8,10 +8,12 @@ Layers, each depending only on those below it:
   api                        load() and Model: generate, stream, generate_batch, chat
   worker                     the stepping thread: callers' requests on one scheduler
   options, generation        shared options; the stream -> result generators
-  scheduler                  requests in, events out: one batch per context per step
-  engine                     base and ARM contexts, sequences, the guided step
+  scheduler, events          requests in, events out: one batch per context per step
+  policy, speculative        one decode policy per request; the proposer (drafts)
+  engine                     every context, sequences, every model step
+  reward, memory             the reward head and its candidates; will it fit
   llama, gguf_file, registry llama.cpp adapter (all ctypes), GGUF headers, model sources
-  guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
+  guidance, sampling, penalties, text, templates   pure NumPy maths, text, chat templates
 
 `edge_genarm.convert` (checkpoints to GGUF, torch as an optional extra; its source is the
 repository's top-level convert/) depends on the rest; nothing else imports it except the CLI
