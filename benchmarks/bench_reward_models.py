@@ -49,8 +49,8 @@ def rewards(engine: Engine, prompt: list[int], answers: list) -> list[float]:
     """r of every answer to one prompt, in one decode of the reward model."""
     seqs = [engine.new_sequence() for _ in answers]
     for seq, (tokens, _) in zip(seqs, answers):
-        seq.tokens = list(prompt) + tokens
-    out = engine.reward.sequence_rewards(seqs)
+        engine.extend(seq, list(prompt) + tokens)
+    out = engine.sequence_rewards(seqs)
     for seq in seqs:
         engine.release(seq)
     return [float(r) for r in out]

@@ -10,12 +10,15 @@ Layers, each depending only on those below it:
   worker                     the stepping thread: callers' requests on one scheduler
   options, generation        a Config from defaults, preset and the user's options (and the
                              click options); the stream -> result generators
-  scheduler                  requests in, events out: one batch per context per step
-  engine                     base and ARM contexts, sequences, the guided step
+  scheduler, events          requests in, events out: one batch per context per step
+  policy, speculative        one decode policy per request; the proposer (drafts)
+  engine                     every context, sequences, every model step
+  reward, memory             the reward head and its candidates; will it fit
   registry                   model sources and presets
-  config, fields             every option declared once: LoadConfig, RequestParams
+  config                     every option declared once: LoadConfig, RequestParams
   llama, gguf_file           llama.cpp adapter (all ctypes), GGUF headers
-  guidance, sampling, templates   pure NumPy maths and Jinja2 chat templates
+  guidance, sampling, penalties, text, templates, fields
+                             pure NumPy maths, text, chat templates, option declarations
 
 `edge_genarm.convert` (checkpoints to GGUF, torch as an optional extra; its source is the
 repository's top-level convert/) depends on the rest; nothing else imports it except the CLI

@@ -27,15 +27,17 @@ from . import fields
 from .errors import UserError
 from .fields import option
 from .llama import REPACK_CHOICES
-from .reward import MAX_CANDIDATES
 from .sampling import SamplingSettings
-from .speculative import DRAFTERS
 
 DEFAULT_BASE = "@smollm2"
 # GenARM guides with the ARMs' log-probs; the tokenwise methods score the base's top
 # candidates with the reward model (PARGS adds w * r to log-probs, ARGS to raw logits);
 # best-of-n samples whole answers from the base and returns the one the reward model prefers
 METHODS = ("genarm", "pargs", "args", "best-of-n")
+# the drafters of speculative decoding: prompt lookup, the draft model alone or guided by the
+# ARMs, an ARM that is a small model of its own
+DRAFTERS = ("lookup", "model", "guided", "arm")
+MAX_CANDIDATES = 64  # a reward model's candidate tokens per sequence and step
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS

@@ -6,11 +6,13 @@ Contract:
   attached), and refuses pairs whose vocabularies differ.
 - A `Sequence` holds one conversation's token ids and, per context, how many of them that
   context's KV cache holds. Several sequences (one sequence id each) can live in one engine.
+  Others read a sequence (`tokens`, `behind`); only the engine's methods write it: `step`,
+  `extend` (tokens appended without a decode), `truncate`, `copy_prefix`, `fork`, `release`.
 - `Engine.step(seqs, new_tokens, alphas)` appends tokens to sequences, brings the base and,
   for each ARM, the rows whose weight for it is not 0 up to date (an ARM switched back on catches
   up on what it missed) and returns guided scores, one row per sequence, each row with its own
-  ARM weights. `advance` is `step` with the ARMs' own alphas for every row. Every model step
-  happens in `step`.
+  ARM weights. `advance` is `step` with the ARMs' own alphas for every row. Every model step of
+  every context (base, ARMs, draft model, reward model) happens in this module.
 - Sequence ids are the engine's: `new_sequence()` takes one from a pool of `n_seq_max` ids
   sized at load, `release(seq)` forgets its cache in every context and returns the id, so two
   conversations on one engine never share a cache.
@@ -18,13 +20,16 @@ Contract:
   decoding it again (llama_memory_seq_cp in every context that holds it).
 - With `EngineConfig.draft`, `engine.drafter` is a context of a draft model (sharing the base's
   tokenizer; a model already loaded, as a small ARM's, shares its weights) that follows every
-  sequence like an ARM's. `propose(seqs, tokens, drafters)` steps it and the ARMs a drafter
-  weighs, one token per sequence, and returns the drafters' rows; the ARM rows it computed are
-  kept for the next `step` of those sequences (the verify), which reads them instead of
-  decoding those positions again.
-- With `EngineConfig.reward`, `engine.reward` is a `reward.RewardModel` whose context follows
-  every sequence like an ARM's (released, truncated, copied with it); the scheduler steps it for
-  the methods that use it (PARGS, ARGS, best-of-N).
+  sequence like an ARM's. `draft_step(seqs, tokens, own, weights)` steps it (the rows where
+  `own`) and the ARMs weighed, one token per sequence, and returns the weighted rows; the ARM
+  rows it computed are held ahead for the next `step` of those sequences (a verify), which
+  reads them instead of decoding those positions again. What to draft and what to keep is
+  `speculative.py`'s.
+- With `EngineConfig.reward`, `engine.reward` is a `reward.RewardModel` (the head and the
+  candidates' bookkeeping) and `engine.reward_context` its context, which follows every sequence
+  like an ARM's (released, truncated, copied with it). `candidate_rewards(seqs, candidates)`
+  scores each sequence's candidate next tokens in one decode (PARGS, ARGS);
+  `sequence_rewards(seqs)` scores whole sequences (best-of-N).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import contextlib
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 import numpy as np
 
@@ -44,9 +49,6 @@ from .gguf_file import GGUFInfo, inspect_gguf
 from .llama import Context, ContextSettings, LoraAdapter, Model
 from .reward import RewardModel, read_head
 from .reward import context_settings as reward_context
-
-if TYPE_CHECKING:
-    from .speculative import ModelDrafter
 
 
 @dataclass
@@ -96,30 +98,46 @@ class Arm:
     path: Path
 
 
-@dataclass
 class Sequence:
-    """One token stream (prompt and generation) and how far each context has read it."""
-    seq_id: int
-    tokens: list[int] = field(default_factory=list)
-    n_past: dict[int, int] = field(default_factory=dict)  # id(context) -> tokens in its cache
-    # id(context) -> (position, its rows): rows a drafter's decodes computed for the verify
-    kept: dict[int, tuple[int, list]] = field(default_factory=dict)
+    """One token stream (prompt and generation) and how far each context has read it.
+
+    Read `tokens` (never change the list) and `behind(ctx)`; every write is the engine's, so that
+    a sequence's tokens and each context's cache of them cannot disagree."""
+    __slots__ = ("seq_id", "_tokens", "_n_past", "_ahead")
+
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self._tokens: list[int] = []
+        self._n_past: dict[int, int] = {}  # id(context) -> tokens in its cache
+        # id(context) -> (position, its rows): rows computed ahead of a step, which reads them
+        # instead of decoding those positions again (a model drafter's ARM rows)
+        self._ahead: dict[int, tuple[int, list]] = {}
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids so far (the engine's list: read it, never change it)."""
+        return self._tokens
 
     def behind(self, ctx: Context) -> int:
         """How many of the tokens `ctx`'s cache holds for this sequence."""
-        return self.n_past.get(id(ctx), 0)
+        return self._n_past.get(id(ctx), 0)
 
-    def holds(self, ctx: Context, n: int) -> None:
-        """Record that `ctx`'s cache now holds the first n tokens (whoever decoded them)."""
-        self.n_past[id(ctx)] = n
+    def __repr__(self) -> str:
+        return f"Sequence({self.seq_id}, {len(self._tokens)} tokens)"
+
+
+def _hold(seq: Sequence, ctx: Context, n: int) -> None:
+    """Record that `ctx`'s cache now holds seq's first n tokens (whoever decoded them)."""
+    seq._n_past[id(ctx)] = n
 
 
 class Engine:
     def __init__(self, base: Context, arms: list[Arm], models: list[Model],
-                 reward: RewardModel | None = None, drafter: Context | None = None):
+                 reward: tuple[RewardModel, Context] | None = None,
+                 drafter: Context | None = None):
         self.base = base
         self.arms = arms
-        self.reward = reward
+        self.reward, self.reward_context = reward or (None, None)
         self.drafter = drafter
         self._models = models
         self.n_vocab = guidance.common_vocab_size(
@@ -165,7 +183,7 @@ class Engine:
             reward = config.reward and _load_reward(config.reward, base_model, base_info,
                                                     models, config)
             if reward is not None:
-                contexts.append(reward.context)
+                contexts.append(reward[1])
             drafter = config.draft and _load_drafter(config, base_model, models)
             if drafter is not None:
                 contexts.append(drafter)
@@ -230,22 +248,27 @@ class Engine:
     def _clear(self, seq: Sequence) -> None:
         for ctx in self._contexts():
             ctx.seq_remove(seq.seq_id)
-        if self.reward is not None:
-            self.reward.forget(seq.seq_id)
-        seq.tokens.clear()
-        seq.n_past.clear()
-        seq.kept.clear()
+        self._drop_candidates(seq)
+        seq._tokens.clear()
+        seq._n_past.clear()
+        seq._ahead.clear()
+
+    def extend(self, seq: Sequence, tokens: Seq[int]) -> None:
+        """Append tokens to a sequence without decoding them: each context catches up when it
+        next steps the sequence (a sequence to score, an answer's last token). Nothing is
+        refused here: a step that would decode past the context refuses it."""
+        seq._tokens.extend(tokens)
 
     def copy_prefix(self, src: Sequence, dst: Sequence, n: int) -> None:
         """Make dst's first n tokens those of src, copying whatever part of them each context
         holds; a context that holds fewer catches up when dst is next stepped."""
         self._clear(dst)
-        dst.tokens = list(src.tokens[:n])
+        dst._tokens.extend(src.tokens[:n])
         for ctx in self._contexts():
             held = min(n, src.behind(ctx))
             if held:
                 ctx.seq_copy(src.seq_id, dst.seq_id, 0, held)
-            dst.holds(ctx, held)
+            _hold(dst, ctx, held)
 
     def fork(self, src: Sequence, dsts: Seq[Sequence]) -> None:
         """Each of dsts becomes a copy of src (tokens and every context's cache)."""
@@ -270,12 +293,12 @@ class Engine:
 
     def truncate(self, seq: Sequence, n: int) -> None:
         """Keep the first n tokens of a sequence, in its list and in every KV cache."""
-        del seq.tokens[n:]
-        seq.kept.clear()
+        del seq._tokens[n:]
+        seq._ahead.clear()
         for ctx in self._contexts():
             if seq.behind(ctx) > n:
                 ctx.seq_remove(seq.seq_id, n, -1)
-                seq.holds(ctx, n)
+                _hold(seq, ctx, n)
 
     # -- the step -------------------------------------------------------------------------------
     def advance(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> np.ndarray:
@@ -312,29 +335,27 @@ class Engine:
                     weights = np.repeat(alphas[on, i], counts[on])
                 guidance.add_weighted(guided, rows, weights, logits)
         for seq in seqs:
-            seq.kept.clear()
+            seq._ahead.clear()
         return guided
 
-    def propose(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]],
-                drafters: Seq["ModelDrafter"]) -> np.ndarray:
-        """Append tokens; return each sequence's drafter row for its next token (one decode
-        per context). The ARM rows are kept for the sequence's next `step`."""
+    def draft_step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]], own: Seq[bool],
+                   weights: np.ndarray) -> np.ndarray:
+        """Append tokens; return each sequence's row for its next token from the draft model
+        (where `own[r]`) plus weights[r, i] times ARM i's log-probs, one decode per context.
+        The ARM rows are held for the sequence's next `step`, which reads them instead of
+        decoding those positions again."""
         self._append(seqs, new_tokens)
         out = np.zeros((len(seqs), self.n_vocab), dtype=np.float32)
-        own = [r for r, d in enumerate(drafters) if d.draft_model]
-        if own:
-            out[own] = self._catch_up(self.drafter, [seqs[r] for r in own])[:, :self.n_vocab]
-        weights = np.stack([d.weights for d in drafters])
+        mine = [r for r, o in enumerate(own) if o]
+        if mine:
+            out[mine] = self._catch_up(self.drafter, [seqs[r] for r in mine])[:, :self.n_vocab]
         for i, arm in enumerate(self.arms):
             on = np.flatnonzero(weights[:, i])
             if on.size:
                 logits = self._catch_up(arm.context, [seqs[r] for r in on])
                 guidance.add_weighted(out, on, weights[on, i], logits)
                 for r, row in zip(on, logits):
-                    seq = seqs[r]
-                    at, rows = seq.kept.setdefault(id(arm.context), (len(seq.tokens) - 1, []))
-                    if at + len(rows) == len(seq.tokens) - 1:  # contiguous with those kept
-                        rows.append(np.array(row))
+                    _hold_ahead(seqs[r], arm.context, row)
         return out
 
     def score(self, seq: Sequence, tokens: Seq[int], alphas: np.ndarray | None = None
@@ -351,32 +372,78 @@ class Engine:
                 guidance.add_weighted(guided, rows, np.full(n, w, dtype=np.float32), logits)
         return guided
 
+    # -- the reward model's context ---------------------------------------------------------------
+    def candidate_rewards(self, seqs: Seq[Sequence], candidates: Seq[Seq[int]]
+                          ) -> list[np.ndarray]:
+        """r(sequence + t) for every t of candidates[i], per sequence: each sequence's prefix
+        brought up to date in the reward model's context, forked into one candidate sequence
+        per token (llama_memory_seq_cp: cells shared, nothing copied), every candidate of every
+        sequence decoded in one batch. At the next call the candidate that a sequence went on
+        with becomes its next cell (no decode again) and the others are dropped."""
+        model, ctx = self.reward, self.reward_context
+        self._catch_up_reward(seqs, 0)
+        entries = []
+        for seq, toks in zip(seqs, candidates):
+            end = len(seq._tokens)
+            for cid, tok in zip(model.fork(seq.seq_id, end, toks), toks):
+                ctx.seq_copy(seq.seq_id, cid, 0, end)
+                entries.append((cid, [int(tok)], end))
+        if model.batched:
+            rewards = model.head(ctx.decode(entries))
+        else:  # the head reads each decode's rows before the next decode overwrites them
+            rewards = np.concatenate([model.head(ctx.decode([e])) for e in entries])
+        return model.split(rewards, candidates)
+
+    def sequence_rewards(self, seqs: Seq[Sequence]) -> np.ndarray:
+        """r of each whole sequence (its last token's hidden state), one decode for all."""
+        return self.reward.head(self._catch_up_reward(seqs, 1))
+
+    def _catch_up_reward(self, seqs: Seq[Sequence], n_out: int) -> np.ndarray:
+        """The reward context brought up to date, each sequence's chosen candidate first kept
+        as its own cell and its candidates dropped."""
+        ctx = self.reward_context
+        for seq in seqs:
+            cid = self.reward.chosen(seq.seq_id, seq._tokens, seq.behind(ctx))
+            if cid is not None:
+                held = seq.behind(ctx)
+                ctx.seq_copy(cid, seq.seq_id, held, held + 1)
+                _hold(seq, ctx, held + 1)
+            self._drop_candidates(seq)
+        return self._catch_up(ctx, seqs, n_out)
+
+    def _drop_candidates(self, seq: Sequence) -> None:
+        if self.reward is not None:
+            for cid in self.reward.drop(seq.seq_id):
+                self.reward_context.seq_remove(cid)
+
     def _append(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]]) -> None:
         for seq, toks in zip(seqs, new_tokens):
-            if len(seq.tokens) + len(toks) > self.n_ctx:
+            if len(seq._tokens) + len(toks) > self.n_ctx:
                 raise ContextFullError(
-                    f"{len(seq.tokens) + len(toks)} tokens do not fit the context of "
+                    f"{len(seq._tokens) + len(toks)} tokens do not fit the context of "
                     f"{self.n_ctx}; raise --ctx-size or shorten the input")
-            seq.tokens.extend(toks)
+            seq._tokens.extend(toks)
 
     def _catch_up(self, ctx: Context, seqs: Seq[Sequence], n_out=1) -> np.ndarray:
         """Decode what ctx misses of each sequence; the rows of each one's last n_out tokens
-        (n_out: one count for all, or one per sequence)."""
+        (n_out: one count for all, or one per sequence; 0: only the cache is wanted, nothing is
+        decoded again, and the rows that come back are not to be read)."""
         counts = np.broadcast_to(np.asarray(n_out), (len(seqs),))
         entries, reused = [], []
         for seq, n in zip(seqs, counts):
-            start, end = seq.behind(ctx), len(seq.tokens)
-            rows = _kept_rows(seq, ctx, end - n, start)
+            start, end = seq.behind(ctx), len(seq._tokens)
+            rows = _rows_ahead(seq, ctx, end - n, start) if n else []
             if rows is None and start > end - n:  # rows it decoded before: decode them again
                 ctx.seq_remove(seq.seq_id, end - n, -1)
                 start = end - n
             reused.append(rows or [])
-            if start < end:
-                entries.append((seq.seq_id, seq.tokens[start:], start, int(min(n, end - start))))
+            if start < end:  # the last new token's row comes out, read or not
+                entries.append((seq.seq_id, seq._tokens[start:], start,
+                                int(min(max(n, 1), end - start))))
         logits = ctx.decode(entries) if entries else np.empty((0, ctx.model.n_vocab), np.float32)
         logits = logits if logits.ndim == 2 else logits[None]
         for seq in seqs:
-            seq.holds(ctx, len(seq.tokens))
+            _hold(seq, ctx, len(seq._tokens))
         if not any(reused):
             return logits
         out, at = [], 0
@@ -387,19 +454,27 @@ class Engine:
         return np.stack(out)
 
     def _contexts(self) -> list[Context]:
-        reward = [self.reward.context] if self.reward is not None else []
+        reward = [self.reward_context] if self.reward_context is not None else []
         drafter = [self.drafter] if self.drafter is not None else []
         return [self.base] + [a.context for a in self.arms] + reward + drafter
 
 
-def _kept_rows(seq: Sequence, ctx: Context, first: int, held: int) -> list | None:
-    """The rows a drafter kept for positions first..held-1 of ctx (None: not all of them)."""
+def _rows_ahead(seq: Sequence, ctx: Context, first: int, held: int) -> list | None:
+    """The rows held ahead for positions first..held-1 of ctx (None: not all of them)."""
     if held <= first:
         return []
-    at, rows = seq.kept.get(id(ctx), (0, []))
+    at, rows = seq._ahead.get(id(ctx), (0, []))
     if at <= first and held <= at + len(rows):
         return rows[first - at:held - at]
     return None
+
+
+def _hold_ahead(seq: Sequence, ctx: Context, row: np.ndarray) -> None:
+    """Hold ctx's row for seq's last position ahead of its next step, if it follows on from
+    the rows held so far."""
+    at, rows = seq._ahead.setdefault(id(ctx), (len(seq._tokens) - 1, []))
+    if at + len(rows) == len(seq._tokens) - 1:
+        rows.append(np.array(row))
 
 
 def _load_model(models: dict, path: Path, n_gpu_layers: int, repack: str) -> Model:
@@ -471,7 +546,7 @@ def _load_drafter(config: EngineConfig, base_model: Model, models: dict) -> Cont
 
 
 def _load_reward(spec: RewardSpec, base_model: Model, base_info: GGUFInfo, models: dict,
-                 config: EngineConfig) -> RewardModel:
+                 config: EngineConfig) -> tuple[RewardModel, Context]:
     """The reward model's context: hidden states out, k candidate sequence ids per sequence."""
     n, k = config.context.n_seq_max, spec.candidates
     info = inspect_gguf(spec.path)
@@ -482,9 +557,9 @@ def _load_reward(spec: RewardSpec, base_model: Model, base_info: GGUFInfo, model
         inspect_gguf(spec.adapter).check_adapter_fits(info)
     elif info.is_adapter:
         info.check_adapter_fits(base_info)
-        return RewardModel(Context(base_model, settings, LoraAdapter(base_model, spec.path)),
-                           head, n, k)
+        return (RewardModel(head, n, k, base_model),
+                Context(base_model, settings, LoraAdapter(base_model, spec.path)))
     model = _load_model(models, spec.path, config.n_gpu_layers, config.repack)
     check_vocab(base_model, model, "a reward model")
     adapter = LoraAdapter(model, spec.adapter) if spec.adapter is not None else None
-    return RewardModel(Context(model, settings, adapter), head, n, k)
+    return RewardModel(head, n, k, model), Context(model, settings, adapter)

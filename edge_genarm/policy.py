@@ -15,8 +15,10 @@ Contract:
 - A processor is shared by every request that uses it and is called once per step with all of
   its rows (`rows, seqs, requests`), so that the reward model scores a step's candidates in one
   decode. A new method is a new processor or finish hook here, not a branch in the scheduler.
-- `Policies.after_step(events)` runs what waits for a step's end (best-of-n's judging, every
-  ended answer of the step in one decode of the reward model).
+- `Policies.after_step()` runs what waits for a step's end (best-of-n's judging, every
+  ended answer of the step in one decode of the reward model) and returns its `Verdict`s.
+  Finish hooks read answers (`Ended`, a view) and return the events to send; the scheduler
+  does every write to its answers and handles.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from . import fields, guidance, penalties, reward
 from .config import RequestParams
 from .errors import ContextFullError, UserError
 from .sampling import Sampler, SamplingSettings, make_distribution, make_sampler
-from .speculative import (VERIFY_EXPONENT_CPU, VERIFY_EXPONENT_GPU, Drafting,
-                          LookupDrafter, ModelDrafter)
+from .speculative import Drafting, LookupDrafter, ModelDrafter, new_drafting
 
 if TYPE_CHECKING:
     from .engine import Engine, Sequence
 
 TOKENWISE = ("pargs", "args")
 Request = RequestParams  # what a caller asks for: config.py declares every option of it
+STOPPED = ("cancelled", "interrupted")  # finish reasons of answers stopped from outside
 
 
 @dataclass
@@ -95,27 +97,54 @@ class Rerank:
     (score: log-prob for PARGS, raw logit for ARGS); every row's candidates in one decode."""
     stage = 1
 
-    def __init__(self, model: reward.RewardModel):
-        self.model = model
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
 
     def __call__(self, rows: np.ndarray, seqs: list, requests: list) -> np.ndarray:
         scores = [guidance.log_softmax(row) if r.method == "pargs" else row
                   for row, r in zip(rows, requests)]
-        candidates = [reward.top_candidates(x, r.candidates or self.model.k)
+        candidates = [reward.top_candidates(x, r.candidates or self.engine.reward.k)
                       for x, r in zip(scores, requests)]
-        rewards = self.model.candidates(seqs, candidates)
+        rewards = self.engine.candidate_rewards(seqs, candidates)
         return np.stack([reward.tokenwise_scores(x, c, w, r.reward_weight)
                          for x, c, w, r in zip(scores, candidates, rewards, requests)])
 
 
+@dataclass(frozen=True)
+class Ended:
+    """What a finish hook reads of an answer that has ended; the hook writes none of it."""
+    handle: object  # the request's scheduler.Handle
+    index: int      # which of its answers
+    reason: str     # the finish reason
+    event: object   # its last Event
+    seq: "Sequence"  # what it ran on: every token of it when the hook's `whole(reason)`
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judged request: the answer that wins, and the events that go out for it (copies,
+    re-indexed as answer 0)."""
+    handle: object
+    best: int
+    events: list
+
+
 class Emit:
-    """Events go out as they come."""
+    """Events go out as they come.
 
-    def emit(self, handle, event, out: list) -> None:
-        out.append(event)
+    A finish hook's interface: `emit(event)` returns the events to send now (an answer's
+    events, in order); `whole(reason)` says whether the hook reads the answer's last token in
+    its sequence (the scheduler appends it, never decoded, before `ended`); `ended(Ended)`
+    returns the events to send when an answer ends."""
 
-    def ended(self, handle, slot, reason: str, event, out: list) -> None:
-        pass
+    def emit(self, event) -> list:
+        return [event]
+
+    def whole(self, reason: str) -> bool:
+        return False
+
+    def ended(self, answer: Ended) -> list:
+        return []
 
 
 class BestOfN:
@@ -128,52 +157,55 @@ class BestOfN:
         self.rewards: dict[int, float] = {}
         self.to_judge: list[tuple[int, "Sequence"]] = []
 
-    def emit(self, handle, event, out: list) -> None:
+    def emit(self, event) -> list:
         self.held.setdefault(event.index, []).append(event)
+        return []
 
-    def ended(self, handle, slot, reason: str, event, out: list) -> None:
-        if reason in ("cancelled", "interrupted"):  # the stream ends with answer 0's close
+    def whole(self, reason: str) -> bool:
+        return reason not in STOPPED  # the reward model scores the whole answer
+
+    def ended(self, answer: Ended) -> list:
+        if answer.reason in STOPPED:  # the stream ends with answer 0's close
             self.held.clear()
-            if slot.index == 0:
-                out.append(event)
-            return
-        slot.seq.tokens.extend(slot.pending)  # the last token, never decoded by the base
-        slot.pending = []
-        self.to_judge.append((slot.index, slot.seq))
-        self.judge.wait(handle)
+            return [answer.event] if answer.index == 0 else []
+        self.to_judge.append((answer.index, answer.seq))
+        self.judge.wait(answer.handle)
+        return []
 
-    def judged(self, handle, rewards, out: list) -> None:
+    def judged(self, handle, rewards) -> Verdict | None:
+        """Once every answer has ended and been scored, the best one's events."""
         self.rewards.update((index, float(r)) for (index, _), r in zip(self.to_judge, rewards))
         self.to_judge = []
-        if handle.done and self.rewards:
-            best = max(sorted(self.rewards), key=lambda i: self.rewards[i])  # ties: the first
-            for event in self.held.get(best, []):
-                event.index = 0
-                out.append(event)
-            self.held.clear()
-            handle.sequences = {0: handle.sequences[best]}
+        if not (handle.done and self.rewards):
+            return None
+        best = max(sorted(self.rewards), key=lambda i: self.rewards[i])  # ties: the first
+        events = [replace(event, index=0) for event in self.held.get(best, [])]
+        self.held.clear()
+        return Verdict(handle, best, events)
 
 
 class Judge:
     """Scores the whole answers best-of-n requests wait on, a step's in one decode."""
 
-    def __init__(self, model: reward.RewardModel):
-        self.model = model
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
         self.waiting: list = []  # handles with answers to score
 
     def wait(self, handle) -> None:
         if handle not in self.waiting:
             self.waiting.append(handle)
 
-    def run(self, out: list) -> None:
+    def run(self) -> list[Verdict]:
         handles, self.waiting = self.waiting, []
         if not handles:
-            return
-        rewards = iter(self.model.sequence_rewards(
+            return []
+        rewards = iter(self.engine.sequence_rewards(
             [seq for h in handles for _, seq in h.policy.finish.to_judge]))
+        verdicts = []
         for h in handles:
             hook = h.policy.finish
-            hook.judged(h, [next(rewards) for _ in hook.to_judge], out)
+            verdicts.append(hook.judged(h, [next(rewards) for _ in hook.to_judge]))
+        return [v for v in verdicts if v is not None]
 
 
 class Policies:
@@ -182,9 +214,9 @@ class Policies:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.mask = EogMask(engine.model.eog_tokens)
-        model = engine.reward
-        self.rerank = Rerank(model) if model is not None else None
-        self.judge = Judge(model) if model is not None else None
+        scores = engine.reward is not None
+        self.rerank = Rerank(engine) if scores else None
+        self.judge = Judge(engine) if scores else None
         self.lookup = LookupDrafter()  # stateless: one for every request
         self._samplers: dict[SamplingSettings, Sampler] = {}
 
@@ -219,10 +251,7 @@ class Policies:
                         returned=1 if best_of else request.n)
         if request.drafts:
             policy.drafter = self._drafter(request, alphas)
-            policy.draft = Drafting(
-                request.draft_tokens or self.engine.max_draft,
-                draft_cost(self.engine, policy.drafter, alphas),
-                VERIFY_EXPONENT_GPU if self.engine.model.n_gpu_layers else VERIFY_EXPONENT_CPU)
+            policy.draft = new_drafting(self.engine, policy.drafter, alphas, request.draft_tokens)
             policy._distribution = make_distribution(sampling)
         return policy
 
@@ -237,22 +266,9 @@ class Policies:
             weights[:] = alphas
         return ModelDrafter(kind != "arm", weights)
 
-    def after_step(self, out: list) -> None:
-        if self.judge is not None:
-            self.judge.run(out)
-
-
-def draft_cost(engine: "Engine", drafter, alphas: np.ndarray) -> float:
-    """A model drafter's step, as a share of a step of the target (the base and the ARMs on),
-    from the bytes of weights each step reads; an ARM row it computes spares that ARM's verify
-    position, which costs about a third of a step (0 for prompt lookup)."""
-    if not isinstance(drafter, ModelDrafter):
-        return 0.0
-    target = engine.model.size + sum(a.context.model.size for a, w in zip(engine.arms, alphas)
-                                     if w)
-    reused = sum(a.context.model.size for a, w in zip(engine.arms, drafter.weights) if w)
-    own = engine.drafter.model.size if drafter.draft_model else 0
-    return (own + reused * 2 / 3) / target
+    def after_step(self) -> list[Verdict]:
+        """What waits for a step's end: the requests judged in it."""
+        return self.judge.run() if self.judge is not None else []
 
 
 def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.ndarray:

@@ -7,14 +7,12 @@ Contract:
   answers, for ARGS and best-of-N). `read_head(path)` returns the `RewardHead` or raises
   `ModelFileError` naming what is missing. r(tokens) = head(final-norm hidden state of the last
   token), the hidden state a transformers score head reads.
-- `RewardModel(context, head, n_seq, k)` runs on a context made with `ContextSettings.hidden`.
-  Sequence ids below n_seq are the engine's own sequences; each has k candidate ids of its own
-  above them. `candidates(seqs, tokens)` brings each sequence's prefix up to date, forks it into
-  one candidate sequence per token (llama_memory_seq_cp: cells shared, nothing copied), decodes
-  every candidate of every sequence in one batch, and returns r(prefix + token) per candidate.
-  At the next call the candidate that the sequence went on with is kept as its next cell (no
-  decode again) and the other candidates are dropped.
-- `sequence_rewards(seqs)` is r of each whole sequence (best-of-N's judge).
+- `RewardModel(head, n_seq, k, model)` is the head and the candidates' bookkeeping; its context
+  (made with `ContextSettings.hidden`, `context_settings`) is the engine's, which steps it:
+  `Engine.candidate_rewards` and `Engine.sequence_rewards`. Sequence ids below n_seq are the
+  engine's own sequences; each has k candidate ids of its own above them (`candidate_id`).
+  `fork` records a sequence's candidates, `chosen` names the one the sequence went on with
+  (its cell becomes the sequence's own: no decode again), `drop` forgets them.
 - `tokenwise_scores(scores, candidates, rewards, weight)` is pure NumPy: a row that is -inf
   except at the candidates, where it is scores + weight * rewards. With log-probs as scores
   (PARGS) softmax of the row is PARGS's tokenwise policy; with raw logits, ARGS's.
@@ -28,9 +26,10 @@ from typing import TYPE_CHECKING, Sequence as Seq
 
 import numpy as np
 
+from .config import MAX_CANDIDATES
 from .errors import ModelFileError, UserError
 from .gguf_file import inspect_gguf
-from .llama import Context, ContextSettings
+from .llama import ContextSettings, Model
 
 if TYPE_CHECKING:
     import gguf
@@ -39,7 +38,6 @@ HEAD_WEIGHT = "reward.head.weight"
 HEAD_BIAS = "reward.head.bias"
 OBJECTIVE = "reward.objective"
 OBJECTIVES = ("partial-bt", "full-bt")
-MAX_CANDIDATES = 64
 LLAMA_MAX_SEQ = 256  # llama.cpp's most sequence ids in one context (llama-cparams.h)
 
 
@@ -114,86 +112,52 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class RewardModel:
-    """A reward model's context: its sequences mirror the engine's; candidates fork from them."""
+    """A reward model's head and its candidates' bookkeeping; the engine owns and steps its
+    context. Sequence ids below n_seq are the engine's sequences; each has k candidate ids."""
 
-    def __init__(self, context: Context, head: RewardHead, n_seq: int, k: int):
-        if head.weight.size != context.model.n_embd:
+    def __init__(self, head: RewardHead, n_seq: int, k: int, model: Model):
+        if head.weight.size != model.n_embd:
             raise ModelFileError(
-                f"the reward head has {head.weight.size} weights but {context.model.path} has "
-                f"hidden states of {context.model.n_embd}; the head belongs to another model")
-        self.context, self.head, self.n_seq, self.k = context, head, n_seq, k
+                f"the reward head has {head.weight.size} weights but {model.path} has "
+                f"hidden states of {model.n_embd}; the head belongs to another model")
+        self.head, self.n_seq, self.k = head, n_seq, k
         self.batched = True  # False: one decode per candidate (the PARGS authors' way), to compare
         self._forked: dict[int, tuple[int, list[int]]] = {}  # seq id -> (position, tokens)
 
     def candidate_id(self, seq_id: int, j: int) -> int:
         return self.n_seq + seq_id * self.k + j
 
-    def forget(self, seq_id: int) -> None:
-        """Drop a sequence's candidates (its own cells are the engine's to remove)."""
-        if self._forked.pop(seq_id, None) is not None:
-            for j in range(self.k):
-                self.context.seq_remove(self.candidate_id(seq_id, j))
+    def fork(self, seq_id: int, position: int, tokens: Seq[int]) -> list[int]:
+        """Record a sequence's candidates at `position`; their candidate ids, in order."""
+        if not 1 <= len(tokens) <= self.k:  # requests are checked at submit (policy.py)
+            raise ValueError(f"{len(tokens)} candidates; this reward model was loaded for 1 "
+                             f"to {self.k}")
+        self._forked[seq_id] = (position, [int(t) for t in tokens])
+        return [self.candidate_id(seq_id, j) for j in range(len(tokens))]
 
-    def candidates(self, seqs: Seq, tokens: Seq[np.ndarray]) -> list[np.ndarray]:
-        """r(sequence + t) for every t of tokens[i], per sequence, from one decode of them all."""
-        ctx = self.context
-        self._catch_up(seqs)
-        entries = []
-        for seq, toks in zip(seqs, tokens):
-            if not 1 <= len(toks) <= self.k:  # requests are checked at submit (policy.py)
-                raise ValueError(f"{len(toks)} candidates; this reward model was loaded for 1 "
-                                 f"to {self.k}")
-            end = len(seq.tokens)
-            for j, tok in enumerate(toks):
-                ctx.seq_copy(seq.seq_id, self.candidate_id(seq.seq_id, j), 0, end)
-                entries.append((self.candidate_id(seq.seq_id, j), [int(tok)], end))
-            self._forked[seq.seq_id] = (end, [int(t) for t in toks])
-        if self.batched:
-            rewards = self.head(ctx.decode(entries))
-        else:
-            rewards = np.concatenate([self.head(ctx.decode([e])) for e in entries])
+    def chosen(self, seq_id: int, tokens: Seq[int], held: int) -> int | None:
+        """The candidate id a sequence went on with, if its cell can become the sequence's own:
+        the candidates were forked where the sequence's cache ends (`held`) and it goes on with
+        one of them. The sequence's candidates are forgotten either way (see `drop`)."""
+        forked = self._forked.get(seq_id)
+        if forked is None:
+            return None
+        pos, toks = forked
+        if held == pos and len(tokens) > pos and tokens[pos] in toks:
+            return self.candidate_id(seq_id, toks.index(tokens[pos]))
+        return None
+
+    def drop(self, seq_id: int) -> list[int]:
+        """Forget a sequence's candidates; the candidate ids whose cells are to be removed."""
+        if self._forked.pop(seq_id, None) is None:
+            return []
+        return [self.candidate_id(seq_id, j) for j in range(self.k)]
+
+    @staticmethod
+    def split(rewards: np.ndarray, tokens: Seq[Seq[int]]) -> list[np.ndarray]:
+        """One flat array of candidates' rewards cut into one array per sequence."""
         out, start = [], 0
         for toks in tokens:
             out.append(rewards[start:start + len(toks)])
             start += len(toks)
         return out
-
-    def sequence_rewards(self, seqs: Seq) -> np.ndarray:
-        """r of each whole sequence (its last token's hidden state)."""
-        ctx = self.context
-        entries = []
-        for seq in seqs:
-            self._keep_chosen(seq)
-            start = min(seq.behind(ctx), len(seq.tokens) - 1)  # the last token is read again
-            ctx.seq_remove(seq.seq_id, start, -1)
-            entries.append((seq.seq_id, seq.tokens[start:], start))
-        rewards = self.head(ctx.decode(entries))
-        for seq in seqs:
-            seq.holds(ctx, len(seq.tokens))
-        return rewards
-
-    def _keep_chosen(self, seq) -> None:
-        """The candidate a sequence went on with becomes its own cell; the others go."""
-        ctx = self.context
-        forked = self._forked.get(seq.seq_id)
-        if forked is None:
-            return
-        pos, toks = forked
-        if seq.behind(ctx) == pos and len(seq.tokens) > pos and seq.tokens[pos] in toks:
-            ctx.seq_copy(self.candidate_id(seq.seq_id, toks.index(seq.tokens[pos])), seq.seq_id,
-                         pos, pos + 1)
-            seq.holds(ctx, pos + 1)
-        self.forget(seq.seq_id)
-
-    def _catch_up(self, seqs: Seq) -> None:
-        ctx = self.context
-        entries = []
-        for seq in seqs:
-            self._keep_chosen(seq)
-            held = seq.behind(ctx)
-            if held < len(seq.tokens):
-                entries.append((seq.seq_id, seq.tokens[held:], held))
-        if entries:
-            ctx.decode(entries)  # the prefix's cells; its rows are not read
-        for seq in seqs:
-            seq.holds(ctx, len(seq.tokens))

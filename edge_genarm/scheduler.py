@@ -13,10 +13,13 @@ Contract:
   context decodes only the rows that use it). What happens next is each request's own
   `policy.Policy`, built and checked at submit: its processors (the end-of-generation mask,
   PARGS/ARGS's rerank with the reward model), its penalties and sampler with the answer's own
-  random generator, and its finish hook (best-of-n holds and judges). The scheduler keeps
-  admission, prefix sharing, forks and KV cells. `step()` returns that step's `Event`s: one per
-  new token, the last of each answer with its finish reason and `Usage`; log-probs are over the
-  processed row, before the penalties.
+  random generator, and its finish hook (best-of-n holds and judges; a hook reads an answer
+  and returns the events to send). Drafting is the `speculative.Proposer`'s: the scheduler
+  feeds each answer what its proposal says and takes back the tokens the proposer keeps. The
+  scheduler keeps admission, prefix sharing, forks and KV cells, and is the only writer of its
+  answers and handles. `step()` returns that step's `Event`s (events.py: one per new token, the
+  last of each answer with its finish reason and `Usage`); log-probs are over the processed
+  row, before the penalties.
 - Shared prefixes: a prompt that starts with tokens another sequence holds (a live one, or a
   finished one kept while its id is idle) copies them instead of decoding them again.
 - `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
@@ -32,67 +35,20 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import guidance, speculative
 from .engine import Engine, Sequence
 from .config import MAX_TOP_LOGPROBS, METHODS
-from .policy import Policies, Policy, Request, run_processors
+from .events import Event, Handle, TokenLogprob, Usage, logprob_of
+from .policy import Ended, Policies, Policy, Request, run_processors
+from .speculative import Drafting, Proposal, Proposer
 from .text import TextStream
 
 __all__ = ["Event", "Handle", "MAX_TOP_LOGPROBS", "METHODS", "Request", "Scheduler",
            "TokenLogprob", "Usage"]
-
-
-@dataclass
-class Usage:
-    """One answer's record, with OpenAI's names where OpenAI has one."""
-    prompt_tokens: int
-    completion_tokens: int = 0
-    cached_tokens: int = 0             # prompt tokens copied from another sequence's cache
-    time_to_first_token: float = 0.0   # seconds from submit to the first token
-    tokens_per_second: float = 0.0     # tokens after the first over the time since the first
-    finish_reason: str | None = None
-    drafted_tokens: int = 0            # speculative: draft tokens verified
-    accepted_tokens: int = 0           # speculative: of those, kept
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float                            # under the guided distribution, normalised
-    top: tuple[tuple[int, float], ...] = ()   # the most likely tokens and theirs
-
-
-@dataclass
-class Event:
-    handle: "Handle"
-    index: int                 # which of the request's n answers
-    token: int | None          # None on a closing event without a token
-    text: str                  # text that became final with this token
-    finish_reason: str | None = None
-    logprob: TokenLogprob | None = None
-    usage: Usage | None = None  # on the answer's last event
-
-
-class Handle:
-    """A submitted request: what the caller holds to read its events or cancel it."""
-
-    def __init__(self, request: Request, policy: Policy, submitted: float):
-        self.request, self.policy, self.submitted = request, policy, submitted
-        self.n = policy.answers  # answers generated
-        self.finished = 0  # answers that have ended
-        self.sequences: dict[int, Sequence] = {}  # answer index -> the sequence it ran on
-
-    @property
-    def done(self) -> bool:
-        return self.finished >= self.n
 
 
 @dataclass
@@ -108,7 +64,15 @@ class _Slot:
     forks: list[Sequence] = field(default_factory=list)  # ids held for n > 1, filled after prefill
     tokens: list[int] = field(default_factory=list)
     t_first: float = 0.0
-    drafting: speculative.Drafting | None = None
+    drafting: Drafting | None = None  # its speculation state (the proposer's to write)
+
+    @property
+    def policy(self) -> Policy:
+        return self.handle.policy
+
+    @property
+    def max_tokens(self) -> int:
+        return self.handle.request.max_tokens
 
 
 class Scheduler:
@@ -121,6 +85,7 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._idle: OrderedDict[int, Sequence] = OrderedDict()  # finished, cache kept
         self.policies = Policies(engine)
+        self.proposer = Proposer(engine)
 
     # -- from any thread --------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -187,108 +152,29 @@ class Scheduler:
             self._finish(slot, "context_full", events)
         if self._slots:
             self._decode(events)
-        self.policies.after_step(events)
+        for verdict in self.policies.after_step():  # the winner goes on as answer 0
+            verdict.handle.sequences = {0: verdict.handle.sequences[verdict.best]}
+            events.extend(verdict.events)
         return events
 
     def _decode(self, events: list[Event]) -> None:
-        """One decode of every live answer's new tokens (and its draft, if its policy drafts);
-        each row through its request's processors, then each answer's next tokens drawn by its
-        policy."""
+        """One decode of every live answer's new tokens (with the draft its proposal feeds);
+        each row through its request's processors, then each answer's next tokens kept by the
+        proposer (drawn by its policy, or its draft as the policy accepts it)."""
         slots = list(self._slots)
-        drafts, feeds, qs = self._drafts(slots)
-        counts = [1 + len(d) for d in drafts]
-        alphas = np.stack([s.handle.policy.alphas for s in slots])
+        proposals = self.proposer.propose(slots)
+        counts = [p.rows for p in proposals]
+        alphas = np.stack([s.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
-        rows = self.engine.step(seqs, feeds, alphas, counts if any(drafts) else None)
+        rows = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts)
         rows = run_processors(rows, [q for q, c in zip(seqs, counts) for _ in range(c)],
-                              [s.handle.policy for s, c in zip(slots, counts) for _ in range(c)])
+                              [s.policy for s, c in zip(slots, counts) for _ in range(c)])
         now, at = time.perf_counter(), 0
-        for slot, draft, q in zip(slots, drafts, qs):
-            own, at = rows[at:at + 1 + len(draft)], at + 1 + len(draft)
-            if draft:
-                self._verify(slot, own, draft, q, now, events)
-                continue
-            for child in self._fork(slot):
-                self._sample(child, own[0], now, events)
-            self._sample(slot, own[0], now, events)
-
-    def _drafts(self, slots: list[_Slot]) -> tuple[list, list, list]:
-        """Each answer's draft (none on its first step, never past max_tokens or the context),
-        the tokens the step feeds it, and the drafter's distributions (None: a certain one)."""
-        drafts: list[list[int]] = [[] for _ in slots]
-        feeds = [list(s.pending) for s in slots]
-        qs: list = [None] * len(slots)
-        by_model: dict[int, int] = {}  # answer -> its room, for the model drafters
-        for i, slot in enumerate(slots):
-            drafter, room = slot.handle.policy.drafter, self._room(slot)
-            if room <= 0:
-                continue
-            if isinstance(drafter, speculative.ModelDrafter):
-                by_model[i] = room
-            else:
-                drafts[i] = drafter.draft(slot.seq.tokens + slot.pending, room)
-                feeds[i] += drafts[i]
-        if by_model:
-            self._model_drafts(slots, dict(by_model), drafts, qs)
-            for i in by_model:  # the drafter's decodes appended all but the last draft token
-                feeds[i] = drafts[i][-1:]
-        return drafts, feeds, qs
-
-    def _room(self, slot: _Slot) -> int:
-        if slot.drafting is None or not slot.tokens:
-            return 0
-        return min(slot.drafting.k, slot.handle.request.max_tokens - len(slot.tokens) - 1,
-                   self.engine.n_ctx - len(slot.seq.tokens) - len(slot.pending))
-
-    def _model_drafts(self, slots: list[_Slot], rooms: dict[int, int],
-                      drafts: list[list[int]], qs: list) -> None:
-        """Draft with models, one token of every drafting answer per round; greedy answers
-        draft the drafter's argmax, sampled ones a draw from its distribution. A draft ends
-        at its room or after a token the drafter was unsure of."""
-        feed = {i: list(slots[i].pending) for i in rooms}
-        for i in rooms:
-            qs[i] = []
-        while rooms:
-            rows = self.engine.propose([slots[i].seq for i in rooms], [feed[i] for i in rooms],
-                                       [slots[i].handle.policy.drafter for i in rooms])
-            for i, row in zip(list(rooms), rows):
-                slot = slots[i]
-                policy, history = slot.handle.policy, slot.tokens + drafts[i]
-                if policy.greedy:
-                    token, q = policy.next_token(row, history, slot.rng), None
-                    sure = np.exp(guidance.log_softmax(row)[token])
-                else:
-                    q = policy.distribution(row, history)
-                    token = speculative.draw(*q, slot.rng)
-                    sure = q[1][np.flatnonzero(q[0] == token)[0]]
-                drafts[i].append(token)
-                qs[i].append(q)
-                feed[i] = [token]
-                if sure < speculative.CONFIDENCE or len(drafts[i]) >= rooms[i]:
-                    del rooms[i], feed[i]
-
-    def _verify(self, slot: _Slot, rows: np.ndarray, draft: list[int], qs: list | None,
-                now: float, events: list[Event]) -> None:
-        """Keep draft tokens as the policy accepts them (exactly its distribution), then the
-        token drawn at the first rejection, or the bonus after the last draft token; the
-        rejected positions leave every context."""
-        policy, tokens = slot.handle.policy, []
-        for i, row in enumerate(rows):
-            history = slot.tokens + tokens
-            if i < len(draft):
-                token, kept = speculative.accept(draft[i], policy, row, history, slot.rng,
-                                                 qs[i] if qs else None)
-            else:
-                token, kept = policy.next_token(row, history, slot.rng), False
-            tokens.append(token)
-            if not kept:
-                break
-        accepted = len(tokens) - 1
-        slot.drafting.verified(len(draft), accepted)
-        self.engine.truncate(slot.seq, len(slot.seq.tokens) - len(draft) + accepted)
-        for token, row in zip(tokens, rows):
-            if self._emit(slot, token, row, now, events):
-                break
+        for slot, proposal in zip(slots, proposals):
+            own, at = rows[at:at + proposal.rows], at + proposal.rows
+            for child in self._fork(slot):  # the prompt's one row: no draft yet
+                self._emit(child, self.proposer.keep(child, Proposal([]), own), own, now, events)
+            self._emit(slot, self.proposer.keep(slot, proposal, own), own, now, events)
 
     def run(self, handles: Iterable[Handle] = ()) -> Iterator[Event]:
         """Step until every given handle (every request, if none given) is done."""
@@ -404,35 +290,33 @@ class Scheduler:
         self._slots.extend(children)
         return children
 
-    def _sample(self, slot: _Slot, row: np.ndarray, now: float, events: list[Event]) -> None:
-        token = slot.handle.policy.next_token(row, slot.tokens, slot.rng)
-        self._emit(slot, token, row, now, events)
-
-    def _emit(self, slot: _Slot, token: int, row: np.ndarray, now: float,
-              events: list[Event]) -> bool:
-        """An answer's next token out as an event; whether it ended the answer."""
-        policy = slot.handle.policy
-        if not slot.tokens:
-            slot.t_first = now
-            slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
-        slot.tokens.append(token)
-        slot.pending = [token]
-        top = policy.request.logprobs  # reported before the penalties
-        logprob = _logprob(row, token, top) if top is not None else None
-        piece, finish = slot.text.push(token)
-        event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
-        policy.finish.emit(slot.handle, event, events)
-        if finish:
-            self._finish(slot, finish, events, event=event)
-        return bool(finish)
+    def _emit(self, slot: _Slot, tokens: list[int], rows: np.ndarray, now: float,
+              events: list[Event]) -> None:
+        """An answer's next tokens out as events (the one after each row), until one ends it."""
+        policy = slot.policy
+        for token, row in zip(tokens, rows):
+            if not slot.tokens:
+                slot.t_first = now
+                slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
+            slot.tokens.append(token)
+            slot.pending = [token]
+            top = policy.request.logprobs  # reported before the penalties
+            logprob = logprob_of(row, token, top) if top is not None else None
+            piece, finish = slot.text.push(token)
+            event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
+            events.extend(policy.finish.emit(event))
+            if finish:
+                self._finish(slot, finish, events, event=event)
+                return
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:
         """End an answer: its last event gets the reason and usage; its sequence goes idle
         (cache kept for a later prompt that starts the same way) or, cancelled, free."""
+        hook = slot.policy.finish
         if event is None:
             event = Event(slot.handle, slot.index, None, slot.text.close())
-            slot.handle.policy.finish.emit(slot.handle, event, events)
+            events.extend(hook.emit(event))
         usage = slot.usage
         usage.completion_tokens = len(slot.tokens)
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
@@ -445,23 +329,16 @@ class Scheduler:
         self._slots.remove(slot)
         slot.handle.finished += 1
         slot.handle.sequences[slot.index] = slot.seq
-        slot.handle.policy.finish.ended(slot.handle, slot, reason, event, events)
+        if hook.whole(reason):  # its last token, never decoded, joins the sequence it reads
+            self.engine.extend(slot.seq, slot.pending)
+            slot.pending = []
+        events.extend(hook.ended(Ended(slot.handle, slot.index, reason, event, slot.seq)))
         for seq in [slot.seq] + slot.forks:
             if keep and seq is slot.seq and seq.tokens:
                 self._idle[seq.seq_id] = seq
             else:
                 self.engine.release(seq)
         slot.forks = []
-
-
-def _logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-prob and the top alternatives, over the guided distribution."""
-    logprobs = guidance.log_softmax(row)
-    best = np.argpartition(-logprobs, top)[:top] if 0 < top < logprobs.size else \
-        np.arange(logprobs.size if top else 0)
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return TokenLogprob(int(token), float(logprobs[token]),
-                        tuple((int(i), float(logprobs[i])) for i in best))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

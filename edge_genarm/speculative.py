@@ -1,6 +1,16 @@
-"""Exact speculative decoding against a guided target, in pure NumPy.
+"""Exact speculative decoding against a guided target: the drafters, the acceptance rule and
+the proposer that the scheduler asks what to feed each answer and what it keeps.
 
 Contract:
+- `Proposer(engine)` is the scheduler's one interface to drafting. `propose(answers)` returns
+  each answer's `Proposal` for a step: the tokens to feed (its pending token, then its draft)
+  and how many rows to read back (1 + its draft's length); an answer that does not draft (its
+  policy has no drafter, its first step, no room left) is fed its pending token alone. Model
+  drafters draft here, one token of every such answer per round through
+  `Engine.draft_step`. `keep(answer, proposal, rows)` returns the answer's next tokens from
+  its rows (one drawn by its policy, or the draft tokens `accept` keeps and the token after
+  them) and truncates the rejected positions from every context. Only the answer's own
+  `Drafting` is written; the answer is the scheduler's and is only read.
 - A drafter proposes the next tokens of an answer from its tokens so far. `LookupDrafter`
   (prompt lookup) costs no model: it finds the latest earlier occurrence of the context's last
   n tokens (n from `max_ngram` down to `min_ngram`, 16 to 4) and proposes at most n of the
@@ -13,10 +23,13 @@ Contract:
   drafter's own steps.
 - `ModelDrafter` drafts with models, one token per decode: its row is the draft model's
   logits (`draft_model`) plus each ARM's log-probs times its weight (`weights`), put through
-  the request's own penalties and sampler. The kinds in `DRAFTERS`: "model" (the draft model
+  the request's own penalties and sampler. The kinds in `config.DRAFTERS`: "model" (the draft model
   alone), "guided" (the draft model guided by the request's ARMs) and "arm" (an ARM that is a
   small model of its own, alone). An ARM row computed while drafting is part of the target at
   that position too: the engine keeps it for the verify instead of decoding it again.
+- `new_drafting(engine, drafter, alphas, limit)` is a request's starting `Drafting`, its
+  drafter priced by `draft_cost` (a model drafter's step against a target's, from the bytes
+  of weights each reads) and the verify's cost by where the base runs (CPU or GPU).
 - `accept(draft_token, target, row, tokens, rng, q)` decides one position of a verify.
   `target` is the request's policy at that position (`next_token` draws from p,
   `distribution` gives p: the final distribution its sampler draws from, after the
@@ -30,11 +43,16 @@ Contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-DRAFTERS = ("lookup", "model", "guided", "arm")
+from . import guidance
+
+if TYPE_CHECKING:
+    from .engine import Engine, Sequence
+
 # A model drafter ends its draft after a token it gave less than this probability: an unsure
 # draft token is likely rejected, and every further one costs a drafter step (transformers'
 # assisted generation stops at 0.4 too). The stop depends on the draft alone: still exact.
@@ -147,3 +165,153 @@ def _probabilities(q, ids: np.ndarray, draft_token: int) -> np.ndarray:
     sorted_ids = q_ids[order]
     at = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
     return np.where(sorted_ids[at] == ids, q_probs[order][at], 0.0)
+
+
+def draft_cost(engine: "Engine", drafter, alphas: np.ndarray) -> float:
+    """A model drafter's step, as a share of a step of the target (the base and the ARMs on),
+    from the bytes of weights each step reads; an ARM row it computes spares that ARM's verify
+    position, which costs about a third of a step (0 for prompt lookup)."""
+    if not isinstance(drafter, ModelDrafter):
+        return 0.0
+    target = engine.model.size + sum(a.context.model.size for a, w in zip(engine.arms, alphas)
+                                     if w)
+    reused = sum(a.context.model.size for a, w in zip(engine.arms, drafter.weights) if w)
+    own = engine.drafter.model.size if drafter.draft_model else 0
+    return (own + reused * 2 / 3) / target
+
+
+def new_drafting(engine: "Engine", drafter, alphas: np.ndarray, limit: int | None) -> Drafting:
+    """The speculation state a request's new answers start from: at most `limit` draft tokens
+    (None: the most the engine was loaded for), priced for this engine."""
+    return Drafting(limit or engine.max_draft, draft_cost(engine, drafter, alphas),
+                    VERIFY_EXPONENT_GPU if engine.model.n_gpu_layers else VERIFY_EXPONENT_CPU)
+
+
+# -- the proposer: what a step feeds each answer, and what it keeps --------------------------------
+
+class Target(Protocol):
+    """What the proposer reads of a request's policy (policy.Policy)."""
+    greedy: bool
+    drafter: object  # a LookupDrafter (anything with draft(tokens, k)), a ModelDrafter or None
+
+    def next_token(self, row: np.ndarray, tokens: list[int], rng: np.random.Generator) -> int: ...
+
+    def distribution(self, row: np.ndarray, tokens: list[int]
+                     ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Answer(Protocol):
+    """What the proposer reads of an answer being generated (the scheduler's slot); it writes
+    only `drafting`, its own state."""
+    seq: "Sequence"
+    pending: list[int]   # its tokens the contexts have not decoded yet
+    tokens: list[int]    # its tokens so far
+    rng: np.random.Generator
+    drafting: Drafting | None
+    policy: Target
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What one step feeds an answer and how many rows it reads back: its pending token, then
+    its draft (a model drafter's decodes have appended all but the last draft token), one row
+    after the pending token and after each draft token."""
+    feed: list[int]
+    draft: list[int] = field(default_factory=list)
+    qs: list | None = None  # the drafter's distribution at each draft token (None: certain)
+
+    @property
+    def rows(self) -> int:
+        return 1 + len(self.draft)
+
+
+class Proposer:
+    """Speculative decoding for a scheduler's answers: `propose` drafts (every model-drafting
+    answer of a step one token per round, in one decode per context), `keep` turns an answer's
+    rows back into its next tokens by the acceptance rule and drops the rejected positions
+    from every context. An answer that does not draft is fed its pending token and keeps one
+    token drawn by its policy."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+
+    def propose(self, answers: list[Answer]) -> list[Proposal]:
+        """Each answer's proposal (no draft on its first step, never past its max_tokens or the
+        context)."""
+        drafts: list[list[int]] = [[] for _ in answers]
+        qs: list = [None] * len(answers)
+        by_model: dict[int, int] = {}  # answer -> its room, for the model drafters
+        for i, answer in enumerate(answers):
+            room = self._room(answer)
+            if room <= 0:
+                continue
+            drafter = answer.policy.drafter
+            if isinstance(drafter, ModelDrafter):
+                by_model[i] = room
+            else:
+                drafts[i] = drafter.draft(answer.seq.tokens + answer.pending, room)
+        if by_model:
+            self._model_drafts(answers, by_model, drafts, qs)
+        return [Proposal(drafts[i][-1:] if i in by_model else list(a.pending) + drafts[i],
+                         drafts[i], qs[i]) for i, a in enumerate(answers)]
+
+    def keep(self, answer: Answer, proposal: Proposal, rows: np.ndarray) -> list[int]:
+        """An answer's next tokens from its rows: draft tokens as the policy accepts them
+        (exactly its distribution), then the token drawn at the first rejection, or the bonus
+        after the last draft token; the rejected positions leave every context."""
+        policy, draft = answer.policy, proposal.draft
+        if not draft:
+            return [policy.next_token(rows[0], answer.tokens, answer.rng)]
+        tokens: list[int] = []
+        for i, row in enumerate(rows):
+            history = answer.tokens + tokens
+            if i < len(draft):
+                token, kept = accept(draft[i], policy, row, history, answer.rng,
+                                     proposal.qs[i] if proposal.qs else None)
+            else:
+                token, kept = policy.next_token(row, history, answer.rng), False
+            tokens.append(token)
+            if not kept:
+                break
+        accepted = len(tokens) - 1
+        answer.drafting.verified(len(draft), accepted)
+        self.engine.truncate(answer.seq, len(answer.seq.tokens) - len(draft) + accepted)
+        return tokens
+
+    def _room(self, answer: Answer) -> int:
+        if answer.drafting is None or not answer.tokens:
+            return 0
+        return min(answer.drafting.k, answer.max_tokens - len(answer.tokens) - 1,
+                   self.engine.n_ctx - len(answer.seq.tokens) - len(answer.pending))
+
+    def _model_drafts(self, answers: list[Answer], rooms: dict[int, int],
+                      drafts: list[list[int]], qs: list) -> None:
+        """Draft with models, one token of every drafting answer per round; greedy answers
+        draft the drafter's argmax, sampled ones a draw from its distribution. A draft ends
+        at its room or after a token the drafter was unsure of."""
+        rooms = dict(rooms)
+        feed = {i: list(answers[i].pending) for i in rooms}
+        for i in rooms:
+            qs[i] = []
+        while rooms:
+            drafters = [answers[i].policy.drafter for i in rooms]
+            rows = self.engine.draft_step([answers[i].seq for i in rooms],
+                                          [feed[i] for i in rooms],
+                                          [d.draft_model for d in drafters],
+                                          np.stack([d.weights for d in drafters]))
+            for i, row in zip(list(rooms), rows):
+                answer = answers[i]
+                policy, history = answer.policy, answer.tokens + drafts[i]
+                if policy.greedy:
+                    token, q = policy.next_token(row, history, answer.rng), None
+                    sure = np.exp(guidance.log_softmax(row)[token])
+                else:
+                    q = policy.distribution(row, history)
+                    token = draw(*q, answer.rng)
+                    sure = q[1][np.flatnonzero(q[0] == token)[0]]
+                drafts[i].append(token)
+                qs[i].append(q)
+                feed[i] = [token]
+                if sure < CONFIDENCE or len(drafts[i]) >= rooms[i]:
+                    del rooms[i], feed[i]

@@ -215,7 +215,7 @@ def test_the_engine_scores_each_step_as_the_reference_does(smollm2_f32, demo_rm,
             logprobs = log_softmax(engine.step([seq], [new], np.zeros((1, 0)))[0])
             candidates = top_candidates(logprobs, K)
             assert candidates.tolist() == step.candidates.tolist()
-            rewards = engine.reward.candidates([seq], [candidates])[0]
+            rewards = engine.candidate_rewards([seq], [candidates])[0]
             assert np.abs(logprobs[candidates] - step.logprobs).max() < 1e-5
             assert np.abs(rewards - step.rewards).max() < 1e-5
             new = [step.token]

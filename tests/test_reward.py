@@ -81,8 +81,8 @@ def test_the_reward_is_what_a_transformers_score_head_gives(tmp_path, smollm2):
     with load(path, path, k=1, n_seq=len(PROMPTS)) as engine:
         seqs = [engine.new_sequence() for _ in PROMPTS]
         for seq, ids in zip(seqs, PROMPTS):
-            seq.tokens = list(ids)
-        ours = engine.reward.sequence_rewards(seqs)
+            engine.extend(seq, list(ids))
+        ours = engine.sequence_rewards(seqs)
     with torch.no_grad():
         theirs = [float(clf(torch.tensor([ids])).logits[0, 0]) for ids in PROMPTS]
     assert np.abs(ours - np.array(theirs)).max() < 1e-3
@@ -97,27 +97,27 @@ def test_candidates_score_as_each_sequence_decoded_whole(tiny, rm):
     decoded whole; the others are freed."""
     cands = [np.array([5, 900, 31, 7]), np.array([12, 40])]
     with load(tiny.base, rm["lora"]) as engine:
-        rmodel = engine.reward
+        rmodel, ctx = engine.reward, engine.reward_context
         seqs = [engine.new_sequence() for _ in PROMPTS[:2]]
         for seq, ids in zip(seqs, PROMPTS):
-            seq.tokens = list(ids)
-        first = rmodel.candidates(seqs, cands)
-        decoded = rmodel.context.n_decoded
-        seqs[0].tokens.append(900)   # the sequences go on with a candidate...
-        seqs[1].tokens.append(12)
+            engine.extend(seq, list(ids))
+        first = engine.candidate_rewards(seqs, cands)
+        decoded = ctx.n_decoded
+        engine.extend(seqs[0], [900])   # the sequences go on with a candidate...
+        engine.extend(seqs[1], [12])
         nxt = [np.array([3, 4]), np.array([8])]
-        second = rmodel.candidates(seqs, nxt)
-        assert rmodel.context.n_decoded - decoded == 3  # ...which is not decoded again
+        second = engine.candidate_rewards(seqs, nxt)
+        assert ctx.n_decoded - decoded == 3  # ...which is not decoded again
         for seq in seqs:
             engine.release(seq)
-        assert all(rmodel.context.seq_end(rmodel.candidate_id(s, j)) == 0
+        assert all(ctx.seq_end(rmodel.candidate_id(s, j)) == 0
                    for s in range(2) for j in range(4))
-        assert all(rmodel.context.seq_end(s) == 0 for s in range(2))
+        assert all(ctx.seq_end(s) == 0 for s in range(2))
     with load(tiny.base, rm["lora"], k=1, n_seq=1) as engine:
         def whole(tokens):
             seq = engine.new_sequence()
-            seq.tokens = list(tokens)
-            r = float(engine.reward.sequence_rewards([seq])[0])
+            engine.extend(seq, list(tokens))
+            r = float(engine.sequence_rewards([seq])[0])
             engine.release(seq)
             return r
         for ids, c, got in zip(PROMPTS, cands, first):
@@ -133,8 +133,8 @@ def test_a_lora_reward_model_scores_as_the_merged_model(tiny, rm):
     for reward in (rm["lora"], rm["merged"]):
         with load(tiny.base, reward, k=3, n_seq=1) as engine:
             seq = engine.new_sequence()
-            seq.tokens = list(PROMPTS[0])
-            results.append(engine.reward.candidates([seq], cands)[0])
+            engine.extend(seq, list(PROMPTS[0]))
+            results.append(engine.candidate_rewards([seq], cands)[0])
     assert results[0] == pytest.approx(results[1], abs=1e-3)
 
 
@@ -165,7 +165,7 @@ def test_pargs_at_a_large_weight_takes_the_candidate_of_highest_reward(tiny, rm)
             seq = engine.new_sequence()
             row = engine.step([seq], [PROMPTS[0] + tokens[:t]], np.zeros((1, 0)))[0]
             cands = top_candidates(row, 4)  # log_softmax keeps the order: the same top 4
-            rewards = engine.reward.candidates([seq], [cands])[0]
+            rewards = engine.candidate_rewards([seq], [cands])[0]
             engine.release(seq)
             assert token == cands[np.argmax(rewards)]
 
@@ -210,8 +210,8 @@ def test_best_of_n_returns_the_sample_the_reward_model_scores_highest(tiny, rm):
             events = list(scheduler.run([h]))
         seqs = [engine.new_sequence() for _ in range(3)]
         for seq, j in zip(seqs, range(3)):
-            seq.tokens = list(PROMPTS[1]) + answers[j]
-        rewards = engine.reward.sequence_rewards(seqs)
+            engine.extend(seq, list(PROMPTS[1]) + answers[j])
+        rewards = engine.sequence_rewards(seqs)
     assert len({tuple(a) for a in answers.values()}) == 3  # three different samples
     assert {e.index for e in events} == {0}
     assert [e.token for e in events if e.token is not None] == answers[int(np.argmax(rewards))]
@@ -363,8 +363,8 @@ def test_every_method_in_one_step_answers_as_alone_with_one_reward_decode(tiny, 
             with Scheduler(engine, share_prefixes=False) as scheduler:
                 alone += tokens(scheduler, [scheduler.submit(request)])
         calls = []
-        score = engine.reward.candidates
-        engine.reward.candidates = lambda seqs, toks: calls.append(len(seqs)) or score(seqs, toks)
+        score = engine.candidate_rewards
+        engine.candidate_rewards = lambda seqs, toks: calls.append(len(seqs)) or score(seqs, toks)
         with Scheduler(engine, share_prefixes=False) as scheduler:
             together = tokens(scheduler, [scheduler.submit(r) for r in requests])
     assert together == alone

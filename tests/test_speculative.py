@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import edge_genarm
 from conftest import answers
-from edge_genarm import scheduler as scheduler_module
+from edge_genarm import speculative
 from edge_genarm.cli import main
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig, RewardSpec
 from edge_genarm.errors import IncompatibleModelsError, ModelFileError, UserError
@@ -328,7 +328,7 @@ def test_sampled_speculation_matches_the_guided_distribution_and_wrong_rules_fai
         assert not rejects and df >= 10, (stat, df)
         assert 0.1 * n < accepted < 0.9 * n  # both ways of the rule were taken
         for wrong_rule in (keep_all, redraw_from_p):
-            monkeypatch.setattr(scheduler_module.speculative, "accept", wrong_rule)
+            monkeypatch.setattr(speculative, "accept", wrong_rule)
             wrong, _ = sample(engine, prompt, n, probs, drafter)
             assert chi_square_rejects(wrong, probs)[0], wrong_rule
 
@@ -601,6 +601,6 @@ def test_sampled_drafts_of_two_tokens_match_the_guided_distribution_and_wrong_ru
         both_kept = sum(c == (2, 2) for c in counts)
         assert kept_then_missed > 0.3 * n and both_kept > 0.05 * n, (kept_then_missed, both_kept)
         for wrong_rule in (keep_all, redraw_from_p):
-            monkeypatch.setattr(scheduler_module.speculative, "accept", wrong_rule)
+            monkeypatch.setattr(speculative, "accept", wrong_rule)
             wrong, _ = sample_all(500)
             assert chi_square_rejects(wrong, probs)[0], wrong_rule

@@ -75,8 +75,8 @@ def test_a_partial_bt_reward_model_learns_and_runs_in_llama_cpp(trained_rm, tiny
     with Engine.load(config) as engine:
         seqs = [engine.new_sequence() for _ in answers]
         for seq, ids in zip(seqs, answers):
-            seq.tokens = list(ids)
-        ours = engine.reward.sequence_rewards(seqs)
+            engine.extend(seq, list(ids))
+        ours = engine.sequence_rewards(seqs)
     n = len(pairs)
     assert np.mean(ours[:n] > ours[n:]) >= 0.8
     torch_rewards = _torch_rewards(out, answers, state)
