@@ -62,7 +62,7 @@ from recipes.coder.runner import run_program
 from edge_genarm.engine import ArmSpec, Engine, EngineConfig
 from edge_genarm.generation import encode_prompt, run_to_end
 from edge_genarm.llama import ContextSettings
-from edge_genarm.options import sequence_breakers
+from edge_genarm import fields
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.registry import Registry
 from edge_genarm.scheduler import Request, Scheduler
@@ -248,10 +248,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.sum_humaneval:
         return sum_humaneval(args.sum_humaneval)
-    args.sampling = SamplingSettings(
-        greedy=True, dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
-        dry_allowed_length=args.dry_allowed_length,
-        dry_sequence_breakers=sequence_breakers(args.dry_sequence_breaker))
+    breakers = args.dry_sequence_breaker  # none given: the defaults; 'none': no breakers
+    args.sampling = fields.build(SamplingSettings, {
+        "greedy": True, "dry_multiplier": args.dry_multiplier, "dry_base": args.dry_base,
+        "dry_allowed_length": args.dry_allowed_length,
+        **({"dry_sequence_breakers": breakers} if breakers else {})})
     args.sampling.validate()
     args.stop = tuple(args.stop)
     if args.stop or args.system is not None:
