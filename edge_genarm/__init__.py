@@ -2,12 +2,14 @@
 
 The Python API: `edge_genarm.load(...)` (see api.py).
 
-Layers, each depending only on those below it:
-  cli, generate, chat, serve, models, train   commands
-  cluster                    the same on Ray (the optional `cluster` extra)
+Layers, each importing only from its own row and those below (docs/architecture.md holds the
+table that tests/test_architecture.py checks):
+  cli, generate, chat, batch, serve.cli, serve.launch, models, train   commands
   api                        load(): a Model, or a ClusterModel on Ray
+  cluster                    the same on Ray (the optional `cluster` extra)
+  serve.app, serve.protocol  the OpenAI server's app and wire format
   model                      Model and the calls: generate, stream, generate_batch, chat
-  worker                     the stepping thread: callers' requests on one scheduler
+  worker, probe              the stepping thread; the one factory of the served stack
   options, generation        a Config from defaults, preset and the user's options (and the
                              click options); the stream -> result generators
   scheduler, events          requests in, events out: one batch per context per step
@@ -17,7 +19,7 @@ Layers, each depending only on those below it:
   registry                   model sources and presets
   config                     every option declared once: LoadConfig, RequestParams
   llama, gguf_file           llama.cpp adapter (all ctypes), GGUF headers
-  guidance, sampling, penalties, text, templates, fields
+  guidance, sampling, penalties, text, templates, fields, errors, files
                              pure NumPy maths, text, chat templates, option declarations
 
 `edge_genarm.convert` (checkpoints to GGUF, torch as an optional extra; its source is the
