@@ -103,9 +103,9 @@ def main() -> None:
                           n_gpu_layers=args.n_gpu_layers,
                           **extra) as model:
         off = {name: 0.0 for name in model.arms}
-        draft = model.options.draft
+        draft = model.config.load.draft_model
         print(f"preset {args.preset}: {', '.join(f'{k} x {v:g}' for k, v in model.arms.items())}"
-              f"; draft model {draft.name if draft else 'none'}; task {args.task}, "
+              f"; draft model {draft or 'none'}; task {args.task}, "
               f"{len(texts)} prompts, up to {args.max_tokens} tokens, draft up to "
               f"{args.draft_tokens}")
         if args.verify_sizes:

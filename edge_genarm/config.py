@@ -291,8 +291,7 @@ class Config:
         self.request.validate()
         if self.request.method != "genarm" and self.load.reward_model is None:
             raise UserError(f"method {self.request.method} needs a reward model: pass "
-                            "reward_model (--reward-model RM.gguf) or a preset that names one",
-                            "method")
+                            "--reward-model RM.gguf (or a preset that names one)", "method")
         return self
 
     @property

@@ -131,12 +131,12 @@ def test_penalize_leaves_the_row_alone_when_off_and_on_an_empty_history():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("presence_penalty", 2.5, "presence-penalty must be between -2 and 2"),
-    ("frequency_penalty", float("nan"), "frequency-penalty must be between -2 and 2"),
-    ("dry_multiplier", -1.0, "dry-multiplier must be a finite number >= 0"),
-    ("dry_base", 0.5, "dry-base must be a finite number >= 1"),
-    ("dry_allowed_length", 0, "dry-allowed-length must be >= 1"),
-    ("dry_sequence_breakers", ("",), "dry-sequence-breaker must be a non-empty string"),
+    ("presence_penalty", 2.5, "presence_penalty must be between -2 and 2"),
+    ("frequency_penalty", float("nan"), "frequency_penalty must be between -2 and 2"),
+    ("dry_multiplier", -1.0, "dry_multiplier must be a finite number >= 0"),
+    ("dry_base", 0.5, "dry_base must be a finite number >= 1"),
+    ("dry_allowed_length", 0, "dry_allowed_length must be >= 1"),
+    ("dry_sequence_breakers", ("",), "dry_sequence_breakers must be a non-empty string"),
 ])
 def test_settings_refuse_penalties_out_of_range(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -207,13 +207,13 @@ def test_bad_requests_are_refused_at_submit(engine):
     prompt = ids(engine, "Hi")
     cases = [(Request(prompt, arms={"nosuch": 1.0}), "no ARM named 'nosuch'; the ARMs are lora, "
               "arm"),
-             (Request(prompt, arms={"lora": float("nan")}), "the weight of ARM 'lora' must be a "
-              "finite number"),
+             (Request(prompt, arms={"lora": float("nan")}), "arms lora must be a finite number, "
+              "got nan"),
              (Request(ids(engine, "word " * 200)), "the prompt is 201 tokens but the context "
               "holds 128"),
              (Request(prompt, n=9), "n must be between 1 and 8"),
-             (Request(prompt, logprobs=50), "top logprobs must be between 0 and 20"),
-             (Request(prompt, sampling=SamplingSettings(top_p=0)), "top-p must be in (0, 1]")]
+             (Request(prompt, logprobs=50), "logprobs must be between 0 and 20"),
+             (Request(prompt, sampling=SamplingSettings(top_p=0)), "top_p must be in (0, 1]")]
     for request, message in cases:
         with pytest.raises(UserError, match=None) as err:
             scheduler.submit(request)

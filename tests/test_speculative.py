@@ -340,7 +340,7 @@ def test_refusals_name_the_option(tiny):
         with pytest.raises(UserError, match="draft_tokens must be between 1 and 2") as info:
             s.submit(Request((1, 2, 3), speculative="lookup", draft_tokens=3))
         assert info.value.param == "draft_tokens"
-        with pytest.raises(UserError, match="unknown drafter 'ngram'"):
+        with pytest.raises(UserError, match="speculative must be one of off, lookup, model, guided, arm, got 'ngram'"):
             s.submit(Request((1, 2, 3), speculative="ngram"))
         for kind in ("model", "guided"):
             with pytest.raises(UserError, match=f"the {kind} drafter needs a draft model: "
