@@ -162,10 +162,12 @@ class ChatSession:
 
     def cmd_alpha(self, arg: str) -> str:
         if arg:
+            spec = fields.spec_map(LoadConfig)["alphas"]  # the --alpha option's own parse
             try:
-                given = fields.coerce(fields.spec_map(LoadConfig)["alphas"], arg.split())
-            except (UserError, fields.SettingError) as exc:
-                raise UserError(f"/alpha {exc}") from None
+                given = spec.option.parse(arg.split())
+                fields.check_value(spec, given)
+            except UserError as exc:
+                raise UserError(f"/alpha {str(exc).removeprefix('alphas ')}") from None
             by_name = {a.name: a for a in self.alphas}
             for name, value in given.items():
                 if name not in by_name:

@@ -13,8 +13,8 @@ Contract:
 - `coerce(spec, value)` turns a plain value (Python, JSON, TOML, a command line's strings) into
   the option's type, and `check(obj)` checks every option of a config object (type, finite,
   range, choices); both raise `SettingError(field, message)`, the message naming the field.
-- `build(cls, values)` and `merge(obj, values)` make a config object from plain values by
-  option name (nested groups filled by their own fields' names); unknown names are refused.
+- `build(cls, values, base=None)` makes a config object from plain values by option name, over
+  `base` (nested groups filled by their own fields' names); unknown names are refused.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -106,6 +106,7 @@ def specs(cls) -> tuple[Spec, ...]:
     return tuple(out)
 
 
+@functools.cache
 def spec_map(cls) -> dict[str, Spec]:
     return {s.name: s for s in specs(cls)}
 
@@ -262,13 +263,3 @@ def build(cls, values: dict, base=None):
     for group, changes in groups.items():
         top[group] = dataclasses.replace(getattr(obj, group), **changes)
     return dataclasses.replace(obj, **top)
-
-
-def values(obj, names: Iterable[str] | None = None) -> dict:
-    """The option values of a config object by name (nested groups flattened)."""
-    out = {}
-    for spec in specs(type(obj)):
-        if names is None or spec.name in names:
-            holder = getattr(obj, spec.group) if spec.group else obj
-            out[spec.name] = getattr(holder, spec.name)
-    return out

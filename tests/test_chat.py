@@ -201,7 +201,9 @@ def test_old_turns_leave_the_prompt_when_the_context_is_full():
 def test_commands_answer_bad_input_with_one_line(chat, tmp_path):
     for line, message in [("/temp hot", "/temp hot: write a number"),
                           ("/alpha nobody=1", "no ARM named 'nobody'"),
-                          ("/alpha positive", "write NAME=VALUE"),
+                          ("/alpha positive", "^/alpha positive: write NAME=VALUE, for example "),
+                          ("/alpha positive=inf", "^/alpha positive must be a finite number, "
+                           "got inf$"),
                           ("/retry", "nothing to retry yet"),
                           ("/save", "needs a file name"),
                           (f"/save {tmp_path}/missing/dir/t.json", "cannot write"),
