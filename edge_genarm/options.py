@@ -221,8 +221,12 @@ def _range(spec: Spec) -> str:
     low, high = spec.option.low, spec.option.high
     if low is None and high is None:
         return ""
-    left = "(" if spec.option.above else "["
-    return f", {left}{'' if low is None else low}, {'' if high is None else high}]"
+    low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (low, high))
+    if high == "None":
+        return f", {'>' if spec.option.above else '>='} {low}"
+    if low == "None":
+        return f", <= {high}"
+    return f", {'(' if spec.option.above else '['}{low}, {high}]"
 
 
 __all__ = ["Config", "LoadConfig", "RequestParams", "configure", "from_click", "call",
