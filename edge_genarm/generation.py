@@ -70,10 +70,12 @@ def chat_template(engine: Engine, fallback: str | None = None) -> str | None:
     return engine.model.meta("tokenizer.chat_template") or fallback
 
 
-def encode_messages(engine: Engine, messages: list[dict], template: str) -> list[int]:
-    """A conversation through the chat template, the assistant's turn opened, as token ids."""
+def encode_messages(engine: Engine, messages: list[dict], template: str,
+                    tools: list[dict] | None = None) -> list[int]:
+    """A conversation through the chat template (given `tools`, OpenAI's tool objects, where
+    it renders them), the assistant's turn opened, as token ids."""
     text = render_chat(template, messages, bos_token=_special_text(engine, "bos"),
-                       eos_token=_special_text(engine, "eos"))
+                       eos_token=_special_text(engine, "eos"), tools=tools)
     # As transformers does after apply_chat_template: the template already placed any BOS.
     return engine.model.tokenize(text, add_special=False)
 

@@ -1,10 +1,11 @@
 """Chat templates from GGUF metadata, rendered with Jinja2 the way Hugging Face renders them.
 
-Contract: `render_chat(template, messages, ...)` returns the prompt text that
-transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` returns
-for the same template and messages: a sandboxed environment with trim_blocks and lstrip_blocks,
-the loop-controls extension, `raise_exception`, `strftime_now` and a `tojson` filter that keeps
-non-ASCII text as is.
+Contract: `render_chat(template, messages, ..., tools=None)` returns the prompt text that
+transformers' `apply_chat_template(messages, tools=tools, tokenize=False,
+add_generation_prompt=True)` returns for the same template, messages and tools (OpenAI's tool
+objects; a template that does not render `tools` ignores them): a sandboxed environment with
+trim_blocks and lstrip_blocks, the loop-controls extension, `raise_exception`, `strftime_now`
+and a `tojson` filter that keeps non-ASCII text as is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UserError
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; tool_calls, tool_call_id and name where present
 
 
 def _raise_exception(message: str) -> None:
@@ -43,11 +44,12 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def render_chat(template: str, messages: list[Message], bos_token: str = "",
-                eos_token: str = "", add_generation_prompt: bool = True) -> str:
+                eos_token: str = "", add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
     """The prompt text for `messages`, ending with the assistant's turn opened."""
     try:
         return _compile(template).render(messages=messages, bos_token=bos_token,
-                                         eos_token=eos_token,
+                                         eos_token=eos_token, tools=tools,
                                          add_generation_prompt=add_generation_prompt)
     except jinja2.exceptions.TemplateError as exc:
         raise UserError(f"the model's chat template failed: {exc}; pass --raw to send the "
