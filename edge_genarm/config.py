@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,27 @@ def _assignments(cast, form: str, example: str):
 
 
 _LAYERS = "-1 (all), 0 (none) or a number of layers"
+MAX_BIAS = 100.0  # OpenAI's logit_bias range; -100 bans a token
+
+
+def _text_or_file(given) -> str:
+    """A grammar or pattern as typed, or the text of the file it names."""
+    path = Path(str(given)).expanduser()
+    if "\n" not in str(given) and len(str(given)) < 4096 and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return str(given)
+
+
+def _json_object(given) -> dict:
+    """A JSON Schema as typed: JSON text, or a file holding it."""
+    text = _text_or_file(given)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"is neither a JSON object nor a file holding one ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError("must be a JSON object (a JSON Schema)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -245,6 +267,24 @@ class RequestParams:
                           "parallel sequences).", low=1, metavar="N")
     ignore_eos: bool = option(False, "Never end at end-of-generation: run to max_tokens (or a "
                               "stop string), as a fixed-length benchmark wants.", cli=False)
+    json_schema: dict | None = option(
+        None, "Answer with JSON valid against this JSON Schema (JSON text or a file); "
+        '{"type": "object"} for any JSON object.', metavar="SCHEMA", parse=_json_object)
+    grammar: str | None = option(
+        None, "Answer in this grammar: GBNF (llama.cpp's) or Lark (llguidance's), text or a "
+        "file.", metavar="GRAMMAR", parse=_text_or_file)
+    regex: str | None = option(None, "Answer with text that matches this regular expression.",
+                               metavar="PATTERN")
+    choice: tuple[str, ...] = option((), "Answer with exactly one of these strings. "
+                                     "Repeatable.", metavar="TEXT")
+    grammar_trigger: str | None = option(
+        None, "Leave the answer free until its text ends with TEXT (special tokens as their "
+        "text), then hold what follows to the grammar; without it the grammar holds from the "
+        "first token.", metavar="TEXT", cli=False)
+    logit_bias: dict[str, float] = option(
+        {}, "Add BIAS (-100 to 100, as OpenAI's; -100 bans the token) to a token's score "
+        "before sampling. Repeatable.", low=-MAX_BIAS, high=MAX_BIAS, metavar="TOKEN_ID=BIAS",
+        parse=_assignments(float, "TOKEN_ID=BIAS", "15043=-100"))
     speculative: str | None = option(
         "off", "Speculative decoding: a drafter proposes the next tokens and one decode of "
         "every model checks them, exactly (the same tokens greedy, the same distribution "
@@ -258,16 +298,39 @@ class RequestParams:
         high=MAX_DRAFT, metavar="K", show=str(DRAFT_TOKENS))
     system: str | None = option(None, "System message for the chat template.", metavar="TEXT",
                                 wire=False)
+    # not an option: the Pydantic class a Python caller's response_format named, which its
+    # results are parsed into
+    response_model: type | None = None
 
     def validate(self) -> None:
         """Every value against its declaration, and the settings that go together."""
         fields.check(self)
         if self.method == "best-of-n" and self.n != 1:
             raise UserError(f"best-of-n returns one answer; ask for n = 1, not {self.n}", "n")
+        constraints = self.constraint_fields
+        if len(constraints) > 1:
+            raise UserError(f"{' and '.join(constraints)} each constrain the answer: give one",
+                            constraints[1])
+        if self.grammar_trigger is not None and not constraints:
+            raise UserError("grammar_trigger engages a grammar: give json_schema, grammar, "
+                            "regex or choice with it", "grammar_trigger")
+        if constraints and self.ignore_eos:
+            raise UserError(f"ignore_eos would keep a {constraints[0]} answer from ending where "
+                            "it is complete: drop one", "ignore_eos")
+        for key in self.logit_bias:
+            if not key.strip().isdigit():
+                raise UserError(f"logit_bias {key!r}: keys are token ids (integers as strings, "
+                                'as OpenAI\'s: {"15043": -100})', "logit_bias")
         if self.drafts and self.method != "genarm":
             raise UserError(f"speculative decoding verifies GenARM's guided target; method "
                             f"{self.method} scores each token with the reward model: drop one",
                             "speculative")
+
+    @property
+    def constraint_fields(self) -> list[str]:
+        """The options that constrain its answers (at most one may be given)."""
+        return [name for name in ("json_schema", "grammar", "regex", "choice")
+                if getattr(self, name)]
 
     @property
     def drafts(self) -> bool:

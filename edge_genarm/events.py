@@ -36,6 +36,7 @@ class Usage:
     finish_reason: str | None = None
     drafted_tokens: int = 0            # speculative: draft tokens verified
     accepted_tokens: int = 0           # speculative: of those, kept
+    error: str | None = None           # why an answer ended with finish reason "grammar_error"
 
     def to_dict(self) -> dict:
         return asdict(self)

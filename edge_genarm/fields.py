@@ -123,7 +123,8 @@ def _optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          dict: "a JSON object"}
 
 
 def kind(spec: Spec) -> str:
@@ -193,7 +194,7 @@ def check(obj) -> None:
 
 def check_value(spec: Spec, value) -> None:
     value = coerce(spec, value)
-    if value is None:
+    if value is None or spec.base_type is dict:  # a JSON object: its own checker reads it
         return
     opt = spec.option
     if opt.choices is not None and value not in opt.choices:

@@ -11,7 +11,9 @@ handles are done (the Python API steps it on a thread of its own instead).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import Engine
 from .errors import UserError
@@ -29,6 +31,9 @@ class Result:
     usage: Usage
     method: dict = field(default_factory=lambda: {"method": "genarm"})  # and its settings
     logprobs: list = field(default_factory=list)  # TokenLogprob per token, when asked for
+    # a JSON-constrained answer that ended where its JSON does, parsed: an instance of the
+    # call's Pydantic response_format, else the JSON value (None otherwise)
+    parsed: Any = None
 
     @property
     def finish_reason(self) -> str:
@@ -127,8 +132,21 @@ class Answers:
         alphas = dict(zip(self.names, map(float, h.policy.alphas)))
         return [Result(text=a.text, tokens=a.tokens, prompt_ids=list(h.request.prompt_ids),
                        seed=h.request.seed + j, alphas=alphas, usage=a.usage,
-                       method=method_of(h.request), logprobs=a.logprobs)
+                       method=method_of(h.request), logprobs=a.logprobs,
+                       parsed=parsed(h.request, a))
                 for j, a in sorted(answers.items())]
+
+
+def parsed(request, answer: Answer) -> Any:
+    """A JSON Schema answer that ended where its JSON does, parsed (None otherwise)."""
+    if request.json_schema is None or answer.usage.finish_reason != "stop":
+        return None
+    try:
+        if request.response_model is not None:
+            return request.response_model.model_validate_json(answer.text)
+        return json.loads(answer.text)
+    except ValueError:  # a schema keyword the grammar could not hold (the class's validator)
+        return None
 
 
 def run_to_end(scheduler: Scheduler, handles: list[Handle]) -> list[list[Result]]:

@@ -289,6 +289,35 @@ class Model:
         test = C.llama_vocab_is_eog
         return np.array([i for i in range(self.n_vocab) if test(self.vocab, i)], dtype=np.intp)
 
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        """llguidance's view of the vocabulary (every token's bytes, llama.cpp's tokenizer),
+        built once (about a second for 150k tokens); every end-of-generation token ends a
+        grammar's answer."""
+        import llguidance
+        control, user = C.LLAMA_TOKEN_ATTR_CONTROL, C.LLAMA_TOKEN_ATTR_USER_DEFINED
+        tokens = []
+        for token in range(self.n_vocab):
+            data = self.piece(token)
+            attr = C.llama_vocab_get_attr(self.vocab, token)
+            # llguidance's mark of a special token (written <name> in a Lark grammar)
+            if attr & control or attr & user and data[:1] == b"<" and data[-1:] == b">":
+                data = b"\xff" + data
+            tokens.append(data)
+        tokenize = ctypes.cast(C.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        return llguidance.LLTokenizer.from_llamacpp(
+            tokens=tokens, vocab_ptr=self.vocab, tokenize_fptr=tokenize,
+            eos_token=[int(t) for t in self.eog_tokens], slices=None)
+
+    def piece(self, token: int, special: bool = True) -> bytes:
+        """A token's bytes as llama.cpp renders it, special tokens as their text."""
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_token_to_piece(self.vocab, token, buf, 256, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
     def special_token(self, name: str) -> int:
         """bos, eos or eot id (-1 when the vocabulary has none)."""
         return int(getattr(C, f"llama_vocab_{name}")(self.vocab))

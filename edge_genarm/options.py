@@ -22,7 +22,7 @@ import secrets
 
 import click
 
-from . import fields
+from . import constraints, fields
 from .config import (DRAFT_TOKENS, ArmRef, Config, LoadConfig, RequestParams, split,
                      split_adapter)
 from .engine import ArmSpec, EngineConfig, RewardSpec
@@ -160,10 +160,16 @@ def call(defaults: RequestParams, prompt_ids, given: dict) -> RequestParams:
     if own.get("seed", defaults.seed) is None:
         own["seed"] = secrets.randbelow(2**31)
     own["prompt_ids"] = tuple(prompt_ids)
+    response_model = None
+    if "response_format" in own:  # OpenAI's shape, a JSON Schema or a Pydantic class
+        schema, response_model = constraints.response_schema(own.pop("response_format"))
+        if schema is not None:
+            own["json_schema"] = schema
     # the defaults' own class: a program's subclass keeps its options
     request = fields.build(type(defaults), {k: v for k, v in own.items() if k != "prompt_ids"},
                            defaults)
-    return dataclasses.replace(request, prompt_ids=own["prompt_ids"])
+    return dataclasses.replace(request, prompt_ids=own["prompt_ids"],
+                               response_model=response_model or request.response_model)
 
 
 # -- what the engine loads ----------------------------------------------------------------------

@@ -7,14 +7,19 @@ Contract:
   with one line) and returns the request's `Policy`:
       alphas       the ARM weights of its rows (GenARM), in the engine's ARM order
       processors   row -> row steps, in stage order: the end-of-generation mask (ignore_eos),
-                   then the method's rerank (PARGS/ARGS: the base's top candidates scored with
-                   the reward model)
+                   logit_bias, the grammar's mask (json_schema, grammar, regex, choice: only
+                   what the answer's grammar allows), then the method's rerank (PARGS/ARGS: the
+                   base's top candidates, allowed ones only, scored with the reward model)
+      grammar      the compiled constraint (constraints.Grammar); `constraint()` is a new
+                   answer's state, which the scheduler holds with the answer
       next_token   per answer: penalties over the answer's own tokens, then the sampler with
                    the answer's own random generator
       finish       how its events go out: as they come, or held and judged (best-of-n)
 - A processor is shared by every request that uses it and is called once per step with all of
-  its rows (`rows, seqs, requests`), so that the reward model scores a step's candidates in one
-  decode. A new method is a new processor or finish hook here, not a branch in the scheduler.
+  its rows and a `RowView` of each (its answer, and which of the answer's rows it is), so that
+  the reward model scores a step's candidates in one decode and the grammar masks a step's rows
+  together. Masking comes after the guided combination (the engine's rows) and before the
+  sampler's temperature and filters, so that it never changes a component's normaliser. A new method is a new processor or finish hook here, not a branch in the scheduler.
 - `Policies.after_step()` runs what waits for a step's end (best-of-n's judging, every
   ended answer of the step in one decode of the reward model) and returns its `Verdict`s.
   Finish hooks read answers (`Ended`, a view) and return the events to send; the scheduler
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
 import numpy as np
 
-from . import fields, guidance, penalties, reward
+from . import constraints, fields, guidance, penalties, reward
 from .config import RequestParams
 from .errors import ContextFullError, UserError
 from .sampling import Sampler, SamplingSettings, make_distribution, make_sampler
@@ -56,6 +61,7 @@ class Policy:
     returned: int  # answers its caller gets
     drafter: LookupDrafter | ModelDrafter | None = None
     draft: Drafting | None = None  # a new answer's speculation state: the limit and costs
+    grammar: constraints.Grammar | None = None
     _distribution: Callable | None = None
 
     @property
@@ -78,6 +84,27 @@ class Policy:
         """A new answer's speculation state (None: it does not draft)."""
         return replace(self.draft) if self.draft is not None else None
 
+    def constraint(self) -> constraints.Constraint | None:
+        """A new answer's grammar state (None: unconstrained)."""
+        return self.grammar.start() if self.grammar is not None else None
+
+
+@dataclass(frozen=True)
+class RowView:
+    """One row of a step: the answer it belongs to (the scheduler's, read only) and which of its
+    rows it is: 0 after its pending token, i after its i-th draft token (`draft`)."""
+    answer: object
+    offset: int
+    draft: tuple[int, ...] = ()
+
+    @property
+    def seq(self) -> "Sequence":
+        return self.answer.seq
+
+    @property
+    def request(self) -> Request:
+        return self.answer.policy.request
+
 
 class EogMask:
     """The end-of-generation ids out of a row (before any method picks its candidates), so that
@@ -87,20 +114,49 @@ class EogMask:
     def __init__(self, eog: np.ndarray):
         self.eog = eog
 
-    def __call__(self, rows: np.ndarray, seqs: list, requests: list) -> np.ndarray:
+    def __call__(self, rows: np.ndarray, views: list[RowView]) -> np.ndarray:
         rows[:, self.eog[self.eog < rows.shape[1]]] = -np.inf
         return rows
+
+
+class LogitBias:
+    """OpenAI's logit_bias: each request's biases added to its rows; -100 bans a token."""
+    stage = 1
+
+    def __call__(self, rows: np.ndarray, views: list[RowView]) -> np.ndarray:
+        for row, view in zip(rows, views):
+            ids, values = _biases(tuple(view.request.logit_bias.items()))
+            row[ids] += values
+        return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _biases(items: tuple) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([int(k) for k, _ in items], dtype=np.intp)
+    values = np.array([-np.inf if v <= -100 else v for _, v in items], dtype=np.float32)
+    return ids, values
+
+
+class GrammarMask:
+    """Each answer's grammar: every token it does not allow to -inf, at each of its rows (after
+    each draft token too); a step's masks are computed together."""
+    stage = 2
+
+    def __call__(self, rows: np.ndarray, views: list[RowView]) -> np.ndarray:
+        return constraints.mask(rows, [(v.answer.constraint, i, v.draft)
+                                       for i, v in enumerate(views) if v.offset == 0])
 
 
 class Rerank:
     """PARGS/ARGS: a row becomes -inf but at the base's top candidates, which get score + w * r
     (score: log-prob for PARGS, raw logit for ARGS); every row's candidates in one decode."""
-    stage = 1
+    stage = 3
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
 
-    def __call__(self, rows: np.ndarray, seqs: list, requests: list) -> np.ndarray:
+    def __call__(self, rows: np.ndarray, views: list[RowView]) -> np.ndarray:
+        seqs, requests = [v.seq for v in views], [v.request for v in views]
         scores = [guidance.log_softmax(row) if r.method == "pargs" else row
                   for row, r in zip(rows, requests)]
         candidates = [reward.top_candidates(x, r.candidates or self.engine.reward.k)
@@ -214,6 +270,7 @@ class Policies:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.mask = EogMask(engine.model.eog_tokens)
+        self.bias, self.grammar_mask = LogitBias(), GrammarMask()
         scores = engine.reward is not None
         self.rerank = Rerank(engine) if scores else None
         self.judge = Judge(engine) if scores else None
@@ -232,7 +289,10 @@ class Policies:
         alphas = self.engine.alphas(dict(request.arms))
         if method != "genarm":
             alphas = np.zeros_like(alphas)  # the reward-model methods guide the base alone
+        grammar = constraints.compile_request(request, self.engine.model)
         processors = ((self.mask,) if request.ignore_eos else ()) + \
+            ((self.bias,) if request.logit_bias else ()) + \
+            ((self.grammar_mask,) if grammar is not None else ()) + \
             ((self.rerank,) if method in TOKENWISE else ())
         sampling = request.sampling
         sampler = self._samplers.get(sampling)
@@ -248,7 +308,7 @@ class Policies:
         policy = Policy(request, alphas, processors, sampler, penalize,
                         BestOfN(self.judge) if best_of else Emit(),
                         answers=request.samples if best_of else request.n,
-                        returned=1 if best_of else request.n)
+                        returned=1 if best_of else request.n, grammar=grammar)
         if request.drafts:
             policy.drafter = self._drafter(request, alphas)
             policy.draft = new_drafting(self.engine, policy.drafter, alphas, request.draft_tokens)
@@ -271,18 +331,19 @@ class Policies:
         return self.judge.run() if self.judge is not None else []
 
 
-def run_processors(rows: np.ndarray, seqs: Seq, policies: Seq[Policy]) -> np.ndarray:
-    """Every row through its policy's processors, each processor once for all its rows."""
+def run_processors(rows: np.ndarray, views: Seq[RowView]) -> np.ndarray:
+    """Every row through its answer's policy's processors, each processor once for all its
+    rows."""
     groups: dict = {}
-    for i, policy in enumerate(policies):
-        for p in policy.processors:
+    for i, view in enumerate(views):
+        for p in view.answer.policy.processors:
             groups.setdefault(p, []).append(i)
     if not groups:
         return rows
     rows = np.array(rows)  # the engine's rows may be views of llama.cpp's buffers
     for p in sorted(groups, key=lambda p: p.stage):
         at = groups[p]
-        rows[at] = p(rows[at], [seqs[i] for i in at], [policies[i].request for i in at])
+        rows[at] = p(rows[at], [views[i] for i in at])
     return rows
 
 
@@ -295,6 +356,10 @@ def _check(request: Request, engine: "Engine") -> None:
         raise ContextFullError(f"the prompt is {len(request.prompt_ids)} tokens but the context "
                                f"holds {engine.n_ctx}; shorten the prompt or raise --ctx-size")
     _at_most("n", request.n, engine.n_seq_max, "(the parallel sequences)")
+    for key in request.logit_bias:
+        if int(key) >= engine.n_vocab:
+            raise UserError(f"logit_bias {key}: no such token; the vocabulary has "
+                            f"{engine.n_vocab} (ids 0 to {engine.n_vocab - 1})", "logit_bias")
     if request.method != "genarm":
         _check_method(request, engine)
     if request.drafts:

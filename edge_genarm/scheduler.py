@@ -43,7 +43,8 @@ import numpy as np
 from .engine import Engine, Sequence
 from .config import MAX_TOP_LOGPROBS, METHODS
 from .events import Event, Handle, TokenLogprob, Usage, logprob_of
-from .policy import Ended, Policies, Policy, Request, run_processors
+from .constraints import Constraint
+from .policy import Ended, Policies, Policy, Request, RowView, run_processors
 from .speculative import Drafting, Proposal, Proposer
 from .text import TextStream
 
@@ -65,6 +66,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     t_first: float = 0.0
     drafting: Drafting | None = None  # its speculation state (the proposer's to write)
+    constraint: Constraint | None = None  # its grammar's state (it has read `tokens`)
 
     @property
     def policy(self) -> Policy:
@@ -167,8 +169,8 @@ class Scheduler:
         alphas = np.stack([s.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
         rows = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts)
-        rows = run_processors(rows, [q for q, c in zip(seqs, counts) for _ in range(c)],
-                              [s.policy for s, c in zip(slots, counts) for _ in range(c)])
+        rows = run_processors(rows, [RowView(s, i, tuple(p.draft)) for s, p in
+                                     zip(slots, proposals) for i in range(p.rows)])
         now, at = time.perf_counter(), 0
         for slot, proposal in zip(slots, proposals):
             own, at = rows[at:at + proposal.rows], at + proposal.rows
@@ -245,7 +247,7 @@ class Scheduler:
         usage = Usage(prompt_tokens=len(prompt), cached_tokens=shared)
         slot = _Slot(handle, 0, seq, prompt[shared:], TextStream(self.engine, request),
                      np.random.default_rng(request.seed), usage, forks,
-                     drafting=handle.policy.drafting())
+                     drafting=handle.policy.drafting(), constraint=handle.policy.constraint())
         answers = [slot] + (self._children(slot) if request.max_tokens == 0 else [])
         self._slots.extend(answers)
         for answer in answers if request.max_tokens == 0 else []:
@@ -277,7 +279,8 @@ class Scheduler:
             children.append(_Slot(slot.handle, j, seq, [], TextStream(self.engine, request),
                                   np.random.default_rng(request.seed + j),
                                   Usage(slot.usage.prompt_tokens, 0, slot.usage.cached_tokens),
-                                  drafting=slot.handle.policy.drafting()))
+                                  drafting=slot.handle.policy.drafting(),
+                                  constraint=slot.constraint and slot.constraint.copy()))
         slot.forks = []
         return children
 
@@ -303,6 +306,9 @@ class Scheduler:
             top = policy.request.logprobs  # reported before the penalties
             logprob = logprob_of(row, token, top) if top is not None else None
             piece, finish = slot.text.push(token)
+            if finish is None and slot.constraint is not None:
+                finish = slot.constraint.accept(token)  # "stop" where the grammar is complete
+                piece += slot.text.close() if finish else ""
             event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
             events.extend(policy.finish.emit(event))
             if finish:
@@ -322,6 +328,9 @@ class Scheduler:
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
         usage.tokens_per_second = round(steps / elapsed, 3) if steps > 0 and elapsed > 0 else 0.0
         usage.finish_reason = event.finish_reason = reason
+        if slot.constraint is not None and slot.constraint.error:
+            usage.error = f"the answer broke its {slot.policy.grammar.field}: " \
+                f"{slot.constraint.error}"
         if slot.drafting is not None:
             usage.drafted_tokens, usage.accepted_tokens = (slot.drafting.drafted,
                                                            slot.drafting.accepted)

@@ -208,6 +208,7 @@ class Answer(Protocol):
     tokens: list[int]    # its tokens so far
     rng: np.random.Generator
     drafting: Drafting | None
+    constraint: object  # its grammar's state (constraints.Constraint), or None
     policy: Target
     max_tokens: int
 
@@ -251,10 +252,13 @@ class Proposer:
                 by_model[i] = room
             else:
                 drafts[i] = drafter.draft(answer.seq.tokens + answer.pending, room)
+                if answer.constraint is not None:  # only what its grammar allows is verified
+                    drafts[i] = drafts[i][:answer.constraint.draftable(drafts[i])]
         if by_model:
             self._model_drafts(answers, by_model, drafts, qs)
-        return [Proposal(drafts[i][-1:] if i in by_model else list(a.pending) + drafts[i],
-                         drafts[i], qs[i]) for i, a in enumerate(answers)]
+        return [Proposal(drafts[i][-1:] if i in by_model and drafts[i] else
+                         list(a.pending) + drafts[i], drafts[i], qs[i])
+                for i, a in enumerate(answers)]
 
     def keep(self, answer: Answer, proposal: Proposal, rows: np.ndarray) -> list[int]:
         """An answer's next tokens from its rows: draft tokens as the policy accepts them
@@ -290,7 +294,7 @@ class Proposer:
         """Draft with models, one token of every drafting answer per round; greedy answers
         draft the drafter's argmax, sampled ones a draw from its distribution. A draft ends
         at its room or after a token the drafter was unsure of."""
-        rooms = dict(rooms)
+        rooms, drafted = dict(rooms), list(rooms)
         feed = {i: list(answers[i].pending) for i in rooms}
         for i in rooms:
             qs[i] = []
@@ -303,6 +307,9 @@ class Proposer:
             for i, row in zip(list(rooms), rows):
                 answer = answers[i]
                 policy, history = answer.policy, answer.tokens + drafts[i]
+                grammar = answer.constraint
+                if grammar is not None:  # q is the masked drafter's, as p is the masked target's
+                    row = grammar.mask_row(row)
                 if policy.greedy:
                     token, q = policy.next_token(row, history, answer.rng), None
                     sure = np.exp(guidance.log_softmax(row)[token])
@@ -310,8 +317,17 @@ class Proposer:
                     q = policy.distribution(row, history)
                     token = draw(*q, answer.rng)
                     sure = q[1][np.flatnonzero(q[0] == token)[0]]
+                if grammar is not None and not grammar.try_draft(token):
+                    # the grammar ends here or engages after it: the draft ends before it,
+                    # its last token (decoded this round) fed again with the verify
+                    self.engine.truncate(answer.seq, len(answer.seq.tokens) - 1)
+                    del rooms[i], feed[i]
+                    continue
                 drafts[i].append(token)
                 qs[i].append(q)
                 feed[i] = [token]
                 if sure < CONFIDENCE or len(drafts[i]) >= rooms[i]:
                     del rooms[i], feed[i]
+        for i in drafted:
+            if answers[i].constraint is not None:
+                answers[i].constraint.undo_drafts()  # the verify's masks start where it stood
