@@ -49,6 +49,7 @@ TINY = {
     "bench_speculative": ["--preset", "demo", "--task", "rewrite", "--prompts", "1",
                           "--max-tokens", "4", "--temperatures", "0", "--parallel", "1",
                           "--draft-model", "@smollm2", "--verify-sizes", "1,2"],
+    "bench_structured": ["--sections", "batch,server", "--prompts", "2", "--max-tokens", "4"],
     "bench_thread_mix": ["--parallel", "2", "--max-tokens", "2", "--repeats", "1"],
     "bench_weak_to_strong": ["--weights", "1", "--requests", "1", "--max-tokens", "4",
                              "--speed-tokens", "4", "--no-small", "--parallel", "1"],

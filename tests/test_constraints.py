@@ -275,3 +275,22 @@ def test_the_python_api_takes_a_pydantic_class_or_openais_shapes_and_parses(mode
     with pytest.raises(UserError) as err:
         model.generate("x", response_format=42)
     assert err.value.param == "response_format"
+
+
+def test_pargs_args_and_best_of_n_draw_only_allowed_tokens(tiny, rm):
+    """The reward-model methods score candidates the grammar allows, and each best-of-n sample
+    holds to it: on a random tiny base every answer is still in the grammar's language."""
+    from test_reward import load as load_with_rm
+    words = ("north", "south", "east", "west")
+    with load_with_rm(tiny.base, rm["lora"], k=4, n_seq=4) as engine:
+        prompt = tuple(engine.model.tokenize("Which way?", add_special=True))
+        for method, extra in (("pargs", {"reward_weight": 50.0}), ("args", {}),
+                              ("best-of-n", {"samples": 3})):
+            for seed in range(2):
+                request = Request(prompt, WARM, max_tokens=12, seed=seed, method=method,
+                                  choice=words, **extra)
+                with Scheduler(engine) as s:
+                    h = s.submit(request)
+                    tokens, usage = answers(s, [h])[(h, 0)]
+                text = b"".join(engine.model.token_bytes(t) for t in tokens).decode()
+                assert text in words and usage.finish_reason == "stop", (method, text)
