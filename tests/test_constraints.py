@@ -294,3 +294,21 @@ def test_pargs_args_and_best_of_n_draw_only_allowed_tokens(tiny, rm):
                     tokens, usage = answers(s, [h])[(h, 0)]
                 text = b"".join(engine.model.token_bytes(t) for t in tokens).decode()
                 assert text in words and usage.finish_reason == "stop", (method, text)
+
+
+def test_batch_lines_carry_their_own_constraints_and_a_bad_one_fails_alone(tmp_path):
+    from click.testing import CliRunner
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"], "additionalProperties": False}
+    lines = [{"id": 1, "prompt": "Give a city as JSON.", "json_schema": city},
+             {"id": 2, "prompt": "Is water wet?", "choice": ["yes", "no"]},
+             {"id": 3, "prompt": "x", "json_schema": {"type": "strin"}}]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    res = CliRunner().invoke(cli_main, ["generate", "--base", "@smollm2", "--input",
+                                        str(source), "--output", str(out), "-t", "0"])
+    assert res.exit_code == 1 and "1 prompt failed" in res.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    valid(city, records[1]["text"])
+    assert records[2]["text"] in ("yes", "no")
+    assert "json_schema" in records[3]["error"] and "strin" in records[3]["error"]
