@@ -50,6 +50,10 @@ def items() -> list[dict]:
     out[1] |= {"arms": {"positive": 0.0, "concise": 1.0}}
     out[2] |= {"temperature": 0.9, "seed": 11, "n": 2}
     out[5] |= {"temperature": 0.7, "seed": 5}
+    out[6] |= {"choice": ["aye", "nay"]}  # constraints travel to the workers as any option
+    out[7] |= {"json_schema": {"type": "object", "properties": {"fact": {
+        "type": "string", "maxLength": 40}}, "required": ["fact"],
+        "additionalProperties": False}, "max_tokens": 40}
     return out
 
 
@@ -90,6 +94,8 @@ def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(ray_cl
     for i in (2, 5):  # the sampled lines, each with its own seed
         assert got[i].request.seed == alone[i].request.seed == items()[i]["seed"]
     assert len(got[2].results) == 2 and got[1].results[0].alphas["concise"] == 1.0
+    assert got[6].results[0].text in ("aye", "nay")
+    assert "fact" in got[7].results[0].parsed
     # the lines of one system prompt ran on one worker: all but its first copied the prefix
     assert sum(c.results[0].usage.cached_tokens > 20 for c in got.values()) >= 4
 
