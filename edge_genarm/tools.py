@@ -6,16 +6,17 @@ Contract:
   one a `UserError` naming its param: "tools[i].function.parameters" for a schema that does not
   compile, "tools" for a missing or repeated name, "tool_choice" for an unknown function or a
   choice without tools) and returns a `ToolPlan`, or None where the model may not call (no
-  tools, or tool_choice "none"). The plan gives the request its `grammar` (llguidance Lark:
-  each call's arguments held to its tool's `parameters`, the name a constant) and
-  `grammar_trigger`, the `tools` the chat template is given, and a parser for the answer.
+  tools, or tool_choice "none"). The plan gives the request its `grammar` (llguidance Lark,
+  holding from the first token: each call's arguments held to its tool's `parameters`, the
+  name a constant) and the `tools` the chat template is given.
 - Two formats, by the chat template (`template_format`): "hermes" for a template that renders
   `tools` itself and writes `<tool_call>` blocks (Qwen2.5's): the answer writes
-  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, several one after another;
-  with "auto" the answer is free until it writes the `<tool_call>` token (the trigger), with
-  "required" or a named function the grammar holds from the first token. "generic" for any
-  other template: a system message describes the tools and the reply, and the answer is the
-  JSON object {"tool_calls": [{"name": ..., "arguments": {...}}]}, or with "auto"
+  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, several one after another
+  (the `<tool_call>` token itself, never the same text in pieces). With "auto" it may instead
+  answer in text, or call in text and then blocks, or write its calls' JSON bare, as small
+  Qwen models do (an answer that begins with "{" is a call). "generic" for any other
+  template: a system message describes the tools and the reply, and the answer is the JSON
+  object {"tool_calls": [{"name": ..., "arguments": {...}}]}, or with "auto"
   {"response": "..."} instead (as llama-server's generic format).
 - `history(messages, format)`: a conversation's assistant tool calls and role "tool" results in
   the shape the template takes (hermes: arguments as a mapping, which the template writes with
@@ -38,6 +39,7 @@ from .errors import UserError
 
 HERMES, GENERIC = "hermes", "generic"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FENCE = "```json\n"  # small Qwen models also write a bare call in a JSON code block
 CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NO_ARGUMENTS = {"type": "object", "properties": {}}
@@ -61,7 +63,6 @@ class ToolPlan:
     functions: tuple[dict, ...]    # each tool's checked "function" object
     tools: tuple[dict, ...]        # the tools as the request gave them (the template's)
     grammar: str                   # llguidance Lark
-    trigger: str | None            # grammar_trigger: None holds from the first token
 
     @property
     def template_tools(self) -> list[dict] | None:
@@ -81,7 +82,7 @@ class ToolPlan:
 
 def plan(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
          template: str | None = None) -> ToolPlan | None:
-    """The grammar, trigger and template tools for a request's tools (see the contract)."""
+    """The grammar and template tools for a request's tools (see the contract)."""
     functions = check_tools(tools)
     choice = check_choice(tool_choice, functions)
     if not functions or choice == "none":
@@ -89,8 +90,8 @@ def plan(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None =
     fmt = template_format(template)
     chosen = [f for f in functions if choice in ("auto", "required") or f["name"] == choice]
     parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
-    grammar, trigger = _grammar(fmt, chosen, choice, parallel)
-    return ToolPlan(fmt, choice, parallel, tuple(functions), tuple(tools), grammar, trigger)
+    grammar = _grammar(fmt, chosen, choice, parallel)
+    return ToolPlan(fmt, choice, parallel, tuple(functions), tuple(tools), grammar)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -168,24 +169,38 @@ def check_choice(tool_choice: Any, functions: list[dict]) -> str:
 
 
 # -- grammars ----------------------------------------------------------------------------------
-def _grammar(fmt: str, functions: list[dict], choice: str, parallel: bool
-             ) -> tuple[str, str | None]:
-    """(llguidance Lark grammar, grammar_trigger) for the answer."""
+def _grammar(fmt: str, functions: list[dict], choice: str, parallel: bool) -> str:
+    """The llguidance Lark grammar of the answer."""
     call, defs = _call_schema(functions)
     root = {"x-guidance": JSON_STYLE} | ({"$defs": defs} if defs else {})
     if fmt == HERMES:
-        body = "body: %json " + json.dumps(call | root)
-        block = f'{OPEN} "\\n" body "\\n" {CLOSE}'
-        more = f'("\\n" {block})*' if parallel else ""
-        if choice == "auto":  # the trigger token opened the first block
-            return f'start: "\\n" body "\\n" {CLOSE} {more}\n{body}\n', OPEN
-        return f"start: {block} {more}\n{body}\n", None
+        body = "call: %json " + json.dumps(call | root)
+        block = f'{OPEN} "\\n" call "\\n" {CLOSE}'
+        more = '("\\n" {})*'.format if parallel else (lambda _: "")
+        if choice != "auto":
+            return f"start: {block} {more(block)}\n{body}\n"
+        # text, text then blocks, or calls written bare (in a fence or not): text may not
+        # begin as a bare call does
+        return (f"start: TEXT | TEXT? blocks | calls | {json.dumps(FENCE)} calls "
+                f'"\\n```"\nblocks: {block} {more(block)}\ncalls: call {more("call")}\n'
+                f"{body}\nTEXT: /{_not_opening(FENCE + '{')}/\n")
     calls = {"type": "array", "items": call, "minItems": 1} | ({} if parallel else
                                                                 {"maxItems": 1})
     reply = _object({"tool_calls": calls})
     if choice == "auto":
         reply = {"anyOf": [reply, _object({"response": {"type": "string"}})]}
-    return "start: %json " + json.dumps(reply | root) + "\n", None
+    return "start: %json " + json.dumps(reply | root) + "\n"
+
+
+def _not_opening(opener: str) -> str:
+    """A regular expression for any text that begins neither with "{" nor with `opener`
+    (whose last character is "{"): at some point it parts from the opener, or stops short."""
+    esc = {"\n": "\\n", "{": "\\{"}
+    parts = [f"[^{{{esc.get(opener[0], opener[0])}][\\s\\S]*"]
+    for i in range(1, len(opener)):
+        head = "".join(esc.get(c, c) for c in opener[:i])
+        parts.append(f"{head}([^{esc.get(opener[i], opener[i])}][\\s\\S]*)?")
+    return "(" + "|".join(parts) + ")"
 
 
 def _object(properties: dict) -> dict:
@@ -565,14 +580,15 @@ class ToolCallParser:
         while self.pending:
             if self.scanner is not None:
                 self._in_call()
-            elif self.closing:
+            elif self.closing:  # a call's JSON ended: </tool_call> or a fence's end next
                 stripped = self.pending.lstrip()
-                if not stripped or CLOSE.startswith(stripped[:len(CLOSE)]) and \
-                        len(stripped) < len(CLOSE):
-                    return  # wait for the rest of </tool_call>
-                self.pending, self.closing = stripped, False
-                if stripped.startswith(CLOSE):
-                    self.pending = stripped[len(CLOSE):]
+                end = next((e for e in (CLOSE, "```") if stripped.startswith(e)), "")
+                if not end and any(e.startswith(stripped) for e in (CLOSE, "```")):
+                    return  # wait for the rest
+                self.pending, self.closing = stripped[len(end):], False
+            elif not self.content and (bare := self._bare()) is not False:
+                if bare is None:
+                    return  # wait: it may yet open a call
             else:
                 at = self.pending.find(OPEN)
                 if at < 0:
@@ -582,9 +598,23 @@ class ToolCallParser:
                     return
                 self._say(self.pending[:at])
                 self.space, self.pending = "", self.pending[at + len(OPEN):]
-                self.scanner = _JsonScanner(lambda p: p == ("arguments",))
-                self.by_path = {0: _Call(len(self.calls))}
-                self.calls.append(self.by_path[0])
+                self._open_call()
+
+    def _bare(self) -> bool | None:
+        """At the answer's start, a call written bare (or in a ```json fence): True where one
+        opened, None while too little has come to tell, False for text."""
+        head = self.pending.lstrip()
+        opener = next((o for o in ("{", FENCE + "{") if head.startswith(o)), None)
+        if opener:
+            self.pending, self.space = head[len(opener) - 1:], ""
+            self._open_call()
+            return True
+        return None if (FENCE + "{").startswith(head) else False
+
+    def _open_call(self) -> None:
+        self.scanner = _JsonScanner(lambda p: p == ("arguments",))
+        self.by_path = {0: _Call(len(self.calls))}
+        self.calls.append(self.by_path[0])
 
     def _in_call(self) -> None:
         used = 0

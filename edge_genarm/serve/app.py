@@ -7,6 +7,11 @@ Contract:
 - `POST /v1/chat/completions`, `POST /v1/completions`: streamed as server-sent events
   (`data: [DONE]` last) or not; each request's own ARM weights and sampling; `n` answers from one
   prefill. A client that goes away mid-request has its sequences freed at once.
+- Structured answers (response_format, json_schema, grammar, regex, choice) on both routes;
+  tool calls on chat (`tools.py` plans the grammar and reads the answer): the message's
+  `tool_calls` with finish reason "tool_calls", or streamed as OpenAI's tool-call deltas. An
+  answer whose grammar failed mid-way is an error the client sees: 500 with its message, or,
+  streaming, a last `{"error": ...}` event; other requests go on.
 - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).
 - Every error is OpenAI's body with a 4xx/5xx status (`protocol.ApiError`); with an API key,
   every route but `/health` wants `Authorization: Bearer KEY` (compared in constant time).
@@ -31,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from .. import __version__, options
+from .. import __version__, options, tools
 from ..errors import ContextFullError, EngineError, UnknownArmError, UserError
 from ..generation import Answer, encode_messages, with_system
 from ..scheduler import Handle
@@ -206,7 +211,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, Served]],
         body = protocol.parse(kind, await read_body(request, config.max_body))
         model = state.model(body.model)
         call = _Call(kind, body, model, state.worker, metrics)
-        call.submit(_prompts(kind, body, model))
+        call.submit(_prompts(kind, body, model, call.plan))
         metrics.requests.labels(_endpoint(request), "200").inc()
         if body.stream:
             return EventSourceResponse(call.chunks(), ping=15, sep="\n")
@@ -253,19 +258,42 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prompts(kind: str, body, model: Served) -> list[list[int]]:
-    """The token ids of each prompt: messages through the chat template, or completion
-    prompts (text, or token ids as they are)."""
+def _tool_plan(body, model: Served) -> tools.ToolPlan | None:
+    """The request's tools as a grammar (None: it may not call), its other constraints
+    refused beside them."""
+    try:
+        plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls,
+                          model.template)
+    except UserError as exc:
+        raise ApiError(400, str(exc), exc.param, "invalid_value") from None
+    if plan is not None:
+        taken = [n for n in (*protocol.CONSTRAINTS, "grammar_trigger") if getattr(body, n)]
+        if protocol.response_schema(body.response_format) is not None:
+            taken.insert(0, "response_format")
+        if taken:
+            raise ApiError(400, f"{taken[0]} constrains the answer, and so do its tools (a "
+                           f"grammar for the calls): drop {taken[0]}, or set tool_choice "
+                           '"none"', taken[0], "invalid_value")
+    return plan
+
+
+def _prompts(kind: str, body, model: Served, plan: tools.ToolPlan | None = None
+             ) -> list[list[int]]:
+    """The token ids of each prompt: messages through the chat template (the tools' own
+    instructions and history in it), or completion prompts (text, or token ids as they are)."""
     engine = model.engine
     try:
         if kind == "chat":
             if model.template is None:
                 raise ApiError(400, f"{model.name} has no chat template; use /v1/completions",
                                "messages")
-            messages = [{"role": "system" if m.role == "developer" else m.role,
-                         "content": m.text()} for m in body.messages]
-            return [encode_messages(engine, with_system(messages, model.config.request.system),
-                                    model.template)]
+            messages = with_system([m.as_dict() for m in body.messages],
+                                   model.config.request.system)
+            messages = tools.history(messages, tools.template_format(model.template))
+            if plan is not None:
+                messages = plan.instruct(messages)
+            return [encode_messages(engine, messages, model.template,
+                                    plan.template_tools if plan else None)]
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
@@ -289,13 +317,18 @@ class _Call:
     def __init__(self, kind: str, body, model: Served, worker: Worker, metrics: Metrics):
         self.kind, self.body, self.model, self.worker = kind, body, model, worker
         self.metrics = metrics
+        self.plan = _tool_plan(body, model) if kind == "chat" else None
+        self.parsers: dict[int, tools.ToolCallParser] = {}  # streaming: one per answer
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.handles: list[Handle] = []
         self.answers: list[Answer] = []
 
     def submit(self, prompts: list[list[int]]) -> None:
-        given = protocol.call_options(self.body)
+        given = protocol.call_options(
+            self.body, tokenize=lambda text: self.model.engine.model.tokenize(text, False))
+        if self.plan is not None:
+            given["grammar"] = self.plan.grammar
         param = "messages" if self.kind == "chat" else "prompt"
         try:
             requests = [options.call(self.model.config.request, ids, given) for ids in prompts]
@@ -317,6 +350,9 @@ class _Call:
             if exc.param is None:
                 raise ApiError(400, str(exc), param) from None
             name = "top_logprobs" if exc.param == "logprobs" and self.kind == "chat" else exc.param
+            if exc.param == "json_schema" and protocol.response_schema(
+                    getattr(self.body, "response_format", None)) is not None:
+                name = "response_format"
             raise ApiError(400, str(exc), name, "invalid_value") from None
         self.n = requests[0].n
         self.answers = [Answer(i) for i in range(len(prompts) * self.n)]
@@ -338,6 +374,24 @@ class _Call:
         if isinstance(item, EngineError):
             raise ApiError(500, f"llama.cpp failed: {item}", code="engine_error")
         return item
+
+    @staticmethod
+    def _broken(answer: Answer) -> None:
+        """An answer whose grammar failed mid-way is the request's error, not an answer."""
+        if answer.usage is not None and answer.usage.finish_reason == "grammar_error":
+            raise ApiError(500, answer.usage.error or "the answer broke its grammar",
+                           code="grammar_error")
+
+    def _message(self, answer: Answer) -> tuple[dict, str | None]:
+        """A finished chat answer's message and finish reason (its tool calls read out)."""
+        reason = finish_reason(answer)
+        if self.plan is None:
+            return {"role": "assistant", "content": answer.text}, reason
+        content, calls = tools.parse(answer.text, self.plan.format)
+        if not calls:
+            return {"role": "assistant", "content": content}, reason
+        return ({"role": "assistant", "content": content, "tool_calls": calls},
+                "tool_calls" if reason == "stop" else reason)
 
     def _extras(self) -> dict:
         return {"system_fingerprint": FINGERPRINT, "seed": self.handles[0].request.seed,
@@ -368,20 +422,21 @@ class _Call:
         finally:
             self.worker.cancel([h for h in self.handles if not h.done])
         usage = self._finished()
+        for a in self.answers:
+            self._broken(a)
         token_bytes = self.model.engine.model.token_bytes
         choices = []
         for a in self.answers:
-            text = a.text
             if self.kind == "chat":
                 lp = protocol.chat_logprobs(token_bytes, a.logprobs) \
                     if self.body.logprobs else None
-                choices.append({"index": a.index, "message": {"role": "assistant",
-                                "content": text}, "logprobs": lp,
-                                "finish_reason": finish_reason(a)})
+                message, reason = self._message(a)
+                choices.append({"index": a.index, "message": message, "logprobs": lp,
+                                "finish_reason": reason})
             else:
                 lp = protocol.completion_logprobs(token_bytes, a.logprobs) \
                     if self.body.logprobs is not None else None
-                choices.append({"index": a.index, "text": text, "logprobs": lp,
+                choices.append({"index": a.index, "text": a.text, "logprobs": lp,
                                 "finish_reason": finish_reason(a)})
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
@@ -406,14 +461,11 @@ class _Call:
             async for event in self._events():
                 answer = self._choice(event)
                 lp = [event.logprob] if event.logprob is not None else []
+                if event.finish_reason:
+                    self._broken(answer)
                 if self.kind == "chat":
-                    if event.text or lp:
-                        logprobs = protocol.chat_logprobs(token_bytes, lp) if lp else None
-                        yield _dump(head, self._chat_choice(answer.index, {"content": event.text},
-                                                            logprobs=logprobs))
-                    if event.finish_reason:
-                        yield _dump(head, self._chat_choice(answer.index, {},
-                                                            finish_reason(answer)))
+                    for choice in self._chat_chunks(event, answer, lp):
+                        yield _dump(head, choice)
                 elif event.text or lp or event.finish_reason:
                     logprobs = protocol.completion_logprobs(
                         token_bytes, lp, offsets[answer.index]) if lp else None
@@ -429,6 +481,28 @@ class _Call:
             yield json.dumps(exc.body())
         finally:
             self.worker.cancel([h for h in self.handles if not h.done])
+
+    def _chat_chunks(self, event, answer: Answer, lp: list) -> list[dict]:
+        """One event's chat choices: its text as a content delta (or, with tools, the deltas
+        the parser reads from it), its log-prob on the first, and the finish reason."""
+        logprobs = protocol.chat_logprobs(self.model.engine.model.token_bytes, lp) \
+            if lp else None
+        parser = None
+        if self.plan is None:
+            deltas = [{"content": event.text}] if event.text or lp else []
+        else:
+            parser = self.parsers.setdefault(answer.index,
+                                             tools.ToolCallParser(self.plan.format))
+            deltas = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            deltas = deltas or ([{}] if lp else [])
+        out = [self._chat_choice(answer.index, d, logprobs=logprobs if not i else None)
+               for i, d in enumerate(deltas)]
+        if event.finish_reason:
+            reason = finish_reason(answer)
+            if parser is not None and parser.called and reason == "stop":
+                reason = "tool_calls"
+            out.append(self._chat_choice(answer.index, {}, reason))
+        return out
 
     @staticmethod
     def _chat_choice(index: int, delta: dict, finish: str | None = None, logprobs=None) -> dict:

@@ -9,6 +9,12 @@ Contract:
   declaration says it travels on the wire); `call_options(body)` names them as the Python API
   does, and `options.call` puts them over the server's defaults into the request, the same
   step as for the API.
+- Structured answers: `response_format` (text, json_object, json_schema) becomes the request's
+  `json_schema`, beside llama-server's own `json_schema`, `grammar`, `regex` and `choice`
+  fields; at most one of them per request (two: 400 naming the second). `logit_bias` takes
+  OpenAI's object {"token id": bias} and llama-server's list [[token id or text, bias]] (a bias
+  of false bans the token). Tools (`tools`, `tool_choice`, `parallel_tool_calls`) are chat
+  only; `tools.plan` turns them into the request's grammar.
 - One choice's events are gathered by `generation.Answer` (the output processor's, as for the
   Python API); the builders here turn answers into plain dicts in OpenAI's shapes, with the ARM
   alphas and seed used as extension fields.
@@ -65,14 +71,41 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict = "{}"   # OpenAI sends JSON text; a mapping is taken too
+
+
+class ToolCall(_Body):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None   # an assistant's calls, earlier in the chat
+    tool_call_id: str | None = None            # a tool message: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict:
+        """The message as the chat template and `tools.history` take it."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role,
+                     "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        out |= {k: v for k in ("tool_call_id", "name") if (v := getattr(self, k)) is not None}
+        return out
+
+
+# Options whose wire form is wider than their type: turned into it by `call_options`.
+WIRE_TYPES = {"logit_bias": dict[str, float | bool] | list[list[int | float | bool | str]]}
 
 
 def _wire_type(spec: fields.Spec):
@@ -80,6 +113,8 @@ def _wire_type(spec: fields.Spec):
     string too, for the string lists: stop), every field optional (the server's defaults)."""
     tp = spec.base_type
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if spec.name in WIRE_TYPES:
+        return WIRE_TYPES[spec.name] | None
     if spec.option.choices:
         tp = Literal[spec.option.choices]
     elif origin is tuple:
@@ -100,6 +135,10 @@ def body_models(request_cls: type = RequestParams) -> tuple[type, type]:
 
     class ChatBody(common):
         messages: list[Message] = Field(min_length=1)
+        tools: list[dict] | None = None     # checked by tools.plan, which names the field
+        tool_choice: str | dict | None = None
+        parallel_tool_calls: bool | None = None
+        response_format: dict | None = None
         max_tokens: int | None = Field(None, ge=1)      # 0 is not "none" here, as at OpenAI
         max_completion_tokens: int | None = Field(None, ge=1)
         logprobs: bool = False
@@ -107,6 +146,7 @@ def body_models(request_cls: type = RequestParams) -> tuple[type, type]:
 
     class CompletionBody(common):
         prompt: str | list[str] | list[int] | list[list[int]]
+        response_format: dict | None = None
         max_tokens: int | None = Field(None, ge=1)
 
     return ChatBody, CompletionBody
@@ -121,16 +161,16 @@ def _off(value: Any) -> bool:
 
 # Fields that change the answer and are not implemented: refused, never silently dropped.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": _off, "tool_choice": _off, "functions": _off, "function_call": _off,
-    "logit_bias": _off,
+    "functions": _off, "function_call": _off,
     "repetition_penalty": lambda v: v in (None, 1, 1.0),
     "repeat_penalty": lambda v: v in (None, 1, 1.0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "audio": _off, "prediction": _off, "web_search_options": _off,
     "modalities": lambda v: v in (None, ["text"]),
     "echo": _off, "suffix": _off, "best_of": lambda v: v in (None, 1),
-    "grammar": _off, "json_schema": _off,
 }
+# Chat's own fields, refused on /v1/completions (a prompt has no turns to call tools from).
+CHAT_ONLY: dict[str, Callable[[Any], bool]] = {"tools": lambda v: v in (None, []),
+                                                "tool_choice": _off}
 
 
 def parse(kind: str, raw: bytes, request_cls: type = RequestParams):
@@ -141,12 +181,18 @@ def parse(kind: str, raw: bytes, request_cls: type = RequestParams):
         body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    extra = body.model_extra or {}
     refused = [name for name, harmless in UNSUPPORTED.items()
-               if name in (body.model_extra or {}) and not harmless(body.model_extra[name])]
+               if name in extra and not harmless(extra[name])]
     if refused:
         raise ApiError(400, f"{', '.join(refused)}: not supported by this server (edge-genarm); "
                        "remove " + ("it" if len(refused) == 1 else "them"), param=refused[0],
                        code="unsupported_parameter")
+    chat_only = [name for name, harmless in CHAT_ONLY.items()
+                 if kind == "completion" and name in extra and not harmless(extra[name])]
+    if chat_only:
+        raise ApiError(400, f"{chat_only[0]} is for /v1/chat/completions only: a completion "
+                       "cannot call tools", chat_only[0], "unsupported_parameter")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
@@ -171,15 +217,82 @@ def _validation_error(exc: ValidationError) -> ApiError:
 
 
 # -- the body as scheduler settings --------------------------------------------------------------
-def call_options(body, request_cls: type = RequestParams) -> dict:
+def call_options(body, request_cls: type = RequestParams,
+                 tokenize: Callable[[str], list[int]] | None = None) -> dict:
     """A body's request options by their declared names (None: not given, the server's own
-    apply); `options.call` turns them into the request, as for the Python API."""
+    apply); `options.call` turns them into the request, as for the Python API. `tokenize`
+    reads the text entries of llama-server's logit_bias list."""
     given = {s.name: getattr(body, s.name) for s in fields.specs(request_cls)
              if s.option.wire}
     given["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if hasattr(body, "messages"):  # OpenAI's chat spells log-probs as a flag and a count
         given["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    if "logit_bias" in given:
+        given["logit_bias"] = logit_bias(given["logit_bias"], tokenize)
+    schema = response_schema(getattr(body, "response_format", None))
+    if schema is not None:
+        taken = [n for n in CONSTRAINTS if given.get(n)]
+        if taken:
+            raise ApiError(400, f"response_format and {taken[0]} each constrain the answer: "
+                           "give one", "response_format", "invalid_value")
+        given["json_schema"] = schema
     return given
+
+
+CONSTRAINTS = ("json_schema", "grammar", "regex", "choice")
+_FORMATS = "text, json_object or json_schema"
+
+
+def response_schema(value: dict | None) -> dict | None:
+    """The JSON Schema a response_format asks for (None: free text). OpenAI's json_object and
+    json_schema {"name", "schema", "strict"}, and llama-server's json_object with "schema"."""
+    if value is None or value.get("type") == "text":
+        return None
+    kind = value.get("type")
+    if kind == "json_object":
+        schema = value.get("schema", {"type": "object"})
+        where = "response_format.schema"
+    elif kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, 'response_format.json_schema is required with type '
+                           '"json_schema": {"name": ..., "schema": {...}}',
+                           "response_format", "invalid_value")
+        # OpenAI's schema is optional: without one, any JSON object
+        schema, where = spec.get("schema", {"type": "object"}), \
+            "response_format.json_schema.schema"
+    else:
+        raise ApiError(400, f"response_format.type must be {_FORMATS}, got "
+                       f"{json.dumps(kind)[:40]}", "response_format", "invalid_value")
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{where} must be a JSON Schema object", "response_format",
+                       "invalid_value")
+    return schema
+
+
+def logit_bias(value, tokenize: Callable[[str], list[int]] | None) -> dict | None:
+    """OpenAI's {"token id": bias}, or llama-server's [[token id or text, bias]], as
+    {"token id": bias}; a bias of false bans (-100), true is refused as meaningless."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, dict) else value
+    out: dict[str, float] = {}
+    for pair in pairs:
+        if not isinstance(value, dict) and len(pair) != 2:
+            raise ApiError(400, "logit_bias: each entry of the list form is [token id or "
+                           f"text, bias], got {json.dumps(pair)[:60]}", "logit_bias",
+                           "invalid_value")
+        token, bias = pair
+        if bias is True or isinstance(bias, str) or isinstance(token, (bool, float)):
+            raise ApiError(400, f"logit_bias {json.dumps(list(pair))[:60]}: a token id (or "
+                           "text) and a bias number, or false to ban it", "logit_bias",
+                           "invalid_value")
+        bias = -100.0 if bias is False else float(bias)
+        ids = [token] if isinstance(token, int) or isinstance(value, dict) else \
+            (tokenize(token) if tokenize else [])
+        for t in ids:
+            out[str(t)] = bias
+    return out
 
 
 # -- answers and responses ---------------------------------------------------------------------
