@@ -6,6 +6,13 @@ add_generation_prompt=True)` returns for the same template, messages and tools (
 objects; a template that does not render `tools` ignores them): a sandboxed environment with
 trim_blocks and lstrip_blocks, the loop-controls extension, `raise_exception`, `strftime_now`
 and a `tojson` filter that keeps non-ASCII text as is.
+
+`renders_tools(template)` says whether a template renders `tools` itself and writes
+<tool_call> blocks (Qwen2.5's). `tool_history(messages, renders)` puts a conversation's
+assistant tool calls and role "tool" results in the shape such a template takes (arguments as
+a mapping, which it writes with tojson), or, for any other template, as JSON text in ordinary
+turns ({"tool_calls": [...]} from the assistant, {"tool_response": {...}} from the user), as
+llama-server's generic tool format does.
 """
 
 from __future__ import annotations
@@ -60,3 +67,46 @@ def build_messages(prompt: str, system: str | None) -> list[Message]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     return messages
+
+
+def renders_tools(template: str | None) -> bool:
+    """Whether the template renders `tools` itself and writes <tool_call> blocks."""
+    return bool(template) and "tools" in template and "<tool_call>" in template
+
+
+def tool_history(messages: list[Message], renders: bool) -> list[Message]:
+    """The messages with their tool calls and tool results as the template takes them."""
+    names = {c.get("id"): c.get("function", {}).get("name")
+             for m in messages for c in m.get("tool_calls") or []}
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") or []
+        if m.get("role") == "assistant" and calls and renders:
+            out.append(dict(m, content=m.get("content") or "", tool_calls=[
+                dict(c, function=dict(c["function"], arguments=_arguments(c)))
+                for c in calls]))
+        elif m.get("role") == "assistant" and calls:
+            text = json.dumps({"tool_calls": [{"name": c["function"]["name"],
+                                               "arguments": _arguments(c)} for c in calls]},
+                              ensure_ascii=False)
+            lead = m.get("content") or ""
+            out.append({"role": "assistant", "content": f"{lead}\n{text}" if lead else text})
+        elif m.get("role") == "tool" and not renders:
+            result = {"name": m.get("name") or names.get(m.get("tool_call_id")),
+                      "content": m.get("content") or ""}
+            out.append({"role": "user", "content": json.dumps({"tool_response": result},
+                                                              ensure_ascii=False)})
+        else:
+            out.append(dict(m, content=m.get("content") or ""))
+    return out
+
+
+def _arguments(call: dict) -> Any:
+    """A call's arguments as a mapping (OpenAI sends JSON text), kept as text if not JSON."""
+    args = call.get("function", {}).get("arguments")
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return {} if args is None else args

@@ -18,9 +18,8 @@ Contract:
   template: a system message describes the tools and the reply, and the answer is the JSON
   object {"tool_calls": [{"name": ..., "arguments": {...}}]}, or with "auto"
   {"response": "..."} instead (as llama-server's generic format).
-- `history(messages, format)`: a conversation's assistant tool calls and role "tool" results in
-  the shape the template takes (hermes: arguments as a mapping, which the template writes with
-  tojson; generic: both as JSON text in ordinary turns).
+- A conversation's earlier calls and results go to the template through
+  `templates.tool_history`, in the shape the generic reply takes.
 - `ToolCallParser(format)`: an answer's text pieces in, OpenAI chat deltas out: content deltas
   for free text; a call's header ({"index", "id", "type", "function": {"name", "arguments": ""}})
   once its name is complete, then fragments of its arguments' JSON text. `parse(text, format)`
@@ -32,10 +31,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
+from .templates import renders_tools
 
 HERMES, GENERIC = "hermes", "generic"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -50,9 +50,7 @@ JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separat
 
 def template_format(template: str | None) -> str:
     """"hermes" where the template renders `tools` and writes <tool_call> blocks."""
-    if template and "tools" in template and OPEN in template:
-        return HERMES
-    return GENERIC
+    return HERMES if renders_tools(template) else GENERIC
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ def check_choice(tool_choice: Any, functions: list[dict]) -> str:
 def _grammar(fmt: str, functions: list[dict], choice: str, parallel: bool) -> str:
     """The llguidance Lark grammar of the answer."""
     call, defs = _call_schema(functions)
-    root = {"x-guidance": JSON_STYLE} | ({"$defs": defs} if defs else {})
+    root = {"x-guidance": JSON_STYLE, "$defs": defs}
     if fmt == HERMES:
         body = "call: %json " + json.dumps(call | root)
         block = f'{OPEN} "\\n" call "\\n" {CLOSE}'
@@ -215,23 +213,13 @@ def _call_schema(functions: list[dict]) -> tuple[dict, dict]:
     $defs that the grammar's root schema must hold for them."""
     branches, defs = [], {}
     for i, f in enumerate(functions):
+        # each tool's schema under $defs of the grammar's root, its local references (which
+        # point into the tool's own schema) rewritten to resolve there
         params = {k: v for k, v in f["parameters"].items() if k not in ("$schema", "$id")}
-        if _has_ref(params):
-            # local references point into the tool's own schema: move it under $defs, where
-            # its pointers still resolve once rewritten, beside the other tools'
-            root = f"#/$defs/tool{i}"
-            defs[f"tool{i}"] = _rebase(params, root)
-            params = {"$ref": root}
-        branches.append(_object({"name": {"const": f["name"]}, "arguments": params}))
+        defs[f"tool{i}"] = _rebase(params, f"#/$defs/tool{i}")
+        branches.append(_object({"name": {"const": f["name"]},
+                                 "arguments": {"$ref": f"#/$defs/tool{i}"}}))
     return (branches[0] if len(branches) == 1 else {"anyOf": branches}), defs
-
-
-def _has_ref(value: Any) -> bool:
-    if isinstance(value, dict):
-        return "$ref" in value or any(_has_ref(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_ref(v) for v in value)
-    return False
 
 
 def _rebase(value: Any, root: str) -> Any:
@@ -259,46 +247,6 @@ def _instructions(functions: tuple[dict, ...], choice: str, parallel: bool) -> s
     if choice != "required":
         return text + f"; call {choice}."
     return text + "."
-
-
-# -- conversations -----------------------------------------------------------------------------
-def history(messages: list[dict], fmt: str) -> list[dict]:
-    """The messages with their tool calls and tool results in the shape the template takes."""
-    names = {c.get("id"): c.get("function", {}).get("name")
-             for m in messages for c in m.get("tool_calls") or []}
-    out = []
-    for m in messages:
-        calls = m.get("tool_calls") or []
-        if m.get("role") == "assistant" and calls:
-            if fmt == HERMES:
-                out.append(dict(m, content=m.get("content") or "", tool_calls=[
-                    dict(c, function=dict(c["function"], arguments=_arguments(c)))
-                    for c in calls]))
-            else:
-                text = json.dumps({"tool_calls": [{"name": c["function"]["name"],
-                                                   "arguments": _arguments(c)} for c in calls]},
-                                  ensure_ascii=False)
-                lead = m.get("content") or ""
-                out.append({"role": "assistant", "content": f"{lead}\n{text}" if lead else text})
-        elif m.get("role") == "tool" and fmt == GENERIC:
-            name = m.get("name") or names.get(m.get("tool_call_id"))
-            result = {"name": name, "content": m.get("content") or ""}
-            out.append({"role": "user", "content": json.dumps({"tool_response": result},
-                                                              ensure_ascii=False)})
-        else:
-            out.append(dict(m, content=m.get("content") or ""))
-    return out
-
-
-def _arguments(call: dict) -> Any:
-    """A call's arguments as a mapping (OpenAI sends JSON text), kept as text if not JSON."""
-    args = call.get("function", {}).get("arguments")
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except ValueError:
-            return args
-    return {} if args is None else args
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -461,13 +409,14 @@ class _JsonScanner:
             self.raw_buf = []
 
 
+@dataclass
 class _Call:
-    def __init__(self, index: int):
-        self.index, self.id = index, "call_" + secrets.token_hex(12)
-        self.name: list[str] = []
-        self.named = False            # its name is complete and its header went out
-        self.arguments: list[str] = []
-        self.unsent: list[str] = []   # argument text that came before the name
+    index: int
+    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    name: list[str] = field(default_factory=list)
+    named: bool = False               # its name is complete and its header went out
+    arguments: list[str] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)  # argument text that came before the name
 
     def to_dict(self) -> dict:
         return {"id": self.id, "type": "function",
@@ -591,8 +540,9 @@ class ToolCallParser:
                     return  # wait: it may yet open a call
             else:
                 at = self.pending.find(OPEN)
-                if at < 0:
-                    keep = _partial_suffix(self.pending, OPEN)
+                if at < 0:  # hold back what may begin <tool_call>
+                    keep = next((n for n in range(len(OPEN) - 1, 0, -1)
+                                 if self.pending.endswith(OPEN[:n])), 0)
                     self._say(self.pending[:len(self.pending) - keep])
                     self.pending = self.pending[len(self.pending) - keep:]
                     return
@@ -642,14 +592,6 @@ class ToolCallParser:
             self.space = text[len(body):]
         else:
             self.space += text
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker`."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def parse(text: str, fmt: str) -> tuple[str | None, list[dict]]:

@@ -312,3 +312,41 @@ def test_batch_lines_carry_their_own_constraints_and_a_bad_one_fails_alone(tmp_p
     valid(city, records[1]["text"])
     assert records[2]["text"] in ("yes", "no")
     assert "json_schema" in records[3]["error"] and "strin" in records[3]["error"]
+
+
+def test_sampled_model_drafts_keep_the_masked_guided_distribution(tiny):
+    """1,500 answers of 3 tokens (top-3 at T = 1 of the masked guided rows, ARMs on, regex
+    [abc]+), each second token drafted from the draft model's masked distribution: the joint
+    distribution passes a chi-square test against the exact one, computed here from one-row
+    decodes masked by matchers that consumed each prefix."""
+    from test_speculative import TOP3, chi_square_rejects, load, run
+    prompt, n = (1, 378, 1300, 314, 17), 1500
+    with load(tiny, draft=2, draft_model=tiny.merged) as engine:
+        grammar = constraints.compile_request(Request(prompt, regex="[abc]+"), engine.model)
+
+        def top3(tokens, state):
+            seq = engine.new_sequence()
+            row = engine.score(seq, list(tokens))[-1:].copy()
+            engine.release(seq)
+            row = constraints.mask(row, [(state, 0, ())])[0].astype(np.float64)
+            best = np.argsort(-row, kind="stable")[:3]
+            p = np.exp(row[best] - row[best].max())
+            return dict(zip(best.tolist(), p / p.sum()))
+
+        def after(state, token):
+            state = state.copy()
+            state.accept(token)
+            return state
+
+        probs, s0 = {}, grammar.start()
+        for t1, p1 in top3(prompt, s0).items():
+            s1 = after(s0, t1)
+            for t2, p2 in top3(prompt + (t1,), s1).items():
+                for t3, p3 in top3(prompt + (t1, t2), after(s1, t2)).items():
+                    probs[(t1, t2, t3)] = p1 * p2 * p3
+        requests = [Request(prompt, TOP3, 3, seed=s, speculative="model", regex="[abc]+")
+                    for s in range(n)]
+        got = run(engine, requests)
+        assert sum(u.drafted_tokens for _, u in got) >= n / 2
+        rejects, stat, df = chi_square_rejects([tuple(t) for t, _ in got], probs)
+        assert not rejects and df >= 5, (stat, df)

@@ -16,7 +16,7 @@ from edge_genarm import tools
 from edge_genarm.errors import UserError
 from edge_genarm.llama import Model
 from edge_genarm.registry import resolve_model
-from edge_genarm.templates import render_chat
+from edge_genarm.templates import render_chat, tool_history
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now.",
@@ -130,7 +130,7 @@ def test_hermes_templates_render_tools_and_history_as_transformers_does(vocabula
 
     model, template, _ = vocabulary
     fmt = tools.template_format(template)
-    messages = tools.history(CONVERSATION, fmt)
+    messages = tool_history(CONVERSATION, fmt == tools.HERMES)
     plan = tools.plan(TOOLS, "auto", True, template)
     messages = plan.instruct(messages)
     ours = render_chat(template, messages, tools=plan.template_tools)

@@ -40,6 +40,7 @@ from .. import __version__, options, tools
 from ..errors import ContextFullError, EngineError, UnknownArmError, UserError
 from ..generation import Answer, encode_messages, with_system
 from ..scheduler import Handle
+from ..templates import renders_tools, tool_history
 from . import protocol
 from .protocol import ApiError, finish_reason
 from ..worker import QueueFull, Served, Worker
@@ -289,7 +290,7 @@ def _prompts(kind: str, body, model: Served, plan: tools.ToolPlan | None = None
                                "messages")
             messages = with_system([m.as_dict() for m in body.messages],
                                    model.config.request.system)
-            messages = tools.history(messages, tools.template_format(model.template))
+            messages = tool_history(messages, renders_tools(model.template))
             if plan is not None:
                 messages = plan.instruct(messages)
             return [encode_messages(engine, messages, model.template,
@@ -379,7 +380,9 @@ class _Call:
     def _broken(answer: Answer) -> None:
         """An answer whose grammar failed mid-way is the request's error, not an answer."""
         if answer.usage is not None and answer.usage.finish_reason == "grammar_error":
-            raise ApiError(500, answer.usage.error or "the answer broke its grammar",
+            # llguidance's report runs over several lines: its first says what broke
+            why = (answer.usage.error or "").strip().splitlines()
+            raise ApiError(500, why[0] if why else "the answer broke its grammar",
                            code="grammar_error")
 
     def _message(self, answer: Answer) -> tuple[dict, str | None]:

@@ -95,7 +95,7 @@ class Message(_Body):
         return self.content or ""
 
     def as_dict(self) -> dict:
-        """The message as the chat template and `tools.history` take it."""
+        """The message as the chat template and `templates.tool_history` take it."""
         out: dict = {"role": "system" if self.role == "developer" else self.role,
                      "content": self.text()}
         if self.tool_calls:
