@@ -61,6 +61,14 @@ def top_k(cands: Candidates, k: int) -> Candidates:
     vals = cands[1]
     if k <= 0 or k >= vals.size:
         return cands
+    if np.isneginf(vals).any():
+        # a masked row: partitioning thousands of equal -inf values costs milliseconds, and a
+        # banned token is never drawn, so only the allowed ones are ranked
+        live = np.flatnonzero(vals > -np.inf)
+        if 0 < live.size <= k:
+            return _keep(cands, live)
+        if live.size:
+            return _keep(cands, live[np.argpartition(vals[live], live.size - k)[live.size - k:]])
     return _keep(cands, np.argpartition(vals, vals.size - k)[vals.size - k:])
 
 

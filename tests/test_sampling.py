@@ -24,6 +24,22 @@ def test_top_k_keeps_the_k_best():
     assert ids(sampling.top_k(sampling.all_candidates(lp(0.1, 0.4, 0.5)), 0)) == [0, 1, 2]
 
 
+def test_top_k_on_a_masked_row_keeps_the_best_allowed_tokens():
+    rng = np.random.default_rng(0)
+    row = rng.normal(size=5000).astype(np.float32)
+    banned = rng.random(5000) < 0.99  # a grammar's mask: most of the vocabulary out
+    row[banned] = -np.inf
+    allowed = np.flatnonzero(~banned)
+    for k in (5, allowed.size, allowed.size + 10):
+        ids, vals = sampling.top_k(sampling.all_candidates(row), k)
+        best = allowed[np.argsort(-row[allowed], kind="stable")[:k]]
+        assert sorted(ids.tolist()) == sorted(best.tolist()) and np.isfinite(vals).all()
+    # a ban that leaves more than k: the same k as without it, less the banned
+    row = np.arange(100, dtype=np.float32)
+    row[[99, 50]] = -np.inf
+    assert sorted(sampling.top_k(sampling.all_candidates(row), 3)[0].tolist()) == [96, 97, 98]
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     c = sampling.all_candidates(lp(0.5, 0.3, 0.15, 0.05))
     assert ids(sampling.top_p(c, 0.5)) == [0]
