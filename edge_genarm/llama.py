@@ -338,12 +338,7 @@ class Model:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token renders to; control tokens (end of turn, ...) render to nothing."""
-        buf = ctypes.create_string_buffer(64)
-        n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        return self.piece(token, special=False)
 
     def dry_breakers(self, strings: Sequence[str]) -> penalties.Breakers | None:
         """DRY's sequence breakers as llama.cpp's `llama_sampler_init_dry` processes them: each
