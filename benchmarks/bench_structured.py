@@ -139,7 +139,7 @@ def mask_share(args) -> None:
           f"| {share:.1%} |", flush=True)
 
 
-async def _traffic(url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
+async def _traffic(url: str, model: str | None, prompts: list[str], max_tokens: int) -> dict:
     async def one(http: httpx.AsyncClient, i: int, prompt: str) -> int:
         body = {"model": model, "temperature": 0.8, "seed": i, "max_tokens": max_tokens,
                 "messages": [{"role": "user", "content": prompt}],
@@ -154,6 +154,8 @@ async def _traffic(url: str, model: str, prompts: list[str], max_tokens: int) ->
 
     async with httpx.AsyncClient(timeout=600,
                                  limits=httpx.Limits(max_connections=len(prompts) + 4)) as http:
+        if model is None:  # the name the server gives its model
+            model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
         await one(http, 0, prompts[0])  # warm-up
         t0 = time.perf_counter()
         tokens = await asyncio.gather(*[one(http, i, p) for i, p in enumerate(prompts)])
@@ -182,7 +184,7 @@ def side_by_side(args) -> None:
     rates = {}
     for name, command in servers.items():
         with server(command, "/health") as url:
-            r = asyncio.run(_traffic(url, "smollm2-q8", prompts, args.max_tokens))
+            r = asyncio.run(_traffic(url, None, prompts, args.max_tokens))
         rates[name] = r["tokens_s"]
         print(f"| {name} | {r['tokens_s']:.1f} | {r['tokens']} |", flush=True)
     print(f"\nedge-genarm / llama-server: {rates['edge-genarm'] / rates['llama-server']:.2f}x")
