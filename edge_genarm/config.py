@@ -33,8 +33,11 @@ from .sampling import SamplingSettings
 DEFAULT_BASE = "@smollm2"
 # GenARM guides with the ARMs' log-probs; the tokenwise methods score the base's top
 # candidates with the reward model (PARGS adds w * r to log-probs, ARGS to raw logits);
-# best-of-n samples whole answers from the base and returns the one the reward model prefers
-METHODS = ("genarm", "pargs", "args", "best-of-n")
+# best-of-n samples whole answers from the base and returns the one the reward model prefers;
+# search samples segments from the guided distribution and goes on from the best ones
+METHODS = ("genarm", "pargs", "args", "best-of-n", "search")
+SEGMENTS = ("sentence", "line", "answer")  # or a token count
+SEARCH_SCORES = ("arm", "guided", "reward")
 # the drafters of speculative decoding: prompt lookup, the draft model alone or guided by the
 # ARMs, an ARM that is a small model of its own
 DRAFTERS = ("lookup", "model", "guided", "arm")
@@ -258,13 +261,26 @@ class RequestParams:
     method: str = option(
         "genarm", "How to guide: genarm (the ARMs); or with the reward model: pargs (the "
         "base's top K tokens scored log-prob + w * r), args (logit + w * r), best-of-n (N whole "
-        "answers, the best kept).", choices=METHODS, env="EDGE_GENARM_METHOD")
+        "answers, the best kept); search (segments sampled from the guided distribution, the "
+        "best kept, see --segment).", choices=METHODS, env="EDGE_GENARM_METHOD")
     candidates: int | None = option(
         None, "pargs, args: the base's top K the reward model scores (default: as many as it "
         "was loaded for).", low=1, high=MAX_CANDIDATES, cli=False)
     reward_weight: float = option(1.0, "pargs, args: the reward's weight w.", metavar="W")
     samples: int = option(4, "best-of-n: whole answers sampled from the base (at most the "
                           "parallel sequences).", low=1, metavar="N")
+    search_width: int = option(
+        4, "search: continuations sampled for each kept one at every segment.", low=1,
+        metavar="K")
+    beams: int = option(1, "search: continuations kept after each segment (1: greedy over "
+                        "segments).", low=1, metavar="B")
+    segment: str = option(
+        "sentence", "search: where a segment ends: sentence, line, answer (one segment: "
+        "best-of-N over the guided distribution) or a token count.", metavar="END")
+    search_score: str = option(
+        "arm", "search: what ranks continuations: arm (the ARMs' summed log-probs times their "
+        "alphas: GenARM's reward), guided (the guided log-prob), reward (the reward model).",
+        choices=SEARCH_SCORES)
     ignore_eos: bool = option(False, "Never end at end-of-generation: run to max_tokens (or a "
                               "stop string), as a fixed-length benchmark wants.", cli=False)
     json_schema: dict | None = option(
@@ -305,8 +321,13 @@ class RequestParams:
     def validate(self) -> None:
         """Every value against its declaration, and the settings that go together."""
         fields.check(self)
-        if self.method == "best-of-n" and self.n != 1:
-            raise UserError(f"best-of-n returns one answer; ask for n = 1, not {self.n}", "n")
+        if self.method in ("best-of-n", "search") and self.n != 1:
+            raise UserError(f"{self.method} returns one answer; ask for n = 1, not {self.n}",
+                            "n")
+        if self.segment not in SEGMENTS and not (self.segment.isdigit() and
+                                                 int(self.segment) > 0):
+            raise UserError(f"segment must be {', '.join(SEGMENTS)} or a token count (a whole "
+                            f"number > 0), got {self.segment!r}", "segment")
         constraints = self.constraint_fields
         if len(constraints) > 1:
             raise UserError(f"{' and '.join(constraints)} each constrain the answer: give one",
@@ -322,15 +343,27 @@ class RequestParams:
                 raise UserError(f"logit_bias {key!r}: keys are token ids (integers as strings, "
                                 'as OpenAI\'s: {"15043": -100})', "logit_bias")
         if self.drafts and self.method != "genarm":
-            raise UserError(f"speculative decoding verifies GenARM's guided target; method "
-                            f"{self.method} scores each token with the reward model: drop one",
-                            "speculative")
+            raise UserError(f"speculative decoding verifies GenARM's guided target, one answer "
+                            f"at a time; method {self.method} does not decode that way: drop "
+                            "one", "speculative")
 
     @property
     def constraint_fields(self) -> list[str]:
         """The options that constrain its answers (at most one may be given)."""
         return [name for name in ("json_schema", "grammar", "regex", "choice")
                 if getattr(self, name)]
+
+    @property
+    def needs_reward_model(self) -> bool:
+        return self.method in ("pargs", "args", "best-of-n") or (
+            self.method == "search" and self.search_score == "reward")
+
+    @property
+    def answers(self) -> int:
+        """The sequences its answers decode side by side (best-of-n's samples, search's
+        candidates)."""
+        return {"best-of-n": self.samples,
+                "search": self.search_width * self.beams}.get(self.method, self.n)
 
     @property
     def drafts(self) -> bool:
@@ -352,9 +385,11 @@ class Config:
     def validate(self) -> "Config":
         self.load.validate()
         self.request.validate()
-        if self.request.method != "genarm" and self.load.reward_model is None:
-            raise UserError(f"method {self.request.method} needs a reward model: pass "
-                            "--reward-model RM.gguf (or a preset that names one)", "method")
+        if self.request.needs_reward_model and self.load.reward_model is None:
+            what = "search_score reward" if self.request.method == "search" else \
+                f"method {self.request.method}"
+            raise UserError(f"{what} needs a reward model: pass --reward-model RM.gguf (or a "
+                            "preset that names one)", "method")
         return self
 
     @property

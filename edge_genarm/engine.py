@@ -309,20 +309,26 @@ class Engine:
         return rows if len(seqs) > 1 else rows[0]
 
     def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]], alphas: np.ndarray,
-             outputs: Seq[int] | None = None) -> np.ndarray:
+             outputs: Seq[int] | None = None, rewards: Seq[bool] | None = None):
         """Append tokens; return guided scores for each sequence's next token (rows x vocab).
 
         alphas[r, i] is sequence r's weight for ARM i: an ARM context decodes only the
         sequences whose weight for it is not 0, so requests with different weights share one
         batch. With `outputs`, sequence r gives the rows after each of its last outputs[r] new
         tokens (a draft verified in one decode; at most the contexts' n_logits), all sequences'
-        rows in order.
+        rows in order. With `rewards`, it returns (scores, {row: reward row}) where a reward
+        row is sum_i alphas[r, i] * log_softmax(ARM i) for each row of the sequences where
+        rewards[r]: GenARM's token-level reward of every next token.
         """
         self._append(seqs, new_tokens)
         counts = np.ones(len(seqs), dtype=np.int64) if outputs is None else np.asarray(outputs)
         starts = np.cumsum(counts) - counts
         guided = np.array(self._catch_up(self.base, seqs, counts)[:, :self.n_vocab],
                           dtype=np.float32)
+        wanted = np.repeat(np.asarray(rewards, dtype=bool), counts) if rewards is not None \
+            else np.zeros(len(guided), dtype=bool)
+        reward_rows = {int(r): np.zeros(self.n_vocab, dtype=np.float32)
+                       for r in np.flatnonzero(wanted)}
         for i, arm in enumerate(self.arms):
             on = np.flatnonzero(alphas[:, i])
             if on.size:
@@ -333,10 +339,13 @@ class Engine:
                     rows = np.concatenate([np.arange(starts[r], starts[r] + counts[r])
                                            for r in on])
                     weights = np.repeat(alphas[on, i], counts[on])
+                for j in np.flatnonzero(wanted[rows]):  # before add_weighted reads the view
+                    reward_rows[int(rows[j])] += np.float32(weights[j]) * \
+                        guidance.log_softmax(logits[j])[:self.n_vocab]
                 guidance.add_weighted(guided, rows, weights, logits)
         for seq in seqs:
             seq._ahead.clear()
-        return guided
+        return guided if rewards is None else (guided, reward_rows)
 
     def draft_step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]], own: Seq[bool],
                    weights: np.ndarray) -> np.ndarray:

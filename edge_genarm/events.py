@@ -37,6 +37,8 @@ class Usage:
     drafted_tokens: int = 0            # speculative: draft tokens verified
     accepted_tokens: int = 0           # speculative: of those, kept
     error: str | None = None           # why an answer ended with finish reason "grammar_error"
+    decoded_tokens: int = 0            # tokens sampled for it: every candidate's (best-of-n,
+                                       # search), its own otherwise: the compute it took
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -168,5 +168,9 @@ def method_of(request) -> dict:
                                        if request.drafts else {})
     if request.method == "best-of-n":
         return {"method": "best-of-n", "samples": request.samples}
+    if request.method == "search":
+        return {"method": "search", "search_width": request.search_width,
+                "beams": request.beams, "segment": request.segment,
+                "search_score": request.search_score}
     return {"method": request.method, "reward_weight": request.reward_weight,
             "candidates": request.candidates}

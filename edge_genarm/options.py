@@ -186,8 +186,8 @@ def engine_config(config: Config, registry: Registry | None = None) -> EngineCon
 
     context = ContextSettings(n_ctx=load.ctx_size, n_threads=load.threads or 0,
                               exact=load.exact, n_cells=load.kv_size, n_seq_max=load.parallel)
-    if request.method == "best-of-n":  # one request's samples decode side by side
-        context = dataclasses.replace(context, n_seq_max=max(load.parallel, request.samples))
+    if request.method in ("best-of-n", "search"):  # its samples or candidates side by side
+        context = dataclasses.replace(context, n_seq_max=max(load.parallel, request.answers))
     speculating = request.drafts
     if speculating:  # a verify reads every drafted position's row
         context = dataclasses.replace(context, n_logits=(request.draft_tokens or DRAFT_TOKENS)

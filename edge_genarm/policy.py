@@ -37,6 +37,8 @@ import numpy as np
 from . import constraints, fields, guidance, penalties, reward
 from .config import RequestParams
 from .errors import ContextFullError, UserError
+from .text import STOPPED
+from .search import Search, Searches
 from .sampling import Sampler, SamplingSettings, make_distribution, make_sampler
 from .speculative import Drafting, LookupDrafter, ModelDrafter, new_drafting
 
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 TOKENWISE = ("pargs", "args")
 Request = RequestParams  # what a caller asks for: config.py declares every option of it
-STOPPED = ("cancelled", "interrupted")  # finish reasons of answers stopped from outside
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Policy:
     processors: tuple  # each with a `stage`: chains run in stage order
     sampler: Sampler
     penalize: Callable[[np.ndarray, list[int]], np.ndarray] | None
-    finish: "Emit | BestOfN"
+    finish: "Emit | BestOfN | Search"
     answers: int   # sequences it generates
     returned: int  # answers its caller gets
     drafter: LookupDrafter | ModelDrafter | None = None
@@ -188,22 +189,30 @@ class Verdict:
 class Emit:
     """Events go out as they come.
 
-    A finish hook's interface: `emit(event)` returns the events to send now (an answer's
-    events, in order); `whole(reason)` says whether the hook reads the answer's last token in
-    its sequence (the scheduler appends it, never decoded, before `ended`); `ended(Ended)`
-    returns the events to send when an answer ends."""
+    A finish hook's interface: `emit(event, row, reward)` returns the events to send now (an
+    answer's events, in order; `row` is the processed row the token came from and `reward` the
+    ARMs' reward row where the hook `wants_rewards`); `waits(index, finish, seq)` says whether
+    the answer waits, not decoded, for the hook's verdict (search: at the end of a segment)
+    instead of going on or ending; `whole(reason)` says whether the hook reads the answer's
+    last token in its sequence (the scheduler appends it, never decoded, before `ended` or
+    while it waits); `ended(Ended)` returns the events to send when an answer ends."""
+    wants_rewards = False
 
-    def emit(self, event) -> list:
+    def emit(self, event, row: np.ndarray | None = None,
+             reward: np.ndarray | None = None) -> list:
         return [event]
 
-    def whole(self, reason: str) -> bool:
+    def waits(self, index: int, finish: str | None, seq: "Sequence") -> bool:
+        return False
+
+    def whole(self, reason: str | None) -> bool:
         return False
 
     def ended(self, answer: Ended) -> list:
         return []
 
 
-class BestOfN:
+class BestOfN(Emit):
     """Each answer's events are held until every answer has ended; the reward model then scores
     them, and only the best one's go out, as answer 0 (a conversation goes on from it)."""
 
@@ -212,12 +221,13 @@ class BestOfN:
         self.held: dict[int, list] = {}
         self.rewards: dict[int, float] = {}
         self.to_judge: list[tuple[int, "Sequence"]] = []
+        self.decoded = 0  # every answer's tokens
 
-    def emit(self, event) -> list:
+    def emit(self, event, row=None, reward=None) -> list:
         self.held.setdefault(event.index, []).append(event)
         return []
 
-    def whole(self, reason: str) -> bool:
+    def whole(self, reason: str | None) -> bool:
         return reason not in STOPPED  # the reward model scores the whole answer
 
     def ended(self, answer: Ended) -> list:
@@ -225,6 +235,7 @@ class BestOfN:
             self.held.clear()
             return [answer.event] if answer.index == 0 else []
         self.to_judge.append((answer.index, answer.seq))
+        self.decoded += answer.event.usage.completion_tokens
         self.judge.wait(answer.handle)
         return []
 
@@ -236,6 +247,7 @@ class BestOfN:
             return None
         best = max(sorted(self.rewards), key=lambda i: self.rewards[i])  # ties: the first
         events = [replace(event, index=0) for event in self.held.get(best, [])]
+        events[-1].usage.decoded_tokens = self.decoded
         self.held.clear()
         return Verdict(handle, best, events)
 
@@ -274,6 +286,7 @@ class Policies:
         scores = engine.reward is not None
         self.rerank = Rerank(engine) if scores else None
         self.judge = Judge(engine) if scores else None
+        self.searches = Searches(engine)
         self.lookup = LookupDrafter()  # stateless: one for every request
         self._samplers: dict[SamplingSettings, Sampler] = {}
 
@@ -287,7 +300,7 @@ class Policies:
             request = replace(request, draft_tokens=self.engine.max_draft)
         method = request.method
         alphas = self.engine.alphas(dict(request.arms))
-        if method != "genarm":
+        if method not in ("genarm", "search"):
             alphas = np.zeros_like(alphas)  # the reward-model methods guide the base alone
         grammar = constraints.compile_request(request, self.engine.model)
         processors = ((self.mask,) if request.ignore_eos else ()) + \
@@ -304,11 +317,10 @@ class Policies:
                 if sampling.dry_multiplier and sampling.dry_sequence_breakers else None
             penalize = functools.partial(penalties.penalize, settings=sampling,
                                          breakers=breakers)  # the row itself when off
-        best_of = method == "best-of-n"
-        policy = Policy(request, alphas, processors, sampler, penalize,
-                        BestOfN(self.judge) if best_of else Emit(),
-                        answers=request.samples if best_of else request.n,
-                        returned=1 if best_of else request.n, grammar=grammar)
+        finish = BestOfN(self.judge) if method == "best-of-n" else \
+            Search(request, self.searches) if method == "search" else Emit()
+        policy = Policy(request, alphas, processors, sampler, penalize, finish,
+                        answers=request.answers, returned=request.n, grammar=grammar)
         if request.drafts:
             policy.drafter = self._drafter(request, alphas)
             policy.draft = new_drafting(self.engine, policy.drafter, alphas, request.draft_tokens)
@@ -326,9 +338,10 @@ class Policies:
             weights[:] = alphas
         return ModelDrafter(kind != "arm", weights)
 
-    def after_step(self) -> list[Verdict]:
-        """What waits for a step's end: the requests judged in it."""
-        return self.judge.run() if self.judge is not None else []
+    def after_step(self) -> list:
+        """What waits for a step's end: the requests judged in it (`Verdict`s) and the searches
+        whose candidates all wait (`search.Regroup`s)."""
+        return (self.judge.run() if self.judge is not None else []) + self.searches.run()
 
 
 def run_processors(rows: np.ndarray, views: Seq[RowView]) -> np.ndarray:
@@ -364,7 +377,7 @@ def _check(request: Request, engine: "Engine") -> None:
         _check_method(request, engine)
     if request.drafts:
         _check_speculative(request, engine)
-    answers = request.samples if request.method == "best-of-n" else request.n
+    answers = request.answers
     if request.cells(engine.n_ctx, answers) > engine.base.n_cells:
         raise UserError(f"{answers} answers of up to {request.cells(engine.n_ctx, 1)} tokens need "
                         f"more KV cells than the cache holds ({engine.base.n_cells}); lower "
@@ -395,11 +408,22 @@ def _own_model_arm(engine: "Engine", alphas: np.ndarray) -> int | None:
 
 
 def _check_method(request: Request, engine: "Engine") -> None:
-    """What the methods that use the reward model need."""
-    if engine.reward is None:
-        raise UserError(f"--method {request.method} needs a reward model: pass --reward-model "
-                        "RM.gguf (or a preset that names one)", "method")
-    if request.method == "best-of-n":
+    """What the methods that use the reward model, and search, need."""
+    if request.needs_reward_model and engine.reward is None:
+        what = "--search-score reward" if request.method == "search" else \
+            f"--method {request.method}"
+        raise UserError(f"{what} needs a reward model: pass --reward-model RM.gguf (or a preset "
+                        "that names one)", "search_score" if request.method == "search"
+                        else "method")
+    if request.method == "search":
+        _at_most("search_width", request.search_width,
+                 engine.n_seq_max // request.beams,
+                 f"(times beams {request.beams}: the parallel sequences)")
+        if request.search_score == "arm" and not engine.alphas(dict(request.arms)).any():
+            raise UserError("--search-score arm ranks by the ARMs' reward, but no ARM is "
+                            "switched on for this request: give an ARM a weight, or rank by "
+                            "guided", "search_score")
+    elif request.method == "best-of-n":
         _at_most("samples", request.samples, engine.n_seq_max, "(the parallel sequences)")
     elif request.candidates is not None:
         k = engine.reward.k

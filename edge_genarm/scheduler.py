@@ -45,6 +45,7 @@ from .config import MAX_TOP_LOGPROBS, METHODS
 from .events import Event, Handle, TokenLogprob, Usage, logprob_of
 from .constraints import Constraint
 from .policy import Ended, Policies, Policy, Request, RowView, run_processors
+from .search import Regroup
 from .speculative import Drafting, Proposal, Proposer
 from .text import TextStream
 
@@ -67,6 +68,8 @@ class _Slot:
     t_first: float = 0.0
     drafting: Drafting | None = None  # its speculation state (the proposer's to write)
     constraint: Constraint | None = None  # its grammar's state (it has read `tokens`)
+    held: bool = False  # waits, not decoded, for its policy's verdict (a search's segment)
+    ended: str | None = None  # a waiting answer's finish reason, if it has ended
 
     @property
     def policy(self) -> Policy:
@@ -150,11 +153,18 @@ class Scheduler:
         self._drop_cancelled(events)
         self._admit(events)
         for slot in [s for s in self._slots if len(s.seq.tokens) + len(s.pending) >
-                     self.engine.n_ctx]:
-            self._finish(slot, "context_full", events)
-        if self._slots:
+                     self.engine.n_ctx and not s.held]:
+            if slot.policy.finish.waits(slot.index, "context_full", slot.seq):
+                self._hold(slot, "context_full")
+            else:
+                self._finish(slot, "context_full", events)
+        if any(not s.held for s in self._slots):
             self._decode(events)
-        for verdict in self.policies.after_step():  # the winner goes on as answer 0
+        for verdict in self.policies.after_step():
+            if isinstance(verdict, Regroup):
+                self._regroup(verdict, events)
+                continue
+            # a judged request: the winner goes on as answer 0
             verdict.handle.sequences = {0: verdict.handle.sequences[verdict.best]}
             events.extend(verdict.events)
         return events
@@ -163,20 +173,27 @@ class Scheduler:
         """One decode of every live answer's new tokens (with the draft its proposal feeds);
         each row through its request's processors, then each answer's next tokens kept by the
         proposer (drawn by its policy, or its draft as the policy accepts it)."""
-        slots = list(self._slots)
+        slots = [s for s in self._slots if not s.held]
         proposals = self.proposer.propose(slots)
         counts = [p.rows for p in proposals]
         alphas = np.stack([s.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
-        rows = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts)
+        wants = [s.policy.finish.wants_rewards for s in slots]
+        rows, rewards = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts,
+                                         rewards=wants) if any(wants) else \
+            (self.engine.step(seqs, [p.feed for p in proposals], alphas, counts), {})
         rows = run_processors(rows, [RowView(s, i, tuple(p.draft)) for s, p in
                                      zip(slots, proposals) for i in range(p.rows)])
         now, at = time.perf_counter(), 0
         for slot, proposal in zip(slots, proposals):
-            own, at = rows[at:at + proposal.rows], at + proposal.rows
+            own = rows[at:at + proposal.rows]
+            own_rewards = [rewards.get(r) for r in range(at, at + proposal.rows)]
+            at += proposal.rows
             for child in self._fork(slot):  # the prompt's one row: no draft yet
-                self._emit(child, self.proposer.keep(child, Proposal([]), own), own, now, events)
-            self._emit(slot, self.proposer.keep(slot, proposal, own), own, now, events)
+                self._emit(child, self.proposer.keep(child, Proposal([]), own), own, now, events,
+                           own_rewards)
+            self._emit(slot, self.proposer.keep(slot, proposal, own), own, now, events,
+                       own_rewards)
 
     def run(self, handles: Iterable[Handle] = ()) -> Iterator[Event]:
         """Step until every given handle (every request, if none given) is done."""
@@ -294,10 +311,11 @@ class Scheduler:
         return children
 
     def _emit(self, slot: _Slot, tokens: list[int], rows: np.ndarray, now: float,
-              events: list[Event]) -> None:
-        """An answer's next tokens out as events (the one after each row), until one ends it."""
+              events: list[Event], rewards: list) -> None:
+        """An answer's next tokens out as events (the one after each row), until one ends it
+        or its policy holds it."""
         policy = slot.policy
-        for token, row in zip(tokens, rows):
+        for token, row, reward in zip(tokens, rows, rewards):
             if not slot.tokens:
                 slot.t_first = now
                 slot.usage.time_to_first_token = round(now - slot.handle.submitted, 6)
@@ -310,10 +328,43 @@ class Scheduler:
                 finish = slot.constraint.accept(token)  # "stop" where the grammar is complete
                 piece += slot.text.close() if finish else ""
             event = Event(slot.handle, slot.index, token, piece, logprob=logprob)
-            events.extend(policy.finish.emit(event))
+            events.extend(policy.finish.emit(event, row, reward))
+            if policy.finish.waits(slot.index, finish, slot.seq):
+                self._hold(slot, finish)
+                return
             if finish:
                 self._finish(slot, finish, events, event=event)
                 return
+
+    def _hold(self, slot: _Slot, finish: str | None) -> None:
+        """An answer waits for its policy's verdict, its last token in its sequence where the
+        policy reads it."""
+        slot.held, slot.ended = True, finish
+        if slot.policy.finish.whole(finish):
+            self.engine.extend(slot.seq, slot.pending)
+            slot.pending = []
+
+    def _regroup(self, verdict: Regroup, events: list[Event]) -> None:
+        """A search's verdict on its waiting candidates: the request ends with the winner
+        (the others' sequences freed), or each candidate goes on, as a copy of its parent."""
+        slots = sorted((s for s in self._slots if s.handle is verdict.handle),
+                       key=lambda s: s.index)
+        if verdict.winner is not None:
+            for slot in slots:
+                won = slot.index == verdict.winner
+                self._finish(slot, slot.ended if won else "discarded", events, keep=won)
+            verdict.handle.sequences = {0: slots[verdict.winner].seq}
+            return
+        for slot, parent, seed in zip(slots, verdict.parents, verdict.seeds):
+            if parent != slot.index:
+                src = slots[parent]
+                self.engine.fork(src.seq, [slot.seq])  # its own cells freed, the parent's shared
+                slot.tokens, slot.pending = list(src.tokens), list(src.pending)
+                slot.text = src.text.copy()
+                slot.constraint = src.constraint and src.constraint.copy()
+            slot.rng = np.random.default_rng(seed)
+            slot.held, slot.ended = False, None
+        events.extend(verdict.events)
 
     def _finish(self, slot: _Slot, reason: str, events: list[Event], keep: bool = True,
                 event: Event | None = None) -> None:
@@ -324,7 +375,7 @@ class Scheduler:
             event = Event(slot.handle, slot.index, None, slot.text.close())
             events.extend(hook.emit(event))
         usage = slot.usage
-        usage.completion_tokens = len(slot.tokens)
+        usage.completion_tokens = usage.decoded_tokens = len(slot.tokens)
         steps, elapsed = len(slot.tokens) - 1, time.perf_counter() - slot.t_first
         usage.tokens_per_second = round(steps / elapsed, 3) if steps > 0 and elapsed > 0 else 0.0
         usage.finish_reason = event.finish_reason = reason

@@ -3,12 +3,17 @@
 Contract: `TextStream(engine, request).push(token)` returns (text now final, finish reason or
 None): "stop" for an end-of-generation token of the base (no text), "stop_string" when a stop
 string completes (the string and what follows are cut), "length" at `request.max_tokens`.
-`close()` returns what is still held back when an answer ends otherwise.
+`close()` returns what is still held back when an answer ends otherwise; `copy()` is a stream
+in the same state. `STOPPED` are the finish reasons of answers stopped from outside.
 """
 
 from __future__ import annotations
 
 import codecs
+import copy
+
+
+STOPPED = ("cancelled", "interrupted")  # finish reasons of answers stopped from outside
 
 
 class StopMatcher:
@@ -62,6 +67,14 @@ class TextStream:
             return text + self.stops.feed(self.decoder.decode(b"", final=True))[0] + \
                 self.stops.flush(), "length"
         return text, None
+
+    def copy(self) -> "TextStream":
+        """A stream in the same state (an answer that goes on as a copy of another)."""
+        out = copy.copy(self)
+        out.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out.decoder.setstate(self.decoder.getstate())
+        out.stops = copy.copy(self.stops)
+        return out
 
     def close(self) -> str:
         """What is still held back, when the sequence ends early."""

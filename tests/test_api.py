@@ -166,7 +166,7 @@ def test_reward_guided_methods_through_the_same_calls(demo):
     (lambda m: m.generate(PROMPT, n=0), "n must be >= 1, got 0"),
     (lambda m: m.generate(PROMPT, n=5), "n must be between 1 and 4 (the parallel sequences)"),
     (lambda m: m.generate(PROMPT, logprobs=21), "logprobs must be between 0 and 20, got 21"),
-    (lambda m: m.generate(PROMPT, method="prags"), "method must be one of genarm, pargs, args, best-of-n, got 'prags'"),
+    (lambda m: m.generate(PROMPT, method="prags"), "method must be one of genarm, pargs, args, best-of-n, search, got 'prags'"),
 ])
 def test_bad_calls_raise_one_user_error_and_the_model_goes_on(demo, call, message):
     with pytest.raises(edge_genarm.UserError, match=None) as info:

@@ -31,7 +31,7 @@ def test_json_has_every_field_and_alpha_zero_equals_llama_cpp_greedy(smollm2):
     assert set(out) == {"text", "tokens", "prompt_ids", "seed", "alphas", "method",
                         "prompt_tokens", "completion_tokens", "cached_tokens", "time_to_first_token",
                         "tokens_per_second", "finish_reason", "drafted_tokens",
-                        "accepted_tokens"}
+                        "accepted_tokens", "error", "decoded_tokens"}
     assert out["drafted_tokens"] == out["accepted_tokens"] == 0  # no --speculative
     assert out["completion_tokens"] == len(out["tokens"]) == 24
     assert out["prompt_tokens"] == len(out["prompt_ids"]) and out["cached_tokens"] == 0

@@ -189,7 +189,7 @@ def test_bad_reward_models_and_requests_are_refused_in_one_line(tiny, rm, tmp_pa
     with load(tiny.base, rm["lora"], k=4) as engine, Scheduler(engine) as s:
         with pytest.raises(UserError, match="candidates must be between 1 and 4 .* got 5"):
             s.submit(Request(tuple(PROMPTS[0]), method="pargs", candidates=5))
-        with pytest.raises(UserError, match="method must be one of genarm, pargs, args, best-of-n, got 'prags'"):
+        with pytest.raises(UserError, match="method must be one of genarm, pargs, args, best-of-n, search, got 'prags'"):
             s.submit(Request(tuple(PROMPTS[0]), method="prags"))
 
 
@@ -324,7 +324,7 @@ def test_chat_with_pargs_answers_as_generate_and_saves_the_method(tmp_path):
     (["--method", "best-of-n", "--reward-model", "{rm}", "--samples", "0"], "--samples must be "
      ">= 1, got 0"),
     (["--method", "prags"], "Invalid value for '--method': 'prags' is not one of 'genarm', "
-     "'pargs', 'args', 'best-of-n'."),
+     "'pargs', 'args', 'best-of-n', 'search'."),
 ])
 def test_bad_reward_options_are_one_line(smollm2, smollm2_lora, smollm2_rm, args, message):
     args = [a.format(lora=smollm2_lora, rm=smollm2_rm) for a in args]
