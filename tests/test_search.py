@@ -143,3 +143,31 @@ def test_the_command_line_searches(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["method"] == "search" and out["segment"] == "line"
     assert out["decoded_tokens"] >= out["completion_tokens"] > 0
+
+
+def test_the_server_searches_streams_and_refuses(demo_server):
+    import httpx
+    import openai
+    client = openai.OpenAI(base_url=f"{demo_server}/v1", api_key="unused", max_retries=0,
+                           timeout=300)
+    ask = dict(model="demo", messages=[{"role": "user", "content": "Describe a garden."}],
+               max_tokens=32, temperature=0.8, seed=4,
+               extra_body={"method": "search", "search_width": 2, "segment": "line"})
+    whole = client.chat.completions.create(**ask)
+    assert whole.choices[0].message.content
+    assert whole.usage.model_extra["decoded_tokens"] > whole.usage.completion_tokens
+    assert client.chat.completions.create(**ask).choices[0].message.content == \
+        whole.choices[0].message.content
+    text = "".join(c.choices[0].delta.content or "" for c in
+                   client.chat.completions.create(**ask, stream=True) if c.choices)
+    assert text == whole.choices[0].message.content
+    r = httpx.post(f"{demo_server}/v1/chat/completions", timeout=60, json={
+        "messages": ask["messages"], "method": "search", "search_width": 8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "search_width"
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    from test_serve import running_server
+    with running_server("--preset", "demo", "--parallel", "4", "--ctx-size", "512") as url:
+        yield url

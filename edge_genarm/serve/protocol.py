@@ -303,7 +303,9 @@ def finish_reason(answer: Answer) -> str | None:
 
 def usage_body(answers: list[Answer], n: int) -> dict:
     """Prompt tokens once per prompt (answer 0 of each), completion tokens of every answer;
-    speculative draft tokens kept and rejected under OpenAI's names for predicted outputs."""
+    speculative draft tokens kept and rejected under OpenAI's names for predicted outputs; and,
+    beyond OpenAI's fields, the tokens decoded for the answers (best-of-n's and search's
+    every candidate: the compute they took)."""
     firsts = [a.usage for a in answers if a.index % n == 0 and a.usage]
     prompt = sum(u.prompt_tokens for u in firsts)
     used = [a.usage for a in answers if a.usage]
@@ -311,6 +313,7 @@ def usage_body(answers: list[Answer], n: int) -> dict:
     accepted = sum(u.accepted_tokens for u in used)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "decoded_tokens": sum(u.decoded_tokens for u in used),
             "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in firsts)},
             "completion_tokens_details": {
                 "accepted_prediction_tokens": accepted,
