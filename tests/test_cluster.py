@@ -50,6 +50,8 @@ def items() -> list[dict]:
     out[1] |= {"arms": {"positive": 0.0, "concise": 1.0}}
     out[2] |= {"temperature": 0.9, "seed": 11, "n": 2}
     out[5] |= {"temperature": 0.7, "seed": 5}
+    out[3] |= {"method": "search", "search_width": 2, "segment": "line", "greedy": False,
+               "temperature": 0.8, "seed": 3}  # its candidates fork on the worker
     out[6] |= {"choice": ["aye", "nay"]}  # constraints travel to the workers as any option
     out[7] |= {"json_schema": {"type": "object", "properties": {"fact": {
         "type": "string", "maxLength": 40}}, "required": ["fact"],
@@ -91,7 +93,8 @@ def test_the_cluster_equals_one_machine_and_a_killed_worker_loses_nothing(ray_cl
     for i in got:
         assert got[i].error is None
         assert [r.tokens for r in got[i].results] == [r.tokens for r in alone[i].results], i
-    for i in (2, 5):  # the sampled lines, each with its own seed
+    assert got[3].results[0].usage.decoded_tokens > got[3].results[0].usage.completion_tokens
+    for i in (2, 3, 5):  # the sampled lines, each with its own seed
         assert got[i].request.seed == alone[i].request.seed == items()[i]["seed"]
     assert len(got[2].results) == 2 and got[1].results[0].alphas["concise"] == 1.0
     assert got[6].results[0].text in ("aye", "nay")
