@@ -24,6 +24,9 @@ from edge_genarm.sampling import SamplingSettings
 from edge_genarm.scheduler import Request, Scheduler
 
 SAMPLED = SamplingSettings(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+# penalties read each candidate's own tokens, copied with it at a regroup
+PENALIZED = SamplingSettings(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0,
+                             frequency_penalty=0.5, dry_multiplier=0.8)
 PROMPTS = ["Once upon a time", "The weather today is", "Dear friend,"]
 
 
@@ -37,7 +40,7 @@ def test_a_search_equals_itself_alone_and_in_a_batch(tiny):
         requests = [
             Request(ids(engine, PROMPTS[0]), SAMPLED, max_tokens=20, seed=1, method="search",
                     search_width=3, segment="4"),
-            Request(ids(engine, PROMPTS[1]), SAMPLED, max_tokens=20, seed=2, method="search",
+            Request(ids(engine, PROMPTS[1]), PENALIZED, max_tokens=20, seed=2, method="search",
                     search_width=2, beams=2, segment="5", search_score="guided",
                     arms={"arm": 0.5}),
             Request(ids(engine, PROMPTS[2]), SAMPLED, max_tokens=20, seed=3, arms={"lora": 0.5}),
