@@ -24,6 +24,10 @@ Contract:
   finished one kept while its id is idle) copies them instead of decoding them again.
 - `n > 1` answers decode the prompt once, then fork; answer j samples with seed + j, so it is
   the answer that the same request alone with seed + j gives.
+- An answer whose finish hook `waits` (a search's candidate at the end of its segment) is held:
+  not decoded until the hook's `search.Regroup` after a step, which ends the request with one
+  answer or makes each answer a fork of another (its own cells freed, the other's shared) with
+  a new random generator.
 - Errors belong to one request: an answer that outgrows the context ends with finish reason
   "context_full" and the others go on; a failure inside llama.cpp raises `EngineError` (not a
   `UserError`), for a server to tell a 500 from a 400.
