@@ -39,13 +39,19 @@ from .templates import renders_tools
 
 HERMES, GENERIC = "hermes", "generic"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-FENCE = "```json\n"  # small Qwen models also write a bare call in a JSON code block
+# small Qwen models also write a bare call in a code block (json, or python where a system
+# message asked for Python code)
+FENCES = ("```json\n", "```python\n", "```\n")
+OPENERS = ("{",) + tuple(f + "{" for f in FENCES)  # how an answer that is a bare call begins
 CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NO_ARGUMENTS = {"type": "object", "properties": {}}
 # Compact and fixed: flexible whitespace lets a small model pad a call with blank lines until
 # it runs out of tokens; these separators are json.dumps', which the templates write too.
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+# a call written bare or in a fence may be pretty-printed, as models write code (bounded, so
+# that whitespace cannot run on)
+LOOSE_STYLE = {"whitespace_flexible": True, "whitespace_pattern": "[\n ]{0,24}"}
 
 
 def template_format(template: str | None) -> str:
@@ -179,9 +185,11 @@ def _grammar(fmt: str, functions: list[dict], choice: str, parallel: bool) -> st
             return f"start: {block} {more(block)}\n{body}\n"
         # text, text then blocks, or calls written bare (in a fence or not): text may not
         # begin as a bare call does
-        return (f"start: TEXT | TEXT? blocks | calls | {json.dumps(FENCE)} calls "
-                f'"\\n```"\nblocks: {block} {more(block)}\ncalls: call {more("call")}\n'
-                f"{body}\nTEXT: /{_not_opening(FENCE + '{')}/\n")
+        fence = " | ".join(json.dumps(f) for f in FENCES)
+        loose = "bare: %json " + json.dumps(call | root | {"x-guidance": LOOSE_STYLE})
+        return (f'start: TEXT | TEXT? blocks | calls | fence calls "\\n```"\nfence: {fence}\n'
+                f'blocks: {block} {more(block)}\ncalls: bare {more("bare")}\n'
+                f"{body}\n{loose}\nTEXT: /{_not_prefixed(OPENERS)}/\n")
     calls = {"type": "array", "items": call, "minItems": 1} | ({} if parallel else
                                                                 {"maxItems": 1})
     reply = _object({"tool_calls": calls})
@@ -190,14 +198,19 @@ def _grammar(fmt: str, functions: list[dict], choice: str, parallel: bool) -> st
     return "start: %json " + json.dumps(reply | root) + "\n"
 
 
-def _not_opening(opener: str) -> str:
-    """A regular expression for any text that begins neither with "{" nor with `opener`
-    (whose last character is "{"): at some point it parts from the opener, or stops short."""
-    esc = {"\n": "\\n", "{": "\\{"}
-    parts = [f"[^{{{esc.get(opener[0], opener[0])}][\\s\\S]*"]
-    for i in range(1, len(opener)):
-        head = "".join(esc.get(c, c) for c in opener[:i])
-        parts.append(f"{head}([^{esc.get(opener[i], opener[i])}][\\s\\S]*)?")
+def _not_prefixed(openers: tuple[str, ...], depth: int = 0) -> str:
+    """A regular expression for any non-empty text that begins with none of `openers`: at
+    some point it parts from each of them, or it stops short (a trie of the openers, walked)."""
+    children: dict[str, list[str]] = {}
+    for o in openers:
+        children.setdefault(o[depth], []).append(o)
+    esc = {"\n": "\\n", "{": "\\{", "`": "`"}
+    other = "".join(esc.get(c, re.escape(c)) for c in sorted(children))
+    parts = [f"[^{other}][\\s\\S]*"]
+    for c, group in sorted(children.items()):
+        if any(len(o) == depth + 1 for o in group):
+            continue  # a whole opener: no text may begin with it
+        parts.append(f"{esc.get(c, re.escape(c))}{_not_prefixed(tuple(group), depth + 1)}?")
     return "(" + "|".join(parts) + ")"
 
 
@@ -551,15 +564,15 @@ class ToolCallParser:
                 self._open_call()
 
     def _bare(self) -> bool | None:
-        """At the answer's start, a call written bare (or in a ```json fence): True where one
+        """At the answer's start, a call written bare (or in a code fence): True where one
         opened, None while too little has come to tell, False for text."""
         head = self.pending.lstrip()
-        opener = next((o for o in ("{", FENCE + "{") if head.startswith(o)), None)
+        opener = next((o for o in OPENERS if head.startswith(o)), None)
         if opener:
             self.pending, self.space = head[len(opener) - 1:], ""
             self._open_call()
             return True
-        return None if (FENCE + "{").startswith(head) else False
+        return None if any(o.startswith(head) for o in OPENERS) else False
 
     def _open_call(self) -> None:
         self.scanner = _JsonScanner(lambda p: p == ("arguments",))

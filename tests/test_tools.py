@@ -85,10 +85,14 @@ def test_each_plan_compiles_and_holds_calls_to_the_schemas(vocabulary, choice, p
         assert accepts(model, tokenizer, plan.grammar, ADDING) == auto
         assert accepts(model, tokenizer, plan.grammar, f"{ADDING}\n{ADDING}") == (
             auto and parallel)
-        assert accepts(model, tokenizer, plan.grammar, f"{tools.FENCE}{ADDING}\n```") == auto
+        for fence in tools.FENCES:  # json, python (a code-only system message) or none
+            assert accepts(model, tokenizer, plan.grammar, f"{fence}{ADDING}\n```") == auto
+            pretty = json.dumps(json.loads(ADDING), indent=4)
+            assert accepts(model, tokenizer, plan.grammar, f"{fence}{pretty}\n```") == auto
+            assert not accepts(model, tokenizer, plan.grammar, fence + '{"sunny": 1}\n```')
         assert not accepts(model, tokenizer, plan.grammar, '{"sunny": true}')
-        assert not accepts(model, tokenizer, plan.grammar, tools.FENCE + '{"sunny": 1}\n```')
-        for text in ("```python\nprint(1)\n```", f"{tools.FENCE}[1, 2]\n```", "`x`"):
+        for text in ("```python\nprint(1)\n```", f"{tools.FENCES[0]}[1, 2]\n```", "`x`",
+                     "```py\n{1}"):
             assert accepts(model, tokenizer, plan.grammar, text) == auto
     else:
         assert plan.template_tools is None
@@ -162,8 +166,13 @@ ANSWERS = [
     (tools.HERMES, f"\n{PARIS}\n{ADDING}", None,  # bare, as Qwen2.5-Coder writes them
      [("get_weather", {"city": "Paris"}), ("add", {"x": 1, "y": 2})]),
     (tools.HERMES, "Use {braces}.", "Use {braces}.", []),
-    (tools.HERMES, f"{tools.FENCE}{ADDING}\n```", None, [("add", {"x": 1, "y": 2})]),
-    (tools.HERMES, f"{tools.FENCE}[1]\n```", f"{tools.FENCE}[1]\n```", []),
+    (tools.HERMES, f"{tools.FENCES[0]}{ADDING}\n```", None, [("add", {"x": 1, "y": 2})]),
+    (tools.HERMES, f"```python\n{ADDING}\n```", None, [("add", {"x": 1, "y": 2})]),
+    (tools.HERMES, f"```\n{ADDING}\n```", None, [("add", {"x": 1, "y": 2})]),
+    (tools.HERMES, '```python\n{\n  "name": "add",\n  "arguments": {\n    "x": 1, "y": 2\n  }\n}\n```',
+     None, [("add", {"x": 1, "y": 2})]),  # pretty-printed, as a model writes code
+    (tools.HERMES, f"{tools.FENCES[0]}[1]\n```", f"{tools.FENCES[0]}[1]\n```", []),
+    (tools.HERMES, "```python\nx = 1\n```", "```python\nx = 1\n```", []),
     (tools.HERMES, "```json", "```json", []),
     (tools.HERMES, "No tool needed: 4 < 5.\n", "No tool needed: 4 < 5.\n", []),
     (tools.HERMES, "cut short <tool_", "cut short <tool_", []),
