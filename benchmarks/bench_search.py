@@ -363,7 +363,7 @@ def parse_args(argv=None):
                     help="demo: K, the candidates of best-of-K and search's width")
     ap.add_argument("--segment", default="sentence",
                     help="demo: search's segment (sentence, line or a token count)")
-    ap.add_argument("--score", default="arm", choices=("arm", "guided"),
+    ap.add_argument("--score", default="arm", choices=("arm", "arm-base", "guided"),
                     help="what ranks candidates in search and best-of-K")
     ap.add_argument("--max-tokens", type=int, default=64, help="demo: tokens per answer")
     ap.add_argument("--temperature", type=float, default=0.8, help="demo and speed")

@@ -37,7 +37,7 @@ DEFAULT_BASE = "@smollm2"
 # search samples segments from the guided distribution and goes on from the best ones
 METHODS = ("genarm", "pargs", "args", "best-of-n", "search")
 SEGMENTS = ("sentence", "line", "answer")  # or a token count
-SEARCH_SCORES = ("arm", "guided", "reward")
+SEARCH_SCORES = ("arm", "arm-base", "guided", "reward")
 # the drafters of speculative decoding: prompt lookup, the draft model alone or guided by the
 # ARMs, an ARM that is a small model of its own
 DRAFTERS = ("lookup", "model", "guided", "arm")
@@ -279,7 +279,8 @@ class RequestParams:
         "best-of-N over the guided distribution) or a token count.", metavar="END")
     search_score: str = option(
         "arm", "search: what ranks continuations: arm (the ARMs' summed log-probs times their "
-        "alphas: GenARM's reward), guided (the guided log-prob), reward (the reward model).",
+        "alphas: GenARM's reward), arm-base (the same less the base's log-probs: the reward "
+        "against the base), guided (the guided log-prob), reward (the reward model).",
         choices=SEARCH_SCORES)
     ignore_eos: bool = option(False, "Never end at end-of-generation: run to max_tokens (or a "
                               "stop string), as a fixed-length benchmark wants.", cli=False)

@@ -309,7 +309,7 @@ class Engine:
         return rows if len(seqs) > 1 else rows[0]
 
     def step(self, seqs: Seq[Sequence], new_tokens: Seq[Seq[int]], alphas: np.ndarray,
-             outputs: Seq[int] | None = None, rewards: Seq[bool] | None = None):
+             outputs: Seq[int] | None = None, rewards: Seq[float | None] | None = None):
         """Append tokens; return guided scores for each sequence's next token (rows x vocab).
 
         alphas[r, i] is sequence r's weight for ARM i: an ARM context decodes only the
@@ -317,17 +317,19 @@ class Engine:
         batch. With `outputs`, sequence r gives the rows after each of its last outputs[r] new
         tokens (a draft verified in one decode; at most the contexts' n_logits), all sequences'
         rows in order. With `rewards`, it returns (scores, {row: reward row}) where a reward
-        row is sum_i alphas[r, i] * log_softmax(ARM i) for each row of the sequences where
-        rewards[r]: GenARM's token-level reward of every next token.
+        row is sum_i alphas[r, i] * log_softmax(ARM i) - rewards[r] * log_softmax(base) for
+        each row of the sequences where rewards[r] is not None: GenARM's token-level reward of
+        every next token (against the base's with rewards[r] = sum_i alphas[r, i]).
         """
         self._append(seqs, new_tokens)
         counts = np.ones(len(seqs), dtype=np.int64) if outputs is None else np.asarray(outputs)
         starts = np.cumsum(counts) - counts
         guided = np.array(self._catch_up(self.base, seqs, counts)[:, :self.n_vocab],
                           dtype=np.float32)
-        wanted = np.repeat(np.asarray(rewards, dtype=bool), counts) if rewards is not None \
-            else np.zeros(len(guided), dtype=bool)
-        reward_rows = {int(r): np.zeros(self.n_vocab, dtype=np.float32)
+        base_weights = np.repeat([np.nan if b is None else b for b in rewards], counts) \
+            if rewards is not None else np.full(len(guided), np.nan)
+        wanted = ~np.isnan(base_weights)
+        reward_rows = {int(r): np.float32(-base_weights[r]) * guidance.log_softmax(guided[r])
                        for r in np.flatnonzero(wanted)}
         for i, arm in enumerate(self.arms):
             on = np.flatnonzero(alphas[:, i])

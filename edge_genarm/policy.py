@@ -191,12 +191,13 @@ class Emit:
 
     A finish hook's interface: `emit(event, row, reward)` returns the events to send now (an
     answer's events, in order; `row` is the processed row the token came from and `reward` the
-    ARMs' reward row where the hook `wants_rewards`); `waits(index, finish, seq)` says whether
+    ARMs' reward row where the hook `wants_rewards`: not None, the base's weight in it);
+    `waits(index, finish, seq)` says whether
     the answer waits, not decoded, for the hook's verdict (search: at the end of a segment)
     instead of going on or ending; `whole(reason)` says whether the hook reads the answer's
     last token in its sequence (the scheduler appends it, never decoded, before `ended` or
     while it waits); `ended(Ended)` returns the events to send when an answer ends."""
-    wants_rewards = False
+    wants_rewards: float | None = None  # the base's weight in the ARMs' reward rows it reads
 
     def emit(self, event, row: np.ndarray | None = None,
              reward: np.ndarray | None = None) -> list:
@@ -318,7 +319,7 @@ class Policies:
             penalize = functools.partial(penalties.penalize, settings=sampling,
                                          breakers=breakers)  # the row itself when off
         finish = BestOfN(self.judge) if method == "best-of-n" else \
-            Search(request, self.searches) if method == "search" else Emit()
+            Search(request, self.searches, float(alphas.sum())) if method == "search" else Emit()
         policy = Policy(request, alphas, processors, sampler, penalize, finish,
                         answers=request.answers, returned=request.n, grammar=grammar)
         if request.drafts:
@@ -419,8 +420,10 @@ def _check_method(request: Request, engine: "Engine") -> None:
         _at_most("search_width", request.search_width,
                  engine.n_seq_max // request.beams,
                  f"(times beams {request.beams}: the parallel sequences)")
-        if request.search_score == "arm" and not engine.alphas(dict(request.arms)).any():
-            raise UserError("--search-score arm ranks by the ARMs' reward, but no ARM is "
+        if request.search_score.startswith("arm") and \
+                not engine.alphas(dict(request.arms)).any():
+            raise UserError(f"--search-score {request.search_score} ranks by the ARMs' reward, "
+                            "but no ARM is "
                             "switched on for this request: give an ARM a weight, or rank by "
                             "guided", "search_score")
     elif request.method == "best-of-n":

@@ -182,9 +182,10 @@ class Scheduler:
         counts = [p.rows for p in proposals]
         alphas = np.stack([s.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
-        wants = [s.policy.finish.wants_rewards for s in slots]
+        wants = [s.policy.finish.wants_rewards for s in slots]  # the base's weight, or None
         rows, rewards = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts,
-                                         rewards=wants) if any(wants) else \
+                                         rewards=wants) if any(w is not None for w in wants) \
+            else \
             (self.engine.step(seqs, [p.feed for p in proposals], alphas, counts), {})
         rows = run_processors(rows, [RowView(s, i, tuple(p.draft)) for s, p in
                                      zip(slots, proposals) for i in range(p.rows)])

@@ -17,7 +17,9 @@ Contract:
   (seed, segment, i). The scheduler applies it: the copy shares its parent's KV cells and the
   loser's own cells are freed at once. A candidate that ended but is not the best is dropped.
 - Scores, of the answer so far: "arm" sums sum_i alpha_i * log pi_arm_i(token | prefix) over
-  its tokens (GenARM's reward of the answer); "guided" sums the guided log-probs (after the
+  its tokens (GenARM's reward of the answer); "arm-base" sums
+  sum_i alpha_i * (log pi_arm_i - log pi_base) (the reward against the base's, as DPO's
+  implicit reward: what the ARM prefers beyond plain fluency); "guided" sums the guided log-probs (after the
   grammar's mask, before penalties and temperature); both rank per token (the sum over the
   answer's length: a sum of log-probs favours whatever is shortest, as a segment that ends at
   the first line break). "reward" is the reward model's score of the answer so far.
@@ -70,10 +72,11 @@ class Regroup:
 class Search:
     """A search request's candidates: their held events, scores and segments."""
 
-    def __init__(self, request: "Request", searches: "Searches"):
+    def __init__(self, request: "Request", searches: "Searches", alpha_sum: float):
         self.request, self.searches = request, searches
         m = request.answers
-        self.wants_rewards = request.search_score == "arm"
+        # the base's weight in the reward rows: against the base, as much as all the ARMs'
+        self.wants_rewards = {"arm": 0.0, "arm-base": alpha_sum}.get(request.search_score)
         self.scores = np.zeros(m, dtype=np.float64)
         self.held: list[list] = [[] for _ in range(m)]  # events not yet sent, per candidate
         self.count = [0] * m        # tokens in the candidate's current segment

@@ -72,7 +72,20 @@ def sampled(engine, request: Request) -> tuple[list[int], list[float]]:
     return [e.token for e in events], [e.logprob.logprob for e in events]
 
 
-@pytest.mark.parametrize("score", ["guided", "arm"])
+def own_logprobs(path, prompt, plain) -> list[np.ndarray]:
+    """Each answer's tokens' log-probs under one model alone, teacher-forced."""
+    with make_engine(path, n_ctx=128) as model:
+        out = []
+        for toks, _ in plain:
+            seq = model.new_sequence()
+            rows = model.score(seq, list(prompt) + toks)
+            model.release(seq)
+            logp = reference_log_softmax(rows[len(prompt) - 1:-1])
+            out.append(logp[np.arange(len(toks)), toks])
+        return out
+
+
+@pytest.mark.parametrize("score", ["guided", "arm", "arm-base"])
 def test_one_segment_is_best_of_k_plain_answers_by_the_score(tiny, score):
     k, seed, alpha = 4, 11, 0.8
     with make_engine(tiny.base, [(tiny.arm, alpha)], n_seq_max=k, n_ctx=128) as engine:
@@ -85,15 +98,11 @@ def test_one_segment_is_best_of_k_plain_answers_by_the_score(tiny, score):
             tokens, usage = answers(s, [h])[(h, 0)]
     if score == "guided":
         means = [np.mean(lp) for _, lp in plain]
-    else:  # alpha times the ARM's own log-probs, from a context of the ARM model alone
-        with make_engine(tiny.arm, n_ctx=128) as arm:
-            means = []
-            for toks, _ in plain:
-                seq = arm.new_sequence()
-                rows = arm.score(seq, list(prompt) + toks)
-                arm.release(seq)
-                logp = reference_log_softmax(rows[len(prompt) - 1:-1])
-                means.append(alpha * np.mean(logp[np.arange(len(toks)), toks]))
+    else:  # alpha times the ARM's own log-probs (less the base's), from each model alone
+        arm = own_logprobs(tiny.arm, prompt, plain)
+        base = own_logprobs(tiny.base, prompt, plain) if score == "arm-base" else \
+            [np.zeros_like(a) for a in arm]
+        means = [alpha * np.mean(a - b) for a, b in zip(arm, base)]
     best = int(np.argmax(means))
     assert tokens == plain[best][0]
     assert means[best] - max(m for j, m in enumerate(means) if j != best) > 1e-4  # no tie
