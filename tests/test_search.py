@@ -122,7 +122,7 @@ def test_the_api_searches_reproducibly_and_reports_its_compute(demo):
     assert first.text == again.text and first.text
     assert first.usage.decoded_tokens > first.usage.completion_tokens
     assert first.method == {"method": "search", "search_width": 3, "beams": 1,
-                            "segment": "sentence", "search_score": "arm"}
+                            "segment": "sentence", "search_score": "arm-base"}
     schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "wild"]},
                                                "sights": {"type": "string", "maxLength": 40}},
               "required": ["mood", "sights"], "additionalProperties": False}
