@@ -182,11 +182,12 @@ class Scheduler:
         counts = [p.rows for p in proposals]
         alphas = np.stack([s.policy.alphas for s in slots])
         seqs = [s.seq for s in slots]
+        feeds = [p.feed for p in proposals]
         wants = [s.policy.finish.wants_rewards for s in slots]  # the base's weight, or None
-        rows, rewards = self.engine.step(seqs, [p.feed for p in proposals], alphas, counts,
-                                         rewards=wants) if any(w is not None for w in wants) \
-            else \
-            (self.engine.step(seqs, [p.feed for p in proposals], alphas, counts), {})
+        if any(w is not None for w in wants):
+            rows, rewards = self.engine.step(seqs, feeds, alphas, counts, rewards=wants)
+        else:
+            rows, rewards = self.engine.step(seqs, feeds, alphas, counts), {}
         rows = run_processors(rows, [RowView(s, i, tuple(p.draft)) for s, p in
                                      zip(slots, proposals) for i in range(p.rows)])
         now, at = time.perf_counter(), 0
