@@ -145,7 +145,7 @@ def configure(preset: str | None = None, given: dict | None = None,
     values |= given
     load, request = (fields.build(cls, part) for cls, part in
                      zip(classes, split(values, classes[0])))
-    if request.method == "genarm" and "reward_model" not in given:
+    if not request.needs_reward_model and "reward_model" not in given:
         # a preset's reward model is loaded only where the method uses it
         load = dataclasses.replace(load, reward_model=None)
     return Config(load, request, preset).validate()

@@ -183,3 +183,13 @@ def demo_server():
     from test_serve import running_server
     with running_server("--preset", "demo", "--parallel", "4", "--ctx-size", "512") as url:
         yield url
+
+
+def test_the_reward_model_scores_a_search_in_one_decode_per_step():
+    # a load whose own requests search by the reward model loads the preset's reward model
+    with edge_genarm.load("demo", parallel=4, method="search", search_score="reward") as model:
+        ask = dict(max_tokens=32, seed=3, temperature=0.8, search_width=3, segment="8")
+        first = model.generate("Describe a walk by the sea.", **ask)
+        assert model.generate("Describe a walk by the sea.", **ask).text == first.text
+    assert first.method["search_score"] == "reward" and first.text
+    assert first.usage.completion_tokens == 32 and first.usage.decoded_tokens == 3 * 32
