@@ -390,7 +390,8 @@ class Config:
             what = "search_score reward" if self.request.method == "search" else \
                 f"method {self.request.method}"
             raise UserError(f"{what} needs a reward model: pass --reward-model RM.gguf (or a "
-                            "preset that names one)", "method")
+                            "preset that names one)",
+                            "search_score" if self.request.method == "search" else "method")
         return self
 
     @property

@@ -192,9 +192,8 @@ class Emit:
     A finish hook's interface: `emit(event, row, reward)` returns the events to send now (an
     answer's events, in order; `row` is the processed row the token came from and `reward` the
     ARMs' reward row where the hook `wants_rewards`: not None, the base's weight in it);
-    `waits(index, finish, seq)` says whether
-    the answer waits, not decoded, for the hook's verdict (search: at the end of a segment)
-    instead of going on or ending; `whole(reason)` says whether the hook reads the answer's
+    `waits(index, finish, seq)` says whether the answer waits, not decoded, for the hook's
+    verdict (search: at the end of a segment) instead of going on or ending; `whole(reason)` says whether the hook reads the answer's
     last token in its sequence (the scheduler appends it, never decoded, before `ended` or
     while it waits); `ended(Ended)` returns the events to send when an answer ends."""
     wants_rewards: float | None = None  # the base's weight in the ARMs' reward rows it reads

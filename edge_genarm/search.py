@@ -3,7 +3,8 @@ K continuations of every kept candidate are sampled from the guided distribution
 (sequences that share the prefix's KV cells), each is scored, and the best B go on.
 
 Contract:
-- `Search(request, searches)` is a search request's finish hook (see `policy.Emit`). It holds
+- `Search(request, searches, alpha_sum)` is a search request's finish hook (see
+  `policy.Emit`; alpha_sum, its ARM weights summed, is the base's weight for arm-base). It holds
   each candidate's events, adds up each candidate's score as its tokens come
   (`emit(event, row, reward)`), and answers the scheduler's `waits(index, finish, seq)`: a
   candidate waits at the end of its segment (`segment_ends`) or when it ends (end of
