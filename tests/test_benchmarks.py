@@ -45,9 +45,8 @@ TINY = {
     "bench_rgtg": ["--prompts", "1", "--max-tokens", "4", "--alphas", "1", "--weights", "1",
                    "--samples", "2", "--candidates", "2", "--parallel", "2",
                    "--compare-prompts", "1"],
-    "bench_search": ["--prompts", "1", "--budgets", "2", "--max-tokens", "4", "--problems", "1",
-                     "--coder-budgets", "2", "--coder-max-tokens", "4", "--speed-widths", "2",
-                     "--speed-tokens", "4", "--plot", ""],
+    # its demo and coder sections run in test_search_plots_redraw_from_a_save
+    "bench_search": ["--sections", "speed", "--speed-widths", "2", "--speed-tokens", "4"],
     "bench_server": ["--clients", "1", "--requests-per-client", "1", "--max-tokens", "4"],
     "bench_speculative": ["--preset", "demo", "--task", "rewrite", "--prompts", "1",
                           "--max-tokens", "4", "--temperatures", "0", "--parallel", "1",
@@ -100,3 +99,23 @@ def test_tiny_run(name):
             threads["after a plain loop, pool kept (before)"], threads
     if name != "bench_gpu":
         assert out.startswith("machine:") or "\nmachine:" in out, out[:500]
+
+
+def test_search_plots_redraw_from_a_save(tmp_path):
+    """bench_search's demo and coder sections draw their plots and save every answer; --replot
+    draws the same plots again from that file alone."""
+    save, drawn = tmp_path / "answers.jsonl", {n: tmp_path / f"{n}.png" for n in
+                                               ("demo", "coder", "demo2", "coder2")}
+    res = run("bench_search", "--sections", "demo,coder", "--prompts", "2", "--budgets", "2",
+              "--max-tokens", "4", "--problems", "1", "--coder-budgets", "2",
+              "--coder-max-tokens", "4", "--plot", str(drawn["demo"]),
+              "--coder-plot", str(drawn["coder"]), "--save", str(save))
+    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert "| search | 2 |" in res.stdout and "| search, segment line, K=2 |" in res.stdout
+    rows = save.read_text().splitlines()
+    assert len(rows) == 3 * 2 + 4 * 1, rows  # demo: plain, best-of-2, search; coder: + greedy
+    res = run("bench_search", "--replot", str(save), "--plot", str(drawn["demo2"]),
+              "--coder-plot", str(drawn["coder2"]), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for path in drawn.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
