@@ -19,17 +19,19 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
    (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
    difference, beside the target (win rate >= 60 % with fluency no worse). --score (default
-   arm-base, the demo preset's) and --beams set the search. --plot draws mean sentiment
-   against decoded tokens per answer.
+   arm-base, the demo preset's) and --beams B set the search (B beams of K/B continuations
+   each: K candidates at a time). --plot draws mean sentiment against decoded tokens per
+   answer.
 2. coder (`coder`): weak to strong, the preset qwen-coder-1.5b (Qwen2.5-Coder-1.5B guided by
    the shipped 0.5B `documented` ARM at the preset's weight, its system message, stop at the
    closing fence and DRY; speculative decoding off, since search does not draft) on
    --problems HumanEval problems spread over the set (0, S, 2S, ... for S = --problem-stride:
-   the first ten are easy, all passed by every method), asked as bench_weak_to_strong asks
-   them: pass@1 of the code block as given (run with the problem's tests in recipes/coder/runner's sandbox) and the
-   documented-and-typed objective (recipes.coder.judge.score), for plain guided decoding
+   plain guided decoding passes all of the first ten), asked as bench_weak_to_strong asks
+   them: pass@1 of the code block as given (run with the problem's tests in
+   recipes/coder/runner's sandbox) and the documented-and-typed objective
+   (recipes.coder.judge.score), for plain guided decoding
    (greedy, the preset's way, and sampled at --coder-temperature), best-of-K and search with
-   segment line at K in --coder-budgets (score arm: the ARM's own reward), at most
+   segment line at K in --coder-budgets (ranked by --coder-score), at most
    --coder-max-tokens. Target: search loses no pass@1 against plain guided decoding.
    --coder-plot draws pass@1 and the objective against decoded tokens per answer.
 3. speed (`speed`): one searching request with K candidates (segment --speed-segment) against
@@ -117,8 +119,9 @@ def demo_runs(args, prompts: list[str]) -> dict:
         for k in args.budgets:
             runs[(BEST, k)] = timed_batch(model, items, f"{BEST} K={k}", segment="answer",
                                           search_width=k, **search, **common)
+            # B beams of K/B continuations each: K candidates at a time, as best-of-K's
             runs[(SEARCH, k)] = timed_batch(model, items, f"{SEARCH} K={k}",
-                                            segment=args.segment, search_width=k,
+                                            segment=args.segment, search_width=k // args.beams,
                                             beams=args.beams, **search, **common)
     return runs
 
@@ -225,10 +228,11 @@ def plot_lines(ax, table: dict, y: str, search_label: str) -> None:
         for k, x_, y_ in zip(ks, xs, ys):
             ax.annotate(f"K={k}", (x_, y_), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
-    for method, style in ((PLAIN, "k^"), (GREEDY, "kv")):
+    for method, style, label in ((PLAIN, "k^", "plain GenARM (sampled)"),
+                                 (GREEDY, "kv", "plain GenARM, greedy")):
         if (method, 1) in table:
             point = table[(method, 1)]
-            ax.plot([point["decoded"]], [point[y]], style, ms=8, label=method)
+            ax.plot([point["decoded"]], [point[y]], style, ms=8, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens decoded per answer (compute, log scale)")
 
@@ -292,8 +296,9 @@ def passes(problem: dict, text: str) -> bool:
 
 def coder_settings(args) -> list[tuple[str, dict]]:
     sampled = {"temperature": args.coder_temperature}
-    search = {"method": "search", "search_score": "arm", "beams": 1, **sampled}
-    out = [(GREEDY, {"greedy": True}), (f"plain guided, T {args.coder_temperature:g}", sampled)]
+    search = {"method": "search", "search_score": args.coder_score, "beams": 1, **sampled}
+    out = [] if args.no_plain else [
+        (GREEDY, {"greedy": True}), (f"plain guided, T {args.coder_temperature:g}", sampled)]
     for k in args.coder_budgets:
         out += [(f"best-of-{k}", {**search, "search_width": k, "segment": "answer"}),
                 (f"search, segment line, K={k}", {**search, "search_width": k,
@@ -320,7 +325,7 @@ def coder_summary(rows: list[dict]) -> dict:
             "decoded": statistics.mean(r["decoded"] for r in rows)}
 
 
-def plot_coder(path: Path, table: dict) -> None:
+def plot_coder(path: Path, table: dict, score: str) -> None:
     """pass@1 and the documented+typed objective against decoded tokens per answer."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -330,7 +335,7 @@ def plot_coder(path: Path, table: dict) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
     fig.suptitle("Weak to strong: Qwen2.5-Coder-1.5B guided by the 0.5B `documented` ARM, "
-                 "score arm", fontsize=9)
+                 f"score {score}", fontsize=9)
     save_plot(fig, path)
 
 
@@ -344,7 +349,7 @@ def coder(args, save) -> None:
     print(f"\n## Coder, weak to strong: qwen-coder-1.5b (its 0.5B ARM at the preset's weight), "
           f"{len(problems)} HumanEval problems (0, {args.problem_stride}, "
           f"{2 * args.problem_stride}, ...), at most {args.coder_max_tokens} "
-          f"tokens, score arm\n")
+          f"tokens, score {args.coder_score}\n")
     print("| decoding | pass@1 (block as given) | documented+typed | answers with functions | "
           "answer tokens | decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
     width = max([1, *args.coder_budgets])
@@ -366,7 +371,7 @@ def coder(args, save) -> None:
             save(rows)
     print("\ntarget: search's pass@1 no lower than plain guided decoding's")
     if args.coder_plot:
-        plot_coder(args.coder_plot, table)
+        plot_coder(args.coder_plot, table, args.coder_score)
 
 
 def replot(args) -> None:
@@ -382,7 +387,7 @@ def replot(args) -> None:
     if demo_table and args.plot:
         plot_demo(args.plot, demo_table, f"score {args.score}, segment {args.segment}")
     if coder_table and args.coder_plot:
-        plot_coder(args.coder_plot, coder_table)
+        plot_coder(args.coder_plot, coder_table, args.coder_score)
 
 
 # -- 3. speed ---------------------------------------------------------------------------------
@@ -467,6 +472,10 @@ def parse_args(argv=None):
     ap.add_argument("--coder-budgets", type=numbers, default=[4], help="coder: K")
     ap.add_argument("--coder-max-tokens", type=int, default=384)
     ap.add_argument("--coder-temperature", type=float, default=0.8)
+    ap.add_argument("--coder-score", default="arm", choices=("arm", "arm-base", "guided"),
+                    help="coder: what ranks candidates in search and best-of-K")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="coder: only best-of-K and search (the plain rows of an earlier run)")
     ap.add_argument("--coder-parallel", type=int, default=16)
     ap.add_argument("--coder-ctx", type=int, default=1536,
                     help="coder: each sequence's context (prompt and answer)")
@@ -489,6 +498,8 @@ def parse_args(argv=None):
     unknown = set(args.sections) - {"demo", "coder", "speed"}
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    if any(k % args.beams for k in args.budgets):
+        ap.error(f"--beams {args.beams} must divide every K in --budgets")
     args.plot = Path(args.plot) if args.plot else None
     args.coder_plot = Path(args.coder_plot) if args.coder_plot else None
     return args

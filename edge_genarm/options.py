@@ -145,10 +145,19 @@ def configure(preset: str | None = None, given: dict | None = None,
     values |= given
     load, request = (fields.build(cls, part) for cls, part in
                      zip(classes, split(values, classes[0])))
+    request = _drafting_yields(request, given)
     if not request.needs_reward_model and "reward_model" not in given:
         # a preset's reward model is loaded only where the method uses it
         load = dataclasses.replace(load, reward_model=None)
     return Config(load, request, preset).validate()
+
+
+def _drafting_yields(request: RequestParams, given) -> RequestParams:
+    """A default drafter (a preset's, or the load's for its requests) is off for a method that
+    does not draft; one the caller named is checked, and refused with such a method."""
+    if request.drafts and request.method != "genarm" and "speculative" not in given:
+        return dataclasses.replace(request, speculative="off")
+    return request
 
 
 def call(defaults: RequestParams, prompt_ids, given: dict) -> RequestParams:
@@ -168,6 +177,7 @@ def call(defaults: RequestParams, prompt_ids, given: dict) -> RequestParams:
     # the defaults' own class: a program's subclass keeps its options
     request = fields.build(type(defaults), {k: v for k, v in own.items() if k != "prompt_ids"},
                            defaults)
+    request = _drafting_yields(request, own)
     return dataclasses.replace(request, prompt_ids=own["prompt_ids"],
                                response_model=response_model or request.response_model)
 

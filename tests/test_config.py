@@ -18,7 +18,7 @@ from edge_genarm.config import ArmRef, Config, LoadConfig, RequestParams
 from edge_genarm.errors import UserError
 from edge_genarm.fields import option
 from edge_genarm.model import Model
-from edge_genarm.options import configure, from_click, generation_options, option_table
+from edge_genarm.options import call, configure, from_click, generation_options, option_table
 from edge_genarm.registry import PRESET_KEYS, SAMPLING_KEYS
 from edge_genarm.sampling import SamplingSettings
 from edge_genarm.serve import protocol
@@ -153,3 +153,16 @@ def test_presets_take_every_declared_option_by_name():
     request = {s.name for s in fields.specs(RequestParams) if s.group is None}
     assert request <= set(PRESET_KEYS)
     assert set(SAMPLING_KEYS) == {s.name for s in fields.specs(SamplingSettings)}
+
+
+def test_a_default_drafter_is_off_for_a_method_that_does_not_draft():
+    """The coder preset drafts by prompt lookup; a search on it decodes without drafts, while
+    a drafter the caller names with such a method is refused, in one place for every path."""
+    defaults = configure("qwen-coder-1.5b", {}).request
+    assert defaults.speculative == "lookup"
+    assert configure("qwen-coder-1.5b", {"method": "search"}).request.speculative == "off"
+    with pytest.raises(UserError, match="speculative decoding verifies GenARM's guided target"):
+        configure("qwen-coder-1.5b", {"method": "search", "speculative": "lookup"})
+    assert call(defaults, [1, 2], {"method": "search"}).speculative == "off"
+    assert call(defaults, [1, 2], {}).speculative == "lookup"
+    assert call(defaults, [1, 2], {"method": "search", "speculative": "lookup"}).drafts
