@@ -28,6 +28,7 @@ import sys
 import time
 
 import ray
+from ray import serve as ray_serve
 
 import edge_genarm
 from benchmarks.bench_server import load as client_load
@@ -98,12 +99,18 @@ def serve_section(args, cores: int, address: str) -> None:
         command = base + ["--threads", str(threads), "--parallel", str(per)]
         if replicas is not None:
             command += ["--ray", address, "--replicas", str(replicas)]
-        with server(command, "/health") as url:
+        try:
+            with server(command, "/health") as url:
+                if replicas is not None:
+                    _wait_replicas(url, replicas)
+                asyncio.run(client_load(url, 1, 1, 4, None))  # warm-up
+                r = asyncio.run(client_load(url, clients, args.requests_per_client,
+                                            args.max_tokens, None))
+        finally:
             if replicas is not None:
-                _wait_replicas(url, replicas)
-            asyncio.run(client_load(url, 1, 1, 4, None))  # warm-up
-            r = asyncio.run(client_load(url, clients, args.requests_per_client,
-                                        args.max_tokens, None))
+                # a server killed before its own teardown leaves its replicas holding the
+                # cluster's CPUs, so that the next run's replicas could never be placed
+                ray_serve.shutdown()
         rows[(name, replicas or 1)] = r
         print(f"| {name} | {replicas or 1} x {threads} | {r['requests_s']:.2f} "
               f"| {r['tokens_s']:.1f} | {r['ttft_median'] * 1e3:.0f} |", flush=True)
