@@ -109,7 +109,7 @@ def demo_runs(args, prompts: list[str]) -> dict:
     """(method, K) -> its run, every prompt with its own seed in every method."""
     items = [{"prompt": p, "seed": seed_for(args.seed, i)} for i, p in enumerate(prompts)]
     common = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    search = {"method": "search", "search_score": args.score}
+    search = {"method": "search", "search_score": args.score, "search_fluency": args.fluency}
     runs = {}
     # every method's requests go together: parallel sequences for a few searches at once
     with edge_genarm.load("demo", parallel=max(args.parallel, max(args.budgets)),
@@ -191,10 +191,15 @@ def compare(a: list[dict], b: list[dict]) -> tuple[float, float, float]:
     return statistics.mean(wins), (statistics.mean(diffs) if diffs else float("nan")), se
 
 
+def scored(args) -> str:
+    """The demo's scorer, as the tables and the plot name it."""
+    return args.score + (f" + {args.fluency:g} x base" if args.fluency else "")
+
+
 def print_demo(args, rows: dict, table: dict, seconds: dict) -> None:
     print(f"\n## Demo: {len(rows[(PLAIN, 1)])} held-out prompts, T {args.temperature:g}, at "
-          f"most {args.max_tokens} tokens, score {args.score}, search segment {args.segment}, "
-          f"{args.beams} beam(s)\n")
+          f"most {args.max_tokens} tokens, score {scored(args)}, search segment "
+          f"{args.segment}, {args.beams} beam(s)\n")
     print("| method | K | VADER compound | fluency (base log-prob/token) | answer tokens | "
           "decoded tokens/answer | wall s |\n|---|---|---|---|---|---|---|")
     for (method, k), row in table.items():
@@ -275,7 +280,7 @@ def demo(args, save) -> None:
     table = {key: summary(r) for key, r in rows.items()}
     print_demo(args, rows, table, {key: run["seconds"] for key, run in runs.items()})
     if args.plot:
-        plot_demo(args.plot, table, f"score {args.score}, segment {args.segment}")
+        plot_demo(args.plot, table, f"score {scored(args)}, segment {args.segment}")
     save([row for r in rows.values() for row in r])
 
 
@@ -385,7 +390,7 @@ def replot(args) -> None:
     coder_table = {key: coder_summary(g) for (section, key), g in groups.items()
                    if section == "coder"}
     if demo_table and args.plot:
-        plot_demo(args.plot, demo_table, f"score {args.score}, segment {args.segment}")
+        plot_demo(args.plot, demo_table, f"score {scored(args)}, segment {args.segment}")
     if coder_table and args.coder_plot:
         plot_coder(args.coder_plot, coder_table, args.coder_score)
 
@@ -460,6 +465,8 @@ def parse_args(argv=None):
                     help="demo: search's segment (sentence, line or a token count)")
     ap.add_argument("--score", default="arm-base", choices=("arm", "arm-base", "guided"),
                     help="demo: what ranks candidates in search and best-of-K")
+    ap.add_argument("--fluency", type=float, default=0.0,
+                    help="demo: the score's weight on the base's log-probs (--search-fluency)")
     ap.add_argument("--beams", type=int, default=1, help="demo: search's beams")
     ap.add_argument("--max-tokens", type=int, default=64, help="demo: tokens per answer")
     ap.add_argument("--temperature", type=float, default=0.8, help="demo and speed")

@@ -282,6 +282,10 @@ class RequestParams:
         "alphas: GenARM's reward), arm-base (the same less the base's log-probs: the reward "
         "against the base), guided (the guided log-prob), reward (the reward model).",
         choices=SEARCH_SCORES)
+    search_fluency: float = option(
+        0.0, "search, ranked by arm or arm-base: the weight of the base's own log-prob of each "
+        "token, added to the score (more fluent answers rank higher; arm-base with F = the "
+        "ARMs' alphas summed ranks as arm).", low=0, metavar="F")
     ignore_eos: bool = option(False, "Never end at end-of-generation: run to max_tokens (or a "
                               "stop string), as a fixed-length benchmark wants.", cli=False)
     json_schema: dict | None = option(
@@ -329,6 +333,11 @@ class RequestParams:
                                                  int(self.segment) > 0):
             raise UserError(f"segment must be {', '.join(SEGMENTS)} or a token count (a whole "
                             f"number > 0), got {self.segment!r}", "segment")
+        if self.search_fluency and not self.search_score.startswith("arm"):
+            raise UserError(f"search_fluency weights the base's log-probs in the arm and "
+                            f"arm-base scores; search_score {self.search_score} has none to "
+                            "weigh: rank by arm or arm-base, or drop search_fluency",
+                            "search_fluency")
         constraints = self.constraint_fields
         if len(constraints) > 1:
             raise UserError(f"{' and '.join(constraints)} each constrain the answer: give one",

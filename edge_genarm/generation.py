@@ -171,6 +171,7 @@ def method_of(request) -> dict:
     if request.method == "search":
         return {"method": "search", "search_width": request.search_width,
                 "beams": request.beams, "segment": request.segment,
-                "search_score": request.search_score}
+                "search_score": request.search_score} | (
+                    {"search_fluency": request.search_fluency} if request.search_fluency else {})
     return {"method": request.method, "reward_weight": request.reward_weight,
             "candidates": request.candidates}

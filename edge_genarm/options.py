@@ -145,18 +145,22 @@ def configure(preset: str | None = None, given: dict | None = None,
     values |= given
     load, request = (fields.build(cls, part) for cls, part in
                      zip(classes, split(values, classes[0])))
-    request = _drafting_yields(request, given)
+    request = _defaults_yield(request, given)
     if not request.needs_reward_model and "reward_model" not in given:
         # a preset's reward model is loaded only where the method uses it
         load = dataclasses.replace(load, reward_model=None)
     return Config(load, request, preset).validate()
 
 
-def _drafting_yields(request: RequestParams, given) -> RequestParams:
-    """A default drafter (a preset's, or the load's for its requests) is off for a method that
-    does not draft; one the caller named is checked, and refused with such a method."""
+def _defaults_yield(request: RequestParams, given) -> RequestParams:
+    """A default (a preset's, or the load's for its requests) that the request's method or
+    score cannot use is off: a drafter for a method that does not draft, a fluency weight for a
+    search score without the base's log-probs. One the caller named is checked, and refused."""
     if request.drafts and request.method != "genarm" and "speculative" not in given:
-        return dataclasses.replace(request, speculative="off")
+        request = dataclasses.replace(request, speculative="off")
+    if request.search_fluency and not request.search_score.startswith("arm") and \
+            "search_fluency" not in given:
+        request = dataclasses.replace(request, search_fluency=0.0)
     return request
 
 
@@ -177,7 +181,7 @@ def call(defaults: RequestParams, prompt_ids, given: dict) -> RequestParams:
     # the defaults' own class: a program's subclass keeps its options
     request = fields.build(type(defaults), {k: v for k, v in own.items() if k != "prompt_ids"},
                            defaults)
-    request = _drafting_yields(request, own)
+    request = _defaults_yield(request, own)
     return dataclasses.replace(request, prompt_ids=own["prompt_ids"],
                                response_model=response_model or request.response_model)
 

@@ -20,10 +20,12 @@ Contract:
 - Scores, of the answer so far: "arm" sums sum_i alpha_i * log pi_arm_i(token | prefix) over
   its tokens (GenARM's reward of the answer); "arm-base" sums
   sum_i alpha_i * (log pi_arm_i - log pi_base) (the reward against the base's, as DPO's
-  implicit reward: what the ARM prefers beyond plain fluency); "guided" sums the guided log-probs (after the
-  grammar's mask, before penalties and temperature); both rank per token (the sum over the
-  answer's length: a sum of log-probs favours whatever is shortest, as a segment that ends at
-  the first line break). "reward" is the reward model's score of the answer so far.
+  implicit reward: what the ARM prefers beyond plain fluency); with search_fluency F both add
+  F * log pi_base (a reward against the base that still values the base's fluency); "guided"
+  sums the guided log-probs (after the grammar's mask, before penalties and temperature); all
+  three rank per token (the sum over the answer's length: a sum of log-probs favours whatever
+  is shortest, as a segment that ends at the first line break). "reward" is the reward
+  model's score of the answer so far.
 - Events: once a regroup keeps one candidate's line (one beam), its events go out as answer
   0, so that a stream shows the answer a segment at a time; with several beams, at the end.
   The answer's `Usage.decoded_tokens` counts every candidate's tokens: the compute it took.
@@ -76,8 +78,10 @@ class Search:
     def __init__(self, request: "Request", searches: "Searches", alpha_sum: float):
         self.request, self.searches = request, searches
         m = request.answers
-        # the base's weight in the reward rows: against the base, as much as all the ARMs'
-        self.wants_rewards = {"arm": 0.0, "arm-base": alpha_sum}.get(request.search_score)
+        # the base's weight in the reward rows: against the base, as much as all the ARMs',
+        # less the weight the request gives fluency
+        against = {"arm": 0.0, "arm-base": alpha_sum}.get(request.search_score)
+        self.wants_rewards = None if against is None else against - request.search_fluency
         self.scores = np.zeros(m, dtype=np.float64)
         self.held: list[list] = [[] for _ in range(m)]  # events not yet sent, per candidate
         self.count = [0] * m        # tokens in the candidate's current segment

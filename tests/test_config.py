@@ -166,3 +166,16 @@ def test_a_default_drafter_is_off_for_a_method_that_does_not_draft():
     assert call(defaults, [1, 2], {"method": "search"}).speculative == "off"
     assert call(defaults, [1, 2], {}).speculative == "lookup"
     assert call(defaults, [1, 2], {"method": "search", "speculative": "lookup"}).drafts
+
+
+def test_a_default_fluency_weight_is_off_for_a_score_without_the_bases_log_probs():
+    """A load's search_fluency (for its arm-base searches) yields to a request that ranks by
+    guided; named with it by the caller, it is refused in one line."""
+    defaults = configure("demo", {"method": "search", "search_fluency": 0.5}).request
+    assert (defaults.search_score, defaults.search_fluency) == ("arm-base", 0.5)
+    assert call(defaults, [1, 2], {}).search_fluency == 0.5
+    assert call(defaults, [1, 2], {"search_score": "guided"}).search_fluency == 0.0
+    assert call(defaults, [1, 2], {"search_score": "arm"}).search_fluency == 0.5
+    with pytest.raises(UserError, match="search_score guided has none to weigh") as err:
+        configure("demo", {"search_fluency": 0.5, "search_score": "guided"})
+    assert err.value.param == "search_fluency" and "\n" not in str(err.value)

@@ -85,24 +85,28 @@ def own_logprobs(path, prompt, plain) -> list[np.ndarray]:
         return out
 
 
-@pytest.mark.parametrize("score", ["guided", "arm", "arm-base"])
-def test_one_segment_is_best_of_k_plain_answers_by_the_score(tiny, score):
-    k, seed, alpha = 4, 11, 0.8
+# at seeds 19 and 13 the fluency weight changes which of the four answers wins
+@pytest.mark.parametrize("score,fluency,seed", [
+    ("guided", 0.0, 11), ("arm", 0.0, 11), ("arm-base", 0.0, 11), ("arm-base", 0.0, 19),
+    ("arm-base", 0.5, 19), ("arm", 0.0, 13), ("arm", 0.3, 13)])
+def test_one_segment_is_best_of_k_plain_answers_by_the_score(tiny, score, fluency, seed):
+    k, alpha = 4, 0.8
     with make_engine(tiny.base, [(tiny.arm, alpha)], n_seq_max=k, n_ctx=128) as engine:
         prompt = ids(engine, PROMPTS[0])
         plain = [sampled(engine, Request(prompt, SAMPLED, max_tokens=16, seed=seed + j,
                                          logprobs=0)) for j in range(k)]
         with Scheduler(engine, share_prefixes=False) as s:
             h = s.submit(Request(prompt, SAMPLED, max_tokens=16, seed=seed, method="search",
-                                 search_width=k, segment="answer", search_score=score))
+                                 search_width=k, segment="answer", search_score=score,
+                                 search_fluency=fluency))
             tokens, usage = answers(s, [h])[(h, 0)]
     if score == "guided":
         means = [np.mean(lp) for _, lp in plain]
-    else:  # alpha times the ARM's own log-probs (less the base's), from each model alone
-        arm = own_logprobs(tiny.arm, prompt, plain)
-        base = own_logprobs(tiny.base, prompt, plain) if score == "arm-base" else \
-            [np.zeros_like(a) for a in arm]
-        means = [alpha * np.mean(a - b) for a, b in zip(arm, base)]
+    else:  # alpha times the ARM's own log-probs (less the base's), from each model alone,
+        # plus the fluency weight times the base's
+        arm, base = own_logprobs(tiny.arm, prompt, plain), own_logprobs(tiny.base, prompt, plain)
+        against = 1.0 if score == "arm-base" else 0.0
+        means = [np.mean(alpha * (a - against * b) + fluency * b) for a, b in zip(arm, base)]
     best = int(np.argmax(means))
     assert tokens == plain[best][0]
     assert means[best] - max(m for j, m in enumerate(means) if j != best) > 1e-4  # no tie
@@ -123,6 +127,8 @@ def test_the_api_searches_reproducibly_and_reports_its_compute(demo):
     assert first.usage.decoded_tokens > first.usage.completion_tokens
     assert first.method == {"method": "search", "search_width": 3, "beams": 1,
                             "segment": "sentence", "search_score": "arm-base"}
+    fluent = demo.generate("Describe a walk by the sea.", **ask, search_fluency=0.5)
+    assert fluent.method["search_fluency"] == 0.5 and fluent.text
     schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "wild"]},
                                                "sights": {"type": "string", "maxLength": 40}},
               "required": ["mood", "sights"], "additionalProperties": False}
@@ -139,6 +145,8 @@ def test_the_api_searches_reproducibly_and_reports_its_compute(demo):
     ({"search_width": 3, "beams": 2}, "search_width", "parallel sequences"),
     ({"arms": {"positive": 0, "concise": 0}}, "search_score", "no ARM is switched on"),
     ({"speculative": "lookup"}, "speculative", "method search"),
+    ({"search_score": "guided", "search_fluency": 0.5}, "search_fluency", "rank by arm"),
+    ({"search_fluency": -1.0}, "search_fluency", ">= 0"),
 ])
 def test_bad_search_requests_are_refused_in_one_line(demo, options, param, words):
     with pytest.raises(UserError) as err:
@@ -176,6 +184,10 @@ def test_the_server_searches_streams_and_refuses(demo_server):
     r = httpx.post(f"{demo_server}/v1/chat/completions", timeout=60, json={
         "messages": ask["messages"], "method": "search", "search_width": 8})
     assert r.status_code == 400 and r.json()["error"]["param"] == "search_width"
+    r = httpx.post(f"{demo_server}/v1/chat/completions", timeout=60, json={
+        "messages": ask["messages"], "method": "search", "search_score": "guided",
+        "search_fluency": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "search_fluency"
 
 
 @pytest.fixture(scope="module")
