@@ -333,7 +333,7 @@ class RequestParams:
                                                  int(self.segment) > 0):
             raise UserError(f"segment must be {', '.join(SEGMENTS)} or a token count (a whole "
                             f"number > 0), got {self.segment!r}", "segment")
-        if self.search_fluency and not self.search_score.startswith("arm"):
+        if self.search_fluency and not self.ranks_by_arms:
             raise UserError(f"search_fluency weights the base's log-probs in the arm and "
                             f"arm-base scores; search_score {self.search_score} has none to "
                             "weigh: rank by arm or arm-base, or drop search_fluency",
@@ -362,6 +362,12 @@ class RequestParams:
         """The options that constrain its answers (at most one may be given)."""
         return [name for name in ("json_schema", "grammar", "regex", "choice")
                 if getattr(self, name)]
+
+    @property
+    def ranks_by_arms(self) -> bool:
+        """Whether its search score is the ARMs' reward (arm, arm-base): it needs an ARM
+        switched on, and holds the base's log-probs that search_fluency weighs."""
+        return self.search_score in ("arm", "arm-base")
 
     @property
     def needs_reward_model(self) -> bool:

@@ -158,8 +158,7 @@ def _defaults_yield(request: RequestParams, given) -> RequestParams:
     search score without the base's log-probs. One the caller named is checked, and refused."""
     if request.drafts and request.method != "genarm" and "speculative" not in given:
         request = dataclasses.replace(request, speculative="off")
-    if request.search_fluency and not request.search_score.startswith("arm") and \
-            "search_fluency" not in given:
+    if request.search_fluency and not request.ranks_by_arms and "search_fluency" not in given:
         request = dataclasses.replace(request, search_fluency=0.0)
     return request
 

@@ -419,8 +419,7 @@ def _check_method(request: Request, engine: "Engine") -> None:
         _at_most("search_width", request.search_width,
                  engine.n_seq_max // request.beams,
                  f"(times beams {request.beams}: the parallel sequences)")
-        if request.search_score.startswith("arm") and \
-                not engine.alphas(dict(request.arms)).any():
+        if request.ranks_by_arms and not engine.alphas(dict(request.arms)).any():
             raise UserError(f"--search-score {request.search_score} ranks by the ARMs' reward, "
                             "but no ARM is "
                             "switched on for this request: give an ARM a weight, or rank by "
