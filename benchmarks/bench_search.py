@@ -19,9 +19,10 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
    (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
    difference, beside the target (win rate >= 60 % with fluency no worse). --score (default
-   arm-base, the demo preset's) and --beams B set the search (B beams of K/B continuations
-   each: K candidates at a time). --plot draws mean sentiment against decoded tokens per
-   answer.
+   arm-base, the demo preset's), --fluency (its weight on the base's log-probs) and --beams B
+   set the search (B beams of K/B continuations each: K candidates at a time). --draws D asks
+   every prompt D times with seeds seed_for(--seed, i) for i past the prompts, D times the
+   pairs for the win rate. --plot draws mean sentiment against decoded tokens per answer.
 2. coder (`coder`): weak to strong, the preset qwen-coder-1.5b (Qwen2.5-Coder-1.5B guided by
    the shipped 0.5B `documented` ARM at the preset's weight, its system message, stop at the
    closing fence and DRY; speculative decoding off, since search does not draft) on
@@ -197,7 +198,9 @@ def scored(args) -> str:
 
 
 def print_demo(args, rows: dict, table: dict, seconds: dict) -> None:
-    print(f"\n## Demo: {len(rows[(PLAIN, 1)])} held-out prompts, T {args.temperature:g}, at "
+    draws = f" x {args.draws} draws" if args.draws > 1 else ""
+    print(f"\n## Demo: {len(rows[(PLAIN, 1)]) // args.draws} held-out prompts{draws}, T "
+          f"{args.temperature:g}, at "
           f"most {args.max_tokens} tokens, score {scored(args)}, search segment "
           f"{args.segment}, {args.beams} beam(s)\n")
     print("| method | K | VADER compound | fluency (base log-prob/token) | answer tokens | "
@@ -270,7 +273,8 @@ def pyplot():
 
 
 def demo(args, save) -> None:
-    prompts = held_out(args.prompts)
+    # draw d of prompt i is item d * P + i, with its own seed: the first draw is a 1-draw run's
+    prompts = held_out(args.prompts) * args.draws
     runs = demo_runs(args, prompts)
     t0 = time.perf_counter()
     sentiment(runs)
@@ -459,6 +463,9 @@ def parse_args(argv=None):
     ap.add_argument("--sections", default="demo,coder,speed",
                     help="which to run, comma-separated: demo, coder, speed")
     ap.add_argument("--prompts", type=int, default=24, help="held-out demo prompts (at most 40)")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="demo: answers per prompt, each with its own seed (more pairs for the "
+                    "win rate)")
     ap.add_argument("--budgets", type=numbers, default=[2, 4, 8],
                     help="demo: K, the candidates of best-of-K and search's width")
     ap.add_argument("--segment", default="sentence",

@@ -106,14 +106,16 @@ def test_search_plots_redraw_from_a_save(tmp_path):
     draws the same plots again from that file alone."""
     save, drawn = tmp_path / "answers.jsonl", {n: tmp_path / f"{n}.png" for n in
                                                ("demo", "coder", "demo2", "coder2")}
-    res = run("bench_search", "--sections", "demo,coder", "--prompts", "2", "--budgets", "2",
-              "--max-tokens", "4", "--problems", "1", "--coder-budgets", "2",
+    res = run("bench_search", "--sections", "demo,coder", "--prompts", "2", "--draws", "2",
+              "--fluency", "0.5", "--budgets", "2", "--max-tokens", "4", "--problems", "1", "--coder-budgets", "2",
               "--coder-max-tokens", "4", "--plot", str(drawn["demo"]),
               "--coder-plot", str(drawn["coder"]), "--save", str(save))
     assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     assert "| search | 2 |" in res.stdout and "| search, segment line, K=2 |" in res.stdout
+    assert "2 held-out prompts x 2 draws" in res.stdout and "arm-base + 0.5 x base" in res.stdout
     rows = save.read_text().splitlines()
-    assert len(rows) == 3 * 2 + 4 * 1, rows  # demo: plain, best-of-2, search; coder: + greedy
+    # demo: plain, best-of-2, search, each prompt twice; coder: + greedy
+    assert len(rows) == 3 * 2 * 2 + 4 * 1, rows
     res = run("bench_search", "--replot", str(save), "--plot", str(drawn["demo2"]),
               "--coder-plot", str(drawn["coder2"]), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
