@@ -100,7 +100,8 @@ def serve_section(args, cores: int, address: str) -> None:
         if replicas is not None:
             command += ["--ray", address, "--replicas", str(replicas)]
         try:
-            with server(command, "/health") as url:
+            # a Ray Serve server takes its replicas down before it exits: wait for that
+            with server(command, "/health", stop_timeout=30 if replicas is None else 180) as url:
                 if replicas is not None:
                     _wait_replicas(url, replicas)
                 asyncio.run(client_load(url, 1, 1, 4, None))  # warm-up
@@ -108,8 +109,8 @@ def serve_section(args, cores: int, address: str) -> None:
                                             args.max_tokens, None))
         finally:
             if replicas is not None:
-                # a server killed before its own teardown leaves its replicas holding the
-                # cluster's CPUs, so that the next run's replicas could never be placed
+                # should it still be killed before its teardown ends, its replicas would
+                # hold the cluster's CPUs and the next run's could never be placed
                 ray_serve.shutdown()
         rows[(name, replicas or 1)] = r
         print(f"| {name} | {replicas or 1} x {threads} | {r['requests_s']:.2f} "

@@ -54,10 +54,11 @@ OFF = {"positive": 0.0, "concise": 0.0}
 
 
 @contextmanager
-def server(command: list[str], ready_path: str):
+def server(command: list[str], ready_path: str, stop_timeout: float = 30):
     """A server subprocess on a free loopback port, until `ready_path` answers 200."""
     try:
-        with local_server(command, ready_path, timeout=300, cwd=ROOT) as url:
+        with local_server(command, ready_path, timeout=300, cwd=ROOT,
+                          stop_timeout=stop_timeout) as url:
             yield url
     except ServerStartError as e:
         raise SystemExit(str(e)) from None

@@ -324,6 +324,10 @@ def run(address: str | None, configs: dict, replicas: int, max_queue: int,
     except KeyboardInterrupt:
         pass
     finally:
+        # a second Ctrl-C or a supervisor's stop during the teardown would leave the replicas
+        # holding the cluster's CPUs: the teardown runs to its end first
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         serve.shutdown()
 
 
