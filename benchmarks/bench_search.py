@@ -47,7 +47,7 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
 
 The run prints the machine line first, then markdown tables; --save writes every demo
 and coder answer with its scores (JSON lines), from which --replot redraws both plots without
-running a model (give it the run's --score and --segment for the titles).
+running a model (give it the run's --score, --fluency, --segment and --beams for the titles).
 
     python -m benchmarks.bench_search [--sections demo,coder,speed] [--prompts 24]
         [--budgets 2,4,8] [--segment sentence] [--score arm-base] [--beams 1]
@@ -252,8 +252,11 @@ def save_plot(fig, path: Path) -> None:
     print(f"\nplot: {path}")
 
 
-def plot_demo(path: Path, table: dict, title: str) -> None:
-    """Mean sentiment against decoded tokens per answer: a line per method over K."""
+def plot_demo(path: Path, table: dict, args) -> None:
+    """Mean sentiment against decoded tokens per answer: a line per method over K, titled with
+    the search's settings."""
+    beams = f", {args.beams} beams" if args.beams > 1 else ""
+    title = f"score {scored(args)}, segment {args.segment}{beams}"
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
     plot_lines(ax, table, "sentiment", "search")
@@ -284,7 +287,7 @@ def demo(args, save) -> None:
     table = {key: summary(r) for key, r in rows.items()}
     print_demo(args, rows, table, {key: run["seconds"] for key, run in runs.items()})
     if args.plot:
-        plot_demo(args.plot, table, f"score {scored(args)}, segment {args.segment}")
+        plot_demo(args.plot, table, args)
     save([row for r in rows.values() for row in r])
 
 
@@ -394,7 +397,7 @@ def replot(args) -> None:
     coder_table = {key: coder_summary(g) for (section, key), g in groups.items()
                    if section == "coder"}
     if demo_table and args.plot:
-        plot_demo(args.plot, demo_table, f"score {scored(args)}, segment {args.segment}")
+        plot_demo(args.plot, demo_table, args)
     if coder_table and args.coder_plot:
         plot_coder(args.coder_plot, coder_table, args.coder_score)
 

@@ -80,8 +80,10 @@ class Search:
         m = request.answers
         # the base's weight in the reward rows: against the base, as much as all the ARMs',
         # less the weight the request gives fluency
-        against = {"arm": 0.0, "arm-base": alpha_sum}.get(request.search_score)
-        self.wants_rewards = None if against is None else against - request.search_fluency
+        self.wants_rewards = None
+        if request.ranks_by_arms:
+            against = alpha_sum if request.search_score == "arm-base" else 0.0
+            self.wants_rewards = against - request.search_fluency
         self.scores = np.zeros(m, dtype=np.float64)
         self.held: list[list] = [[] for _ in range(m)]  # events not yet sent, per candidate
         self.count = [0] * m        # tokens in the candidate's current segment
