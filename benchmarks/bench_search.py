@@ -19,7 +19,7 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
    (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
    difference, beside the target (win rate >= 60 % with fluency no worse). --score (default
-   arm-base, the demo preset's), --fluency (its weight on the base's log-probs) and --beams B
+   arm-base, the demo preset's; reward loads the preset's reward model), --fluency (its weight on the base's log-probs) and --beams B
    set the search (B beams of K/B continuations each: K candidates at a time). --draws D asks
    every prompt D times with seeds seed_for(--seed, i) for i past the prompts, D times the
    pairs for the win rate. --plot draws mean sentiment against decoded tokens per answer.
@@ -112,9 +112,13 @@ def demo_runs(args, prompts: list[str]) -> dict:
     common = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     search = {"method": "search", "search_score": args.score, "search_fluency": args.fluency}
     runs = {}
+    # the preset's reward model is loaded where the load's own requests rank by it
+    ranks = {"method": "search", "search_score": "reward", "candidates": 1} \
+        if args.score == "reward" else {}  # PARGS's candidates: the fewest, none are used
     # every method's requests go together: parallel sequences for a few searches at once
     with edge_genarm.load("demo", parallel=max(args.parallel, max(args.budgets)),
-                          ctx_size=args.max_tokens + 256, threads=args.threads) as model:
+                          ctx_size=args.max_tokens + 256, threads=args.threads,
+                          **ranks) as model:
         model.generate(prompts[0], max_tokens=4)  # load and warm up before any timing
         runs[(PLAIN, 1)] = timed_batch(model, items, PLAIN, method="genarm", **common)
         for k in args.budgets:
@@ -261,7 +265,7 @@ def plot_demo(path: Path, table: dict, args) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
     plot_lines(ax, table, "sentiment", "search")
     ax.set_ylabel("mean VADER compound sentiment")
-    ax.set_title(f"Demo ARM `positive`, held-out prompts, {title}", fontsize=9)
+    ax.set_title(f"Demo ARM `positive`, held-out prompts\n{title}", fontsize=9)
     ax.legend(fontsize=8)
     save_plot(fig, path)
 
@@ -473,8 +477,10 @@ def parse_args(argv=None):
                     help="demo: K, the candidates of best-of-K and search's width")
     ap.add_argument("--segment", default="sentence",
                     help="demo: search's segment (sentence, line or a token count)")
-    ap.add_argument("--score", default="arm-base", choices=("arm", "arm-base", "guided"),
-                    help="demo: what ranks candidates in search and best-of-K")
+    ap.add_argument("--score", default="arm-base",
+                    choices=("arm", "arm-base", "guided", "reward"),
+                    help="demo: what ranks candidates in search and best-of-K (reward: the "
+                    "preset's reward model)")
     ap.add_argument("--fluency", type=float, default=0.0,
                     help="demo: the score's weight on the base's log-probs (--search-fluency)")
     ap.add_argument("--beams", type=int, default=1, help="demo: search's beams")

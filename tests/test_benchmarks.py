@@ -121,3 +121,11 @@ def test_search_plots_redraw_from_a_save(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for path in drawn.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_search_ranks_by_the_presets_reward_model():
+    """bench_search --score reward loads the demo preset's reward model and ranks by it."""
+    res = run("bench_search", "--sections", "demo", "--prompts", "2", "--budgets", "2",
+              "--max-tokens", "6", "--segment", "2", "--score", "reward", "--plot", "")
+    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert "score reward, search segment 2" in res.stdout and "| search | 2 |" in res.stdout
