@@ -19,8 +19,9 @@ tokens decoded per answer (`usage.decoded_tokens`: every candidate's tokens).
    tokens per answer, wall time; per K: the win rate of search over best-of-K and over plain
    (per prompt: search's sentiment higher wins, a tie counts half) and the paired fluency
    difference, beside the target (win rate >= 60 % with fluency no worse). --score (default
-   arm-base, the demo preset's; reward loads the preset's reward model), --fluency (its weight on the base's log-probs) and --beams B
-   set the search (B beams of K/B continuations each: K candidates at a time). --draws D asks
+   arm-base, the demo preset's; reward loads the preset's reward model), --fluency (its
+   weight on the base's log-probs) and --beams B set the search (B beams of K/B
+   continuations each: K candidates at a time). --draws D asks
    every prompt D times with seeds seed_for(--seed, i) for i past the prompts, D times the
    pairs for the win rate. --plot draws mean sentiment against decoded tokens per answer.
 2. coder (`coder`): weak to strong, the preset qwen-coder-1.5b (Qwen2.5-Coder-1.5B guided by

@@ -324,8 +324,8 @@ def run(address: str | None, configs: dict, replicas: int, max_queue: int,
     except KeyboardInterrupt:
         pass
     finally:
-        # a second Ctrl-C or a supervisor's stop during the teardown would leave the replicas
-        # holding the cluster's CPUs: the teardown runs to its end first
+        # a second Ctrl-C or a supervisor's stop would cut the teardown short (exit 130, the
+        # replicas still up): it runs to its end, and the command exits once they are down
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         serve.shutdown()
